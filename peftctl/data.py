@@ -1,0 +1,221 @@
+"""Training data: local files in, token ids with loss masks out.
+
+Every row becomes a conversation (alpaca rows are one user turn and one assistant turn) rendered
+with the tokenizer's chat template, or plain text for the completion format. Labels are -100 on
+prompt tokens unless `train_on_inputs`, so only responses are learned; every response ends with
+EOS so the model learns to stop. Each assistant turn of a multi-turn chat is learned, not only
+the last.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from peftctl.errors import UserError
+from peftctl.recipe import DataSpec
+
+IGNORE = -100  # label of tokens that carry no loss
+READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class TokenizedData:
+    train: list[Example]
+    validation: list[Example]
+    dropped: int  # rows whose prompt filled max_seq_len, leaving no response token to learn
+
+
+def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> TokenizedData:
+    train_rows = read_rows(spec.train, spec.format)
+    if isinstance(spec.validation, Path):
+        val_rows = read_rows(spec.validation, spec.format)
+    elif isinstance(spec.validation, float):
+        random.Random(seed).shuffle(train_rows)
+        held_out = max(1, round(len(train_rows) * spec.validation))
+        if held_out >= len(train_rows):
+            raise UserError(f"validation fraction {spec.validation} leaves no training rows",
+                            where="data.validation", file=spec.train)
+        val_rows, train_rows = train_rows[:held_out], train_rows[held_out:]
+    else:
+        val_rows = []
+    train, dropped_train = tokenize_rows(train_rows, spec, tokenizer)
+    validation, dropped_val = tokenize_rows(val_rows, spec, tokenizer)
+    if not train:
+        raise UserError("no training row has a response token left after truncation",
+                        file=spec.train, where="data.max_seq_len", fix="raise data.max_seq_len")
+    return TokenizedData(train, validation, dropped_train + dropped_val)
+
+
+# --- reading and checking rows ------------------------------------------------------------------
+
+
+def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
+    import datasets
+
+    if not path.is_file():
+        raise UserError("data file not found", file=path, fix="check data.train / data.validation "
+                        "(relative paths are resolved from the recipe's folder)")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"unsupported data file type '{path.suffix}'", file=path,
+                        expected=", ".join(READERS))
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(reader, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as err:  # datasets/pyarrow raise many types for malformed files
+        raise UserError(f"could not read the data file: {err}", file=path,
+                        expected=f"a valid {reader} file") from None
+    rows = table.to_list()
+    if not rows:
+        raise UserError("the data file has no rows", file=path)
+    for number, row in enumerate(rows, start=1):
+        check_row(row, fmt, path, number)
+    return rows
+
+
+def check_row(row: dict[str, Any], fmt: str, path: Path, number: int) -> None:
+    def fail(problem: str, expected: str) -> None:
+        raise UserError(problem, file=path, where=f"row {number}", expected=expected,
+                        fix=f"fix that row or set data.format to the layout the file uses (now '{fmt}')")
+
+    def text(key: str, required: bool = True) -> None:
+        value = row.get(key)
+        if value is None and not required:
+            return
+        if not isinstance(value, str) or (required and not value.strip()):
+            fail(f"field '{key}' is missing or not a non-empty string", _LAYOUTS[fmt])
+
+    if fmt == "alpaca":
+        text("instruction")
+        text("input", required=False)
+        text("output")
+    elif fmt == "completion":
+        text("text")
+    else:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            fail("field 'messages' is missing or empty", _LAYOUTS[fmt])
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES \
+                    or not isinstance(message.get("content"), str):
+                fail(f"message {i + 1} is not a {{role, content}} pair with role in {ROLES}", _LAYOUTS[fmt])
+        if messages[0]["role"] == "assistant":
+            fail("the first message is from the assistant", "a system or user message first")
+        if not any(m["role"] == "assistant" for m in messages):
+            fail("no assistant message: nothing to learn", "at least one assistant message")
+
+
+_LAYOUTS = {
+    "alpaca": '{"instruction": "...", "input": "... (optional)", "output": "..."}',
+    "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+    "completion": '{"text": "..."}',
+}
+
+
+# --- tokenizing ---------------------------------------------------------------------------------
+
+
+def tokenize_rows(rows: list[dict[str, Any]], spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[list[Example], int]:
+    examples, dropped = [], 0
+    for row in rows:
+        example = tokenize_row(row, spec, tokenizer)
+        if example.trained_tokens == 0:
+            dropped += 1
+        else:
+            examples.append(example)
+    return examples, dropped
+
+
+def tokenize_row(row: dict[str, Any], spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> Example:
+    if spec.format == "completion":
+        ids = _encode(tokenizer, row["text"]) + [tokenizer.eos_token_id]
+        example = Example(ids, list(ids))
+    else:
+        example = tokenize_chat(to_messages(row, spec.format), tokenizer, spec.train_on_inputs)
+    return Example(example.input_ids[: spec.max_seq_len], example.labels[: spec.max_seq_len])
+
+
+def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    if fmt == "chat":
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+
+
+def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> Example:
+    """Render the conversation turn by turn, masking everything but the assistant's replies.
+
+    The text before each assistant reply (earlier turns and the reply's header) comes from the
+    template with `add_generation_prompt`, the reply from the template's next rendering, so the
+    masks follow whatever layout the template uses.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:turn], generation_prompt=True)
+        full = _render(tokenizer, messages[: turn + 1], generation_prompt=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise UserError("the tokenizer's chat template does not render turns incrementally, so "
+                            "prompt and response tokens cannot be told apart", where="model.name_or_path")
+        prompt_ids = _encode(tokenizer, prompt[len(rendered):])
+        reply_ids = _encode(tokenizer, full[len(prompt):])
+        if tokenizer.eos_token_id not in reply_ids:
+            reply_ids.append(tokenizer.eos_token_id)
+        ids += prompt_ids + reply_ids
+        labels += (prompt_ids if train_on_inputs else [IGNORE] * len(prompt_ids)) + reply_ids
+        rendered = full
+    return Example(ids, labels)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches; shuffled with `shuffle_seed` (a new order for each epoch's seed)."""
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,174 @@
+"""LoRA (Hu et al., 2021) and its variants rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+A frozen linear layer W gains a low-rank update: y = W x + s · B A x, with A [r, in] drawn
+Kaiming-uniform, B [out, r] zero (so training starts from the base model exactly) and
+s = alpha / r, or alpha / sqrt(r) for rsLoRA, which keeps the update's scale stable as r grows.
+DoRA splits the updated weight into a direction and a learned magnitude m per output unit:
+y = m / ||W + s·B A||_row · (W + s·B A) x, the norm treated as a constant in the backward pass
+(the DoRA paper, section 4.3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from peftctl.errors import UserError
+from peftctl.methods.base import (
+    Adapter,
+    AllLinear,
+    Method,
+    MethodConfig,
+    dense_weight,
+    freeze,
+    linear_shape,
+    match_targets,
+    module_suffixes,
+    reject_unsupported,
+    wrapper_params,
+)
+
+
+class LoraConfig(MethodConfig):
+    name: Literal["lora"] = Field(description="LoRA: trainable low-rank updates on linear layers.")
+    r: int = Field(8, gt=0, description="Rank of the update B·A; trainable weights grow linearly with it.")
+    alpha: float = Field(16, gt=0, description="Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path's input during training; 0 skips the work entirely.")
+    target_modules: list[str] | AllLinear = Field(
+        "all-linear",
+        description="Linear layers to adapt: module-name suffixes such as [q_proj, v_proj] (GPT-2: [c_attn]), "
+        "or 'all-linear' for every linear layer except the output head.",
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output unit on top of the LoRA direction.")
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus a LoRA or DoRA update."""
+
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        in_features, out_features, self.fan_in_fan_out = linear_shape(base_layer)
+        # Trainable weights stay in fp32 whatever the base's precision, so AdamW's updates are exact.
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(in_features, cfg.r, bias=False, **factory)
+        self.lora_B = nn.Linear(cfg.r, out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if cfg.use_dora:
+            with torch.no_grad():
+                norm = self._row_norm(dense_weight(base_layer).to(torch.float32))
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s·B A|| per output unit."""
+        delta = self.lora_B.weight.to(weight.dtype) @ self.lora_A.weight.to(weight.dtype)
+        return torch.linalg.vector_norm(weight + self.scaling * delta, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        # x·A then ·B: never materialise the [out, in] product during training.
+        update = self.lora_B(self.lora_A(x)) * self.scaling
+        if self.lora_magnitude_vector is not None:
+            update = self._dora_update(x, result, update)
+        return result + update.to(result.dtype)
+
+    def _dora_update(self, x: torch.Tensor, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: (m/||W'|| - 1)·W x + m/||W'||·s·B A x."""
+        weight = dense_weight(self.base_layer).to(x.dtype)
+        scale = self.lora_magnitude_vector / self._row_norm(weight).detach()
+        if isinstance(self.dropout, nn.Identity):
+            # The base output is already computed; only its bias must not be rescaled.
+            bias = self.base_layer.bias
+            base = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)
+        else:
+            base = F.linear(x, weight)
+        return (scale - 1) * base + scale * update
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        """The base layer with the update folded into its weight."""
+        weight = dense_weight(self.base_layer).to(torch.float32)
+        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        merged = weight + delta
+        if self.lora_magnitude_vector is not None:
+            merged = (self.lora_magnitude_vector / self._row_norm(weight)).unsqueeze(1) * merged
+        merged = merged.T if self.fan_in_fan_out else merged
+        self.base_layer.weight.copy_(merged.to(self.base_layer.weight.dtype))
+        return self.base_layer
+
+
+class LoRA(Method):
+    name = "lora"
+    Config = LoraConfig
+    peft_type = "LORA"
+
+    def apply(self, model: nn.Module, cfg: LoraConfig) -> Adapter:
+        freeze(model)
+        targets = match_targets(model, cfg.target_modules)
+        for name, layer in targets.items():
+            model.set_submodule(name, LoraLinear(layer, cfg))
+        names = list(targets)
+        fan_in_fan_out = any(linear_shape(layer)[2] for layer in targets.values())
+        return Adapter(self, cfg, model, wrapper_params(model, names),
+                       info={"targets": names, "fan_in_fan_out": fan_in_fan_out})
+
+    def peft_config(self, adapter: Adapter) -> dict[str, Any]:
+        cfg: LoraConfig = adapter.cfg
+        targets = cfg.target_modules
+        return {
+            "r": cfg.r,
+            "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
+            "target_modules": module_suffixes(adapter.info["targets"]) if targets == "all-linear" else list(targets),
+            "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.use_dora,
+            "fan_in_fan_out": adapter.info["fan_in_fan_out"],
+            "bias": "none",
+        }
+
+    def config_from_peft(self, peft_config: dict[str, Any], source: str) -> LoraConfig:
+        reject_unsupported(
+            peft_config,
+            {"bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+             "modules_to_save": None, "lora_bias": False, "target_parameters": None,
+             "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None},
+            source,
+        )
+        targets = peft_config.get("target_modules")
+        if isinstance(targets, str) and targets != "all-linear":
+            raise UserError(
+                f"target_modules is a regular expression ({targets!r}); peftctl matches name suffixes",
+                file=source, where="target_modules",
+                expected="a list of module-name suffixes, or 'all-linear'",
+                fix="list the suffixes the expression matches, e.g. [q_proj, v_proj]",
+            )
+        return LoraConfig(
+            name="lora",
+            r=peft_config["r"],
+            alpha=peft_config.get("lora_alpha", 8),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            target_modules=targets,
+            use_rslora=peft_config.get("use_rslora", False),
+            use_dora=peft_config.get("use_dora", False),
+        )
+
+    def merge(self, adapter: Adapter) -> nn.Module:
+        model = adapter.model
+        for name in adapter.info["targets"]:
+            model.set_submodule(name, model.get_submodule(name).merged_base())
+        return model
+
+
+METHOD = LoRA()

