@@ -27,6 +27,11 @@ small model such as SmolLM2-135M-Instruct can pick the style up in one epoch):
 * kind:      "Is the following Python object a function, a class or a method?"
              with input "`collections.Counter`" -> "`collections.Counter` is a class."
 
+The tiny files use only short rows (instruction + input + output at most 120
+characters) about objects that the quickstart files do not use, each object at
+most once: mostly "Which Python module provides X?", every fourth Alpaca row
+the function/class question with a non-empty input.
+
 The quickstart split is made per object (all rows about one object land in the
 same split), after shuffling the objects with a fixed seed.  Output is
 deterministic for a given seed and Python version; it requires CPython 3.11
@@ -261,21 +266,25 @@ def where(item: dict) -> str:
     return f"a {item['kind']} in the `{item['module']}` module"
 
 
-def rows_for(item: dict, text: str, unique_names: set[str]) -> list[dict]:
-    """All rows about one object, given its docstring summary `text`."""
+def rows_for(item: dict, text: str, unique_names: set[str]) -> dict[str, dict]:
+    """All rows about one object, keyed by template name.
+
+    `text` is the object's docstring summary.
+    """
     q = item["qualname"]
-    out = [row(f"What does `{q}` do in Python?", f"`{q}` is {where(item)}. {text}")]
+    out = {"describe": row(f"What does `{q}` do in Python?",
+                           f"`{q}` is {where(item)}. {text}")}
     if item["module"] != "builtins" and item["name"] in unique_names:
-        out.append(row(f"Which Python module provides `{item['name']}`?",
-                       f"The `{item['module']}` module."))
+        out["module"] = row(f"Which Python module provides `{item['name']}`?",
+                            f"The `{item['module']}` module.")
     if item["kind"] in ("function", "method"):
         sig = signature(item["obj"], q)
         if sig:
-            out.append(row(f"Give the signature of `{q}`.",
-                           f"The signature is `{sig}`."))
+            out["signature"] = row(f"Give the signature of `{q}`.",
+                                   f"The signature is `{sig}`.")
     article = "an" if item["kind"][0] in "aeiou" else "a"
-    out.append(row("Is the following Python object a function, a class or a method?",
-                   f"`{q}` is {article} {item['kind']}.", input_=f"`{q}`"))
+    out["kind"] = row("Is the following Python object a function, a class or a method?",
+                      f"`{q}` is {article} {item['kind']}.", input_=f"`{q}`")
     return out
 
 
@@ -300,12 +309,15 @@ def build_items() -> list[dict]:
         # summary repeats one already used (e.g. shared generic docstrings).
         if id(item["obj"]) in seen_ids or text in seen_texts:
             continue
-        rows = rows_for(item, text, unique_names)
+        by_template = rows_for(item, text, unique_names)
+        rows = list(by_template.values())
         if any(FORBIDDEN.search(v) for r in rows for v in r.values()):
             continue
         seen_ids.add(id(item["obj"]))
         seen_texts.add(text)
-        items.append({"qualname": item["qualname"], "rows": rows})
+        items.append({"qualname": item["qualname"], "name": item["name"],
+                      "module": item["module"], "rows": rows,
+                      "by_template": by_template})
     return items
 
 
@@ -328,45 +340,64 @@ def take(items: list[dict], n_rows: int) -> tuple[list[dict], list[dict]]:
 # Tiny sets (short texts for a randomly initialised byte-level GPT-2)
 # ---------------------------------------------------------------------------
 
-def tiny_rows(items: list[dict]) -> list[dict]:
-    """Short module/kind rows, one per object, under TINY_MAX_CHARS."""
+def short_enough(r: dict) -> bool:
+    return len(r["instruction"]) + len(r["input"]) + len(r["output"]) <= TINY_MAX_CHARS
+
+
+def tiny_alpaca(items: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """n short rows, one per object: mostly "Which module provides X?", every
+    fourth row the function/class question with a non-empty input field.
+
+    Returns (rows, unused items).
+    """
     out = []
-    for item in items:
-        for r in item["rows"]:
-            size = len(r["instruction"]) + len(r["input"]) + len(r["output"])
-            if r["instruction"].startswith("Which Python module") and size <= TINY_MAX_CHARS:
-                out.append(r)
-                break
-    return out
+    while len(out) < n:
+        if not items:
+            raise SystemExit("not enough short rows for the tiny sets")
+        item, items = items[0], items[1:]
+        wanted = "kind" if len(out) % 4 == 3 else "module"
+        r = item["by_template"].get(wanted)
+        if r and short_enough(r):
+            out.append(r)
+    return out, items
 
 
-def tiny_chat(rows: list[dict]) -> list[dict]:
-    """Chat rows: even rows get a system prompt, the last half have two turns."""
+def with_module_row(items: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """The first n items that have a short "Which module provides X?" row."""
+    chosen = []
+    while len(chosen) < n:
+        if not items:
+            raise SystemExit("not enough short rows for the tiny sets")
+        item, items = items[0], items[1:]
+        r = item["by_template"].get("module")
+        if r and short_enough(r):
+            chosen.append(item)
+    return chosen, items
+
+
+def tiny_chat(items: list[dict]) -> list[dict]:
+    """Chat rows: even rows get a system prompt, the second half two turns."""
     system = "You are a concise Python assistant."
     chats = []
-    for i, r in enumerate(rows):
-        name = r["instruction"].split("`")[1]
-        module = r["output"].split("`")[1]
+    for i, item in enumerate(items):
+        first = item["by_template"]["module"]
         messages = []
         if i % 2 == 0:
             messages.append({"role": "system", "content": system})
-        messages += [{"role": "user", "content": r["instruction"]},
-                     {"role": "assistant", "content": r["output"]}]
-        if i >= len(rows) // 2:
+        messages += [{"role": "user", "content": first["instruction"]},
+                     {"role": "assistant", "content": first["output"]}]
+        if i >= len(items) // 2:
             messages += [{"role": "user", "content": "How do I import it?"},
-                         {"role": "assistant", "content": f"from {module} import {name}"}]
+                         {"role": "assistant",
+                          "content": f"from {item['module']} import {item['name']}"}]
         chats.append({"messages": messages})
     return chats
 
 
-def tiny_completion(rows: list[dict]) -> list[dict]:
+def tiny_completion(items: list[dict]) -> list[dict]:
     """Plain-text rows: one short sentence each."""
-    texts = []
-    for r in rows:
-        name = r["instruction"].split("`")[1]
-        module = r["output"].split("`")[1]
-        texts.append({"text": f"The `{name}` name comes from the `{module}` module."})
-    return texts
+    return [{"text": f"The `{item['name']}` name comes from the `{item['module']}` module."}
+            for item in items]
 
 
 # ---------------------------------------------------------------------------
@@ -400,23 +431,20 @@ def main() -> None:
     rng.shuffle(valid)
     rng.shuffle(train)
 
-    # Tiny: short rows from objects not used by quickstart.
-    short = tiny_rows(rest)
-    n_tiny = N_TINY_TRAIN + N_TINY_VALID + N_TINY_CHAT
-    if len(short) < n_tiny:
-        sys.exit(f"not enough short rows for the tiny sets: {len(short)} < {n_tiny}")
-    tiny_train = short[:N_TINY_TRAIN]
-    tiny_valid = short[N_TINY_TRAIN:N_TINY_TRAIN + N_TINY_VALID]
-    chat_rows = short[N_TINY_TRAIN + N_TINY_VALID:n_tiny]
+    # Tiny: short rows about objects not used by quickstart (and each object
+    # used at most once across the tiny files).
+    tiny_train, rest = tiny_alpaca(rest, N_TINY_TRAIN)
+    tiny_valid, rest = tiny_alpaca(rest, N_TINY_VALID)
+    chat_items, rest = with_module_row(rest, N_TINY_CHAT)
+    completion_items, rest = with_module_row(rest, N_TINY_COMPLETION)
 
     out = args.out_dir
     write_jsonl(out / "quickstart" / "train.jsonl", train)
     write_jsonl(out / "quickstart" / "validation.jsonl", valid)
     write_jsonl(out / "tiny" / "train.jsonl", tiny_train)
     write_jsonl(out / "tiny" / "validation.jsonl", tiny_valid)
-    write_jsonl(out / "tiny" / "chat.jsonl", tiny_chat(chat_rows))
-    write_jsonl(out / "tiny" / "completion.jsonl",
-                tiny_completion(tiny_train[:N_TINY_COMPLETION]))
+    write_jsonl(out / "tiny" / "chat.jsonl", tiny_chat(chat_items))
+    write_jsonl(out / "tiny" / "completion.jsonl", tiny_completion(completion_items))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""The README's main command on the real model (slow: SmolLM2-135M, minutes on 2 CPU cores)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quickstart_validation_loss_falls(tmp_path):
+    out = tmp_path / "quickstart"
+    result = subprocess.run(
+        [sys.executable, "-m", "peftctl", "train", "recipes/quickstart.yaml", "--output", str(out), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["val_loss_after"] < figures["val_loss_before"] - 0.1, figures
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
