@@ -6,6 +6,7 @@ Every user mistake surfaces as a UserError: printed without a traceback, exit co
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,10 @@ import typer
 
 from peftctl.console import fmt_loss, key_value_table, print_error, stdout
 from peftctl.errors import UserError
+
+# Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
+# datasets) would interleave with them. Set before any library imports tqdm.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(
     add_completion=False,
@@ -104,7 +109,8 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     with user_errors():
         spec = load_recipe(recipe, set_ or [])
-    stdout.print(spec.to_yaml(), highlight=False, markup=False, end="")
+    # Plain print: rich would wrap long values (paths) at the terminal width and break the YAML.
+    print(spec.to_yaml(), end="")
 
 
 @app.command()

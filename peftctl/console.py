@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from peftctl.errors import UserError
 
@@ -46,13 +47,16 @@ class RichReporter:
 
 
 def print_error(err: UserError) -> None:
-    stderr.print(f"[bold red]error[/] {err.render()}", markup=True, highlight=False)
+    # The message is printed as-is: never re-wrapped (it is grepped and copied into issues) and
+    # never read as markup (recipe values such as [c_attn] would vanish as style tags).
+    stderr.print(Text.assemble(("error:", "bold red"), " ", err.render()), highlight=False, soft_wrap=True)
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    # Wrap long values (paths) rather than cut them with an ellipsis: they are copied from here.
+    table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, value)
     return table

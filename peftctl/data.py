@@ -9,6 +9,7 @@ the last.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +20,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.errors import UserError
-from peftctl.recipe import DataSpec
+from peftctl.recipe import DATA_SUFFIXES, DataSpec
 
 IGNORE = -100  # label of tokens that carry no loss
-READERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
 
 
@@ -46,7 +46,7 @@ class TokenizedData:
 def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> TokenizedData:
     train_rows = read_rows(spec.train, spec.format)
     if isinstance(spec.validation, Path):
-        val_rows = read_rows(spec.validation, spec.format)
+        val_rows = read_rows(spec.validation, spec.format, key="data.validation")
     elif isinstance(spec.validation, float):
         random.Random(seed).shuffle(train_rows)
         held_out = max(1, round(len(train_rows) * spec.validation))
@@ -67,41 +67,91 @@ def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
 # --- reading and checking rows ------------------------------------------------------------------
 
 
-def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
+def read_rows(path: Path, fmt: str, key: str = "data.train") -> list[dict[str, Any]]:
+    """The file's rows, each checked to have the fields `fmt` needs (errors name the 1-based row)."""
+    if not path.is_file():
+        raise UserError("data file not found", file=path, where=key,
+                        fix="check the path; relative paths are resolved from the recipe's folder")
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise UserError(f"unsupported data file type '{path.suffix}'", file=path, where=key,
+                        expected=f"a {', '.join(DATA_SUFFIXES)} file")
+    rows, lines = _read_json(path) if suffix in (".json", ".jsonl") else _read_table(path, suffix.lstrip("."))
+    if not rows:
+        raise UserError("the data file has no rows", file=path, where=key, expected=_LAYOUTS[fmt] + " per row")
+    for number, (row, line) in enumerate(zip(rows, lines), start=1):
+        place = f"row {number}" + (f" (line {line})" if line not in (None, number) else "")
+        check_row(row, fmt, path, place)
+    return rows
+
+
+def _read_json(path: Path) -> tuple[list[Any], list[int | None]]:
+    """A JSON list of rows, or JSON Lines; read here rather than by `datasets` so that a broken
+    line is reported by its number (and nothing is cached)."""
+    text = _read_text(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {err.lineno}, column {err.colno}",
+                            expected="a JSON list of row objects, or one JSON object per line") from None
+        return rows, [None] * len(rows)
+    rows, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {number}, column {err.colno}",
+                            expected="one JSON object per line (JSON Lines)") from None
+        lines.append(number)
+    return rows, lines
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"the data file is not UTF-8 text (byte {err.start})", file=path,
+                        expected="a UTF-8 encoded file") from None
+
+
+def _read_table(path: Path, reader: str) -> tuple[list[Any], list[int | None]]:
     import datasets
 
-    if not path.is_file():
-        raise UserError("data file not found", file=path, fix="check data.train / data.validation "
-                        "(relative paths are resolved from the recipe's folder)")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise UserError(f"unsupported data file type '{path.suffix}'", file=path,
-                        expected=", ".join(READERS))
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(reader, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as err:  # datasets/pyarrow raise many types for malformed files
-        raise UserError(f"could not read the data file: {err}", file=path,
+        cause = err
+        while cause.__cause__ or cause.__context__:  # datasets wraps the reader's useful message
+            cause = cause.__cause__ or cause.__context__
+        raise UserError(f"could not read the data file: {cause}", file=path,
                         expected=f"a valid {reader} file") from None
     rows = table.to_list()
-    if not rows:
-        raise UserError("the data file has no rows", file=path)
-    for number, row in enumerate(rows, start=1):
-        check_row(row, fmt, path, number)
-    return rows
+    # CSV: the header is line 1, so row N is on line N + 1.
+    return rows, [n + 2 for n in range(len(rows))] if reader == "csv" else [None] * len(rows)
 
 
-def check_row(row: dict[str, Any], fmt: str, path: Path, number: int) -> None:
-    def fail(problem: str, expected: str) -> None:
-        raise UserError(problem, file=path, where=f"row {number}", expected=expected,
-                        fix=f"fix that row or set data.format to the layout the file uses (now '{fmt}')")
+def check_row(row: Any, fmt: str, path: Path, place: str) -> None:
+    def fail(problem: str, expected: str = _LAYOUTS[fmt]) -> None:
+        raise UserError(problem, file=path, where=place, expected=expected,
+                        fix=f"fix that row, or set data.format to the layout the file uses (now '{fmt}')")
+
+    if not isinstance(row, dict):
+        fail(f"the row is {_kind(row)}, not an object with fields")
 
     def text(key: str, required: bool = True) -> None:
         value = row.get(key)
-        if value is None and not required:
+        if value is None:
+            if required:
+                fail(f"missing field '{key}'")
             return
-        if not isinstance(value, str) or (required and not value.strip()):
-            fail(f"field '{key}' is missing or not a non-empty string", _LAYOUTS[fmt])
+        if not isinstance(value, str):
+            fail(f"field '{key}' is {_kind(value)}, not text")
+        if required and not value.strip():
+            fail(f"field '{key}' is empty")
 
     if fmt == "alpaca":
         text("instruction")
@@ -112,15 +162,20 @@ def check_row(row: dict[str, Any], fmt: str, path: Path, number: int) -> None:
     else:
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
-            fail("field 'messages' is missing or empty", _LAYOUTS[fmt])
+            fail("missing field 'messages'" if messages is None else "field 'messages' is empty or not a list")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ROLES \
                     or not isinstance(message.get("content"), str):
-                fail(f"message {i + 1} is not a {{role, content}} pair with role in {ROLES}", _LAYOUTS[fmt])
+                fail(f"message {i + 1} is not a {{role, content}} pair with role one of {', '.join(ROLES)}")
         if messages[0]["role"] == "assistant":
             fail("the first message is from the assistant", "a system or user message first")
         if not any(m["role"] == "assistant" for m in messages):
             fail("no assistant message: nothing to learn", "at least one assistant message")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "true/false", int: "a number", float: "a number",
+            str: "text"}.get(type(value), type(value).__name__)
 
 
 _LAYOUTS = {

@@ -14,6 +14,8 @@ Nothing is ever downloaded: the hub is switched off in `peftctl/__init__.py`.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,21 @@ def resolve_source(name_or_path: str) -> ModelSource:
     )
 
 
+@contextmanager
+def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
+    """A model folder that transformers cannot read is the user's input, not a peftctl bug."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise UserError(
+            f"could not load the {what} from '{spec.name_or_path}': {reason}",
+            where="model.name_or_path",
+            expected="a Hugging Face model folder with config.json, tokenizer files and safetensors weights, or a .gguf file",
+        ) from None
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bf16 where the hardware multiplies it natively, fp16 on older GPUs, else fp32."""
     if name != "auto":
@@ -103,9 +120,10 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if source.builtin == TINY_GPT2:
         tokenizer = byte_level_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
-        )
+        with _reading(spec, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
+            )
     if tokenizer.eos_token is None:
         raise UserError("the tokenizer has no EOS token, so a trained model could not learn to stop",
                         where="model.name_or_path")
@@ -120,15 +138,16 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     source = resolve_source(spec.name_or_path)
     if source.builtin == TINY_GPT2:
         return tiny_gpt2_config()
-    return AutoConfig.from_pretrained(
-        source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
-    )
+    with _reading(spec, "model config"):
+        return AutoConfig.from_pretrained(
+            source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
+        )
 
 
 def load_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device: shapes and names, no weights, any size in seconds."""
     config = load_config(spec)
-    with torch.device("meta"):
+    with torch.device("meta"), _reading(spec, "model architecture"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
@@ -141,13 +160,14 @@ def load_model(spec: ModelSpec) -> nn.Module:
             torch.manual_seed(0)
             model = GPT2LMHeadModel(tiny_gpt2_config())
         return model.to(dtype).eval()
-    model = AutoModelForCausalLM.from_pretrained(
-        source.folder,
-        dtype=dtype,
-        trust_remote_code=spec.trust_remote_code,
-        use_safetensors=None if source.gguf_file else True,
-        **source.from_pretrained_args(),
-    )
+    with _reading(spec, "model weights"):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder,
+            dtype=dtype,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if source.gguf_file else True,
+            **source.from_pretrained_args(),
+        )
     if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantized the GGUF into plain layers but still tags the model as
         # quantized, which blocks training and saving; the tag is all that is removed.

@@ -34,9 +34,9 @@ class RunSummary:
 
 
 def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False) -> RunSummary:
-    with blame(recipe.source):
+    with blame(recipe.source, recipe.locate):
         out = recipe.output.dir
-        check_output_dir(out, overwrite)
+        check_output_dir(recipe, overwrite)
         tokenizer = load_tokenizer(recipe.model)
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
         methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
@@ -60,12 +60,33 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     )
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+# What a peftctl run leaves in its output folder: --overwrite only ever deletes such a folder.
+RUN_MARKERS = ("metrics.jsonl", "adapter")
+
+
+def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
+    out = recipe.output.dir
     if out.exists() and not out.is_dir():
-        raise UserError("the output path exists and is not a folder", file=out, where="output.dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError("the output folder exists and is not empty", file=out, where="output.dir",
+        raise UserError(f"the output path is a file, not a folder: {out}", where="output.dir",
+                        fix="pass --output DIR with a folder path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"the output folder already exists and is not empty: {out}", where="output.dir",
                         fix="pass --overwrite to replace it, or --output DIR for a new folder")
+    # --overwrite deletes the whole folder, so a slip such as `--output .` must not take the
+    # recipe, the data or the working directory with it.
+    resolved = out.resolve()
+    inputs = {"the current directory": Path.cwd(), "the recipe": recipe.source,
+              "the training data": recipe.data.train, "the validation data": recipe.data.validation}
+    for what, path in inputs.items():
+        if isinstance(path, Path) and (path.resolve() == resolved or resolved in path.resolve().parents):
+            raise UserError(f"--overwrite would delete {out}, which holds {what}", where="output.dir",
+                            fix="pass --output DIR with a folder of its own")
+    if not any((out / name).exists() for name in RUN_MARKERS):
+        raise UserError(f"--overwrite only replaces a previous run's folder, and {out} has no "
+                        f"{' or '.join(RUN_MARKERS)}", where="output.dir",
+                        fix="pass --output DIR with a new folder, or delete this one yourself")
 
 
 def fresh_output_dir(out: Path) -> None:

@@ -69,13 +69,16 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def labelled_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """Logits at the positions that predict a label, and those labels."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        return self.model.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        logits, targets = self.labelled_logits(input_ids, attention_mask, labels)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
 def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path, pad_id: int,
