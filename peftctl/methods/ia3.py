@@ -1,0 +1,224 @@
+"""(IA)³, "Infused Adapter by Inhibiting and Amplifying Inner Activations" (Liu et al., 2022).
+
+Each targeted linear layer gains one learned vector l that rescales an activation elementwise:
+its output, y = l ⊙ (W x + b), or, for the feed-forward layers the paper names, its input,
+y = W (l ⊙ x) + b. l starts at 1, so training starts from the base model exactly. The vector is
+stored in peft's shape, [out, 1] for output scaling and [1, in] for input scaling, so our
+parameter names and shapes are the keys peft saves (`<path>.ia3_l`). Both forms are linear in
+the weights, so merging folds l into W's rows (output; the bias is scaled too, since it is part
+of the scaled output) or columns (input; the bias is untouched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peftctl.errors import UserError
+from peftctl.methods.base import (
+    Adapter,
+    AllLinear,
+    Method,
+    MethodConfig,
+    dense_weight,
+    freeze,
+    linear_shape,
+    match_targets,
+    reject_unsupported,
+    suffix_list_from_peft,
+    wrapper_params,
+)
+
+# The paper's choice per architecture (keys, values and the feed-forward output layer, whose
+# input is scaled), as peft's defaults for the same model types: model_type → (targets, feedforward).
+ARCHITECTURE_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+}
+
+
+class IA3Config(MethodConfig):
+    name: Literal["ia3"] = Field(description="(IA)³: a learned scaling vector on each targeted linear layer.")
+    target_modules: list[str] | AllLinear | None = Field(
+        None,
+        description="Linear layers to scale: module-name suffixes such as [k_proj, v_proj, down_proj] "
+        "(GPT-2: [c_attn, mlp.c_proj]), or 'all-linear' for every linear layer except the output head. "
+        f"Omit for the paper's choice on known architectures ({', '.join(ARCHITECTURE_DEFAULTS)}).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        description="Targeted layers whose input is scaled (a vector of in_features) instead of their "
+        "output (out_features), e.g. [down_proj]; each must name targeted layers only. Omit for the "
+        "architecture's feed-forward output layer where it is targeted (as peft); [] scales every output.",
+    )
+
+
+class IA3Linear(nn.Module):
+    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with its input or output rescaled."""
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        in_features, out_features, self.fan_in_fan_out = linear_shape(base_layer)
+        self.feedforward = feedforward
+        shape = (1, in_features) if feedforward else (out_features, 1)
+        # fp32 whatever the base's precision, so AdamW's small updates to values near 1 are not lost.
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale in fp32, then return to the activations' dtype (peft's order of operations).
+        scale = self.ia3_l.flatten()
+        if self.feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
+        result = self.base_layer(x)
+        return (result * scale).to(result.dtype)
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        """The base layer with the vector folded into its weight (and bias, for output scaling)."""
+        layer, scale = self.base_layer, self.ia3_l.flatten()
+        weight = dense_weight(layer).to(torch.float32)  # [out, in]
+        merged = weight * scale[None, :] if self.feedforward else weight * scale[:, None]
+        layer.weight.copy_((merged.T if self.fan_in_fan_out else merged).to(layer.weight.dtype))
+        if not self.feedforward and layer.bias is not None:
+            layer.bias.copy_((layer.bias.to(torch.float32) * scale).to(layer.bias.dtype))
+        return layer
+
+
+class IA3(Method):
+    name = "ia3"
+    Config = IA3Config
+    peft_type = "IA3"
+
+    def apply(self, model: nn.Module, cfg: IA3Config) -> Adapter:
+        freeze(model)
+        targets = match_targets(model, resolved_targets(model, cfg))
+        feedforward = feedforward_layers(model, cfg, targets)
+        # The module names peft will see (no wrappers yet), to write target lists it resolves alike.
+        module_names = [n for n, _ in model.named_modules()]
+        for name, layer in targets.items():
+            model.set_submodule(name, IA3Linear(layer, name in feedforward))
+        names = list(targets)
+        return Adapter(self, cfg, model, wrapper_params(model, names), info={
+            "targets": names,
+            "feedforward": [n for n in names if n in feedforward],
+            "fan_in_fan_out": any(linear_shape(layer)[2] for layer in targets.values()),
+            "module_names": module_names,
+        })
+
+    def peft_config(self, adapter: Adapter) -> dict[str, Any]:
+        # Written as resolved name lists, never null or 'all-linear', so the adapter means the same
+        # layers to any peft version and does not depend on our architecture table.
+        info = adapter.info
+        feedforward = set(info["feedforward"])
+        others = {n for n in info["targets"] if n not in feedforward}
+        feedforward_names = peft_names(feedforward, info["module_names"], info["targets"])
+        return {
+            "target_modules": sorted(set(peft_names(others, info["module_names"])) | set(feedforward_names)),
+            "feedforward_modules": feedforward_names,
+            "fan_in_fan_out": info["fan_in_fan_out"],
+        }
+
+    def config_from_peft(self, peft_config: dict[str, Any], source: str) -> IA3Config:
+        reject_unsupported(peft_config, {"modules_to_save": None, "exclude_modules": None}, source)
+        return IA3Config(
+            name="ia3",
+            target_modules=suffix_list_from_peft(peft_config.get("target_modules"), source),
+            feedforward_modules=suffix_list_from_peft(
+                peft_config.get("feedforward_modules"), source, key="feedforward_modules"),
+        )
+
+    def merge(self, adapter: Adapter) -> nn.Module:
+        model = adapter.model
+        for name in adapter.info["targets"]:
+            model.set_submodule(name, model.get_submodule(name).merged_base())
+        return model
+
+
+def architecture_defaults(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return ARCHITECTURE_DEFAULTS.get(model_type)
+
+
+def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
+    if cfg.target_modules is not None:
+        if not cfg.target_modules:
+            raise UserError("target_modules is empty, so (IA)³ would train nothing",
+                            where="method.target_modules", fix="list layers, omit the key, or use 'all-linear'")
+        return cfg.target_modules
+    defaults = architecture_defaults(model)
+    if defaults is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+        raise UserError(
+            f"(IA)³ has no default layers for model type '{model_type}'",
+            where="method.target_modules",
+            expected=f"target_modules set, or a model of type {', '.join(ARCHITECTURE_DEFAULTS)}",
+            fix="set target_modules (e.g. 'all-linear', or the attention key/value layers and the "
+                "feed-forward output layer) and feedforward_modules (e.g. [down_proj])",
+        )
+    return defaults[0]
+
+
+def feedforward_layers(model: nn.Module, cfg: IA3Config, targets: dict[str, nn.Module]) -> set[str]:
+    """The targeted layers whose input is scaled."""
+    if cfg.feedforward_modules is None:
+        defaults = architecture_defaults(model)
+        return set(match_targets(model, defaults[1])) & set(targets) if defaults else set()
+    chosen = match_targets(model, cfg.feedforward_modules, key="method.feedforward_modules")
+    untargeted = sorted(set(chosen) - set(targets))
+    if untargeted:
+        raise UserError(
+            f"feedforward module '{untargeted[0]}' is not among the target modules "
+            f"({len(untargeted)} such layers)",
+            where="method.feedforward_modules",
+            expected="a subset of the layers target_modules selects",
+            fix="add the layers to target_modules, or name them more precisely (e.g. mlp.c_proj, not c_proj)",
+        )
+    return set(chosen)
+
+
+# --- how peft will read the exported lists ---------------------------------------------------------
+
+def peft_target_rule(name: str, target: str) -> bool:
+    """peft's target_modules match for a list: the whole name or a dot-separated suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def peft_feedforward_rule(name: str, target: str) -> bool:
+    """peft's feedforward_modules match: a plain string suffix (so 'proj' would match 'down_proj')."""
+    return name.endswith(target)
+
+
+def peft_names(chosen: set[str], module_names: list[str], targeted: list[str] | None = None) -> list[str]:
+    """The shortest name suffixes that select exactly `chosen` when peft reads them.
+
+    As target_modules they must select `chosen` among all modules; with `targeted` given, they
+    are feedforward_modules too and must also select exactly `chosen` among the targeted layers
+    under peft's plain-suffix rule. One name component is usually enough (down_proj); GPT-2 needs
+    two where attention and MLP share a name (mlp.c_proj); the full name always is.
+    """
+    if not chosen:
+        return []
+
+    def selects_exactly(names: list[str], candidates: Iterable[str], rule: Callable[[str, str], bool]) -> bool:
+        return {c for c in candidates if any(rule(c, t) for t in names)} == chosen
+
+    for depth in range(1, max(n.count(".") for n in chosen) + 2):
+        names = sorted({".".join(n.split(".")[-depth:]) for n in chosen})
+        if selects_exactly(names, module_names, peft_target_rule) and (
+            targeted is None or selects_exactly(names, targeted, peft_feedforward_rule)
+        ):
+            return names
+    return sorted(chosen)
+
+
+METHOD = IA3()

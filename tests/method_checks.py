@@ -1,0 +1,47 @@
+"""Checks shared by the method tests: a recipe's smoke run, and base models with non-zero biases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftctl import pipeline
+from peftctl.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_smoke_run(recipe: str, tmp_path: Path, overrides: list[str] = (), check_loss: bool = True,
+                     peft_loads: bool = False) -> pipeline.RunSummary:
+    """Train `recipe` (relative to the repository) into `tmp_path`; the last logged training loss
+    must be below the first, and the adapter folder must be complete (and load in peft, if asked)."""
+    summary = pipeline.run(load_recipe(ROOT / recipe, list(overrides), output_dir=tmp_path / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses, "no training loss was logged"
+    if check_loss:
+        assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    adapter_dir = summary.adapter_dir
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    if peft_loads:
+        import peft
+
+        from peftctl.model import load_model
+
+        peft.PeftModel.from_pretrained(load_model(load_recipe(ROOT / recipe).model), adapter_dir)
+    return summary
+
+
+def with_random_biases(model: nn.Module, seed: int = 2) -> nn.Module:
+    """`model` with every bias drawn at random: GPT-2 initialises them to zero, which would hide
+    any mistake in how a method treats an existing bias (scaling it, copying it, merging it)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
