@@ -64,10 +64,15 @@ class Method:
 
     def merge(self, adapter: Adapter) -> nn.Module:
         """Fold the adapter into the base weights and return the plain model."""
-        raise UserError(
-            f"method '{self.name}' cannot be merged into the base model: {self.merge_refusal}",
-            fix="serve the base model with the adapter loaded instead",
-        )
+        self.check_mergeable()
+        raise NotImplementedError
+
+    def check_mergeable(self) -> None:
+        if self.merge_refusal:
+            raise UserError(
+                f"method '{self.name}' cannot be merged into the base model: {self.merge_refusal}",
+                fix="serve the base model with the adapter loaded instead (peftctl eval, or peft)",
+            )
 
 
 @dataclass
@@ -210,3 +215,19 @@ def reject_unsupported(peft_config: dict[str, Any], defaults: dict[str, Any], so
                 expected=f"{key}: {default!r}",
                 fix="retrain the adapter without that option, or use peft to serve it",
             )
+
+
+def suffix_list_from_peft(value: Any, source: str, key: str = "target_modules") -> list[str] | str | None:
+    """A module-name list read from a foreign adapter_config.json, as peftctl's options spell it.
+
+    peft also accepts one regular expression here; peftctl matches name suffixes only, so an
+    expression is refused (with the fix) rather than misread as a single suffix.
+    """
+    if isinstance(value, str) and value != "all-linear":
+        raise UserError(
+            f"{key} is a regular expression ({value!r}); peftctl matches name suffixes",
+            file=source, where=key,
+            expected="a list of module-name suffixes, or 'all-linear'",
+            fix="list the suffixes the expression matches, e.g. [q_proj, v_proj]",
+        )
+    return value

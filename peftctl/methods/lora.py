@@ -68,6 +68,7 @@ class LoraLinear(nn.Module):
             with torch.no_grad():
                 norm = self._row_norm(dense_weight(base_layer).to(torch.float32))
             self.lora_magnitude_vector = nn.Parameter(norm)
+        self.train(base_layer.training)  # an adapter loaded into an eval-mode model runs no dropout
 
     def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """||W + s·B A|| per output unit."""
