@@ -147,6 +147,7 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
 def load_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device: shapes and names, no weights, any size in seconds."""
     config = load_config(spec)
+    config.name_or_path = spec.name_or_path
     with torch.device("meta"), _reading(spec, "model architecture"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
 
@@ -158,21 +159,27 @@ def load_model(spec: ModelSpec) -> nn.Module:
         # Fixed-seed weights without disturbing the caller's random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = GPT2LMHeadModel(tiny_gpt2_config())
-        return model.to(dtype).eval()
-    with _reading(spec, "model weights"):
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder,
-            dtype=dtype,
-            trust_remote_code=spec.trust_remote_code,
-            use_safetensors=None if source.gguf_file else True,
-            **source.from_pretrained_args(),
-        )
-    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
-        # transformers dequantized the GGUF into plain layers but still tags the model as
-        # quantized, which blocks training and saving; the tag is all that is removed.
-        model.hf_quantizer.remove_quantization_config(model)
+            model = GPT2LMHeadModel(tiny_gpt2_config()).to(dtype)
+    else:
+        with _reading(spec, "model weights"):
+            model = AutoModelForCausalLM.from_pretrained(
+                source.folder,
+                dtype=dtype,
+                trust_remote_code=spec.trust_remote_code,
+                use_safetensors=None if source.gguf_file else True,
+                **source.from_pretrained_args(),
+            )
+        if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+            # transformers dequantized the GGUF into plain layers but still tags the model as
+            # quantized, which blocks training and saving; the tag is all that is removed.
+            model.hf_quantizer.remove_quantization_config(model)
+    model.config.name_or_path = spec.name_or_path  # what methods need to find the tokenizer again
     return model.eval()
+
+
+def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model this module loaded (methods get the model, not the recipe)."""
+    return load_tokenizer(ModelSpec(name_or_path=model.config.name_or_path))
 
 
 # --- the builtin test model ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from peftctl.cli import app
 from peftctl.methods import METHODS
-from test_cli import ONE_THREAD, one_thread  # noqa: F401 - a fixture: training in-process on one thread
+from test_cli import ONE_THREAD
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DATA = ROOT / "recipes" / "data" / "tiny"
@@ -289,7 +289,7 @@ def test_unreadable_model_folder(tmp_path):
 # --- the output folder --------------------------------------------------------------------------
 
 
-def test_non_empty_output_dir_needs_overwrite_which_then_replaces_it(tmp_path, one_thread):
+def test_non_empty_output_dir_needs_overwrite_which_then_replaces_it(tmp_path):
     recipe = write(tmp_path, recipe_text())
     out = tmp_path / "out"
     out.mkdir()

