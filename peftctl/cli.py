@@ -121,5 +121,79 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 or float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged-model folder.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Fold an adapter into its base model and save a plain transformers model folder."""
+    from peftctl.export import merge_to_folder
+    from peftctl.files import check_replaceable
+
+    quiet_libraries()
+    with user_errors():
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
+        check_replaceable(out, overwrite, "--out", ("config.json",), protected={
+            "the current directory": Path.cwd(), "the adapter": adapter})
+        figures = merge_to_folder(adapter, out, base, dtype)
+    figures = {"merged_model": str(out), **figures}
+    if json_:
+        print(json.dumps(figures))
+        return
+    stdout.print(key_value_table("peftctl merge", [
+        ("merged model", str(out)),
+        ("vs base + adapter", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
+                              f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
+        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
+    ]))
+
+
+@app.command("eval")
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="An adapter folder, or a recipe (its output.dir/adapter is evaluated).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Held-out rows (default: the recipe's validation data).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Row layout of --data: alpaca, chat or completion (default: the recipe's).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Rows to generate replies for (greedy, stops at EOS).")] = 5,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter."""
+    from peftctl.evaluate import eval_inputs, evaluate_adapter
+
+    quiet_libraries()
+    with user_errors():
+        adapter_dir, data_file, data_format = eval_inputs(target, data, fmt)
+        report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base)
+    if json_:
+        print(json.dumps(report.as_dict()))
+        return
+    from peftctl.console import eval_tables
+
+    for table in eval_tables(report):
+        stdout.print(table)
+
+
+@app.command()
+def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
+    from peftctl.console import plan_table
+    from peftctl.plan import plan as make_plan
+    from peftctl.recipe import load_recipe
+
+    quiet_libraries()
+    with user_errors():
+        spec = load_recipe(recipe, set_ or [])
+        result = make_plan(spec)
+    if json_:
+        print(json.dumps(result.as_dict()))
+        return
+    stdout.print(plan_table(result))
+
+
 if __name__ == "__main__":
     app()

@@ -64,3 +64,56 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def eval_tables(report) -> list[Table]:
+    """The figures side by side (base, adapter, change), then the sampled generations."""
+    figures = Table(title=f"peftctl eval: {report.rows} rows of {report.data_file}", title_justify="left")
+    for column in ("metric", "base", "adapter", "change"):
+        figures.add_column(column, justify="left" if column == "metric" else "right")
+    lower_is_better = {"loss", "perplexity"}
+    for metric, base_value in report.base.figures().items():
+        value = report.adapter.figures()[metric]
+        if base_value is None or value is None:
+            continue
+        change = value - base_value
+        better = change < 0 if metric in lower_is_better else change > 0
+        style = "green" if better else "red" if change else ""
+        figures.add_row(metric, f"{base_value:.4f}", f"{value:.4f}", Text(f"{change:+.4f}", style=style))
+    tables = [figures]
+    if report.adapter.generations:
+        samples = Table(title="generations (greedy)", title_justify="left", show_lines=True)
+        for column in ("prompt", "reference", "base", "adapter"):
+            samples.add_column(column, overflow="fold")
+        for with_adapter, base in zip(report.adapter.generations, report.base.generations):
+            samples.add_row(*(_one_line(text) for text in (with_adapter["prompt"], with_adapter["reference"],
+                                                            base["generated"], with_adapter["generated"])))
+        tables.append(samples)
+    return tables
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """Whitespace collapsed and long text cut, so one table row stays readable."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plan_table(plan) -> Table:
+    """Memory for this recipe's method next to full fine-tuning of the same model."""
+    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({plan.weight_dtype} base)",
+                  title_justify="left")
+    table.add_column("")
+    table.add_column(plan.method, justify="right")
+    table.add_column("full fine-tuning", justify="right")
+    table.add_row("trainable parameters", f"{plan.trainable_params:,} ({100 * plan.trainable_params / plan.total_params:.3f}%)",
+                  f"{plan.total_params - plan.trainable_params:,}")
+    for part in ("weights", "gradients", "optimizer", "activations"):
+        table.add_row(part, _gb(getattr(plan.peft, part)), _gb(getattr(plan.full, part)))
+    table.add_row("total", _gb(plan.peft.total), _gb(plan.full.total), style="bold")
+    table.caption = (f"activations: ~34·hidden bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
+                     "(batch_size × max_seq_len) + fp32 logits of labelled tokens; optimizer: AdamW, 8 B per trainable parameter")
+    return table
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:,.2f} GB" if value >= 1e8 else f"{value / 1e6:,.1f} MB"

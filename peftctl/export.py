@@ -73,3 +73,56 @@ def load_adapter(model: nn.Module, folder: Path) -> Adapter:
     adapter = method.apply(model, cfg)
     adapter.load_state_dict(load_file(weights), str(weights))
     return adapter
+
+
+# --- an adapter's base model, and merging into it ----------------------------------------------
+
+
+def base_model_spec(folder: Path, base: str | None = None):
+    """The ModelSpec an adapter was trained on: `base` if given, else its recipe, else its config."""
+    from peftctl.recipe import ModelSpec
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    recipe_file = folder / RECIPE_FILE
+    options: dict[str, Any] = {}
+    if recipe_file.is_file():
+        import yaml
+
+        options = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {})
+    name = base or options.get("name_or_path") or config.get("base_model_name_or_path")
+    if not name:
+        raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
+                        where="base_model_name_or_path", fix="pass --base MODEL")
+    return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"),
+                     trust_remote_code=options.get("trust_remote_code", False))
+
+
+def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32") -> dict[str, float]:
+    """Fold the adapter into its base and save a plain transformers model folder at `out`.
+
+    The merge runs in fp32. Returns the largest and mean absolute logit difference between the
+    merged model and base + adapter on a probe batch, so rounding is shown, not discovered.
+    """
+    import torch
+
+    from peftctl.model import load_model, load_tokenizer
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    method = methods.by_peft_type(config["peft_type"], str(folder / CONFIG_FILE))
+    method.check_mergeable()  # before any weights load
+    spec = base_model_spec(folder, base).model_copy(update={"dtype": "float32"})
+    tokenizer = load_tokenizer(spec)
+    adapter = load_adapter(load_model(spec), folder)
+    probe = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = adapter.model(probe).logits
+        merged = method.merge(adapter).eval()
+        actual = merged(probe).logits
+    difference = (actual - expected).abs()
+    merged.to(getattr(torch, dtype))
+    with atomic_directory(out) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean())}

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from peftctl.errors import UserError
+
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
@@ -46,3 +48,31 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_replaceable(out: Path, overwrite: bool, where: str, markers: tuple[str, ...],
+                      protected: dict[str, Path | None]) -> None:
+    """Refuse to write into `out` unless it is new, empty, or (with --overwrite) one of our results.
+
+    A result folder is recognised by one of `markers`; and since replacing it deletes it, a slip
+    such as `--output .` must not take `protected` inputs (the recipe, the data, the working
+    directory) with it.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the output path is a file, not a folder: {out}", where=where,
+                        fix="pass a folder path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"the output folder already exists and is not empty: {out}", where=where,
+                        fix="pass --overwrite to replace it, or choose a new folder")
+    resolved = out.resolve()
+    for what, path in protected.items():
+        if isinstance(path, Path) and (path.resolve() == resolved or resolved in path.resolve().parents):
+            raise UserError(f"--overwrite would delete {out}, which holds {what}", where=where,
+                            fix="choose a folder of its own")
+    if not any((out / name).exists() for name in markers):
+        raise UserError(f"--overwrite only replaces a folder peftctl wrote, and {out} has no "
+                        f"{' or '.join(markers)}", where=where,
+                        fix="choose a new folder, or delete this one yourself")

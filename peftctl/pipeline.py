@@ -14,8 +14,9 @@ import torch
 
 from peftctl import methods
 from peftctl.data import load_data
-from peftctl.errors import UserError, blame
+from peftctl.errors import blame
 from peftctl.export import save_adapter
+from peftctl.files import check_replaceable
 from peftctl.model import load_model, load_skeleton, load_tokenizer
 from peftctl.recipe import Recipe
 from peftctl.train import Reporter, TrainResult, train
@@ -65,28 +66,9 @@ RUN_MARKERS = ("metrics.jsonl", "adapter")
 
 
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
-    out = recipe.output.dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"the output path is a file, not a folder: {out}", where="output.dir",
-                        fix="pass --output DIR with a folder path")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"the output folder already exists and is not empty: {out}", where="output.dir",
-                        fix="pass --overwrite to replace it, or --output DIR for a new folder")
-    # --overwrite deletes the whole folder, so a slip such as `--output .` must not take the
-    # recipe, the data or the working directory with it.
-    resolved = out.resolve()
-    inputs = {"the current directory": Path.cwd(), "the recipe": recipe.source,
-              "the training data": recipe.data.train, "the validation data": recipe.data.validation}
-    for what, path in inputs.items():
-        if isinstance(path, Path) and (path.resolve() == resolved or resolved in path.resolve().parents):
-            raise UserError(f"--overwrite would delete {out}, which holds {what}", where="output.dir",
-                            fix="pass --output DIR with a folder of its own")
-    if not any((out / name).exists() for name in RUN_MARKERS):
-        raise UserError(f"--overwrite only replaces a previous run's folder, and {out} has no "
-                        f"{' or '.join(RUN_MARKERS)}", where="output.dir",
-                        fix="pass --output DIR with a new folder, or delete this one yourself")
+    check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, protected={
+        "the current directory": Path.cwd(), "the recipe": recipe.source,
+        "the training data": recipe.data.train, "the validation data": recipe.data.validation})
 
 
 def fresh_output_dir(out: Path) -> None:

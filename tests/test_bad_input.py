@@ -314,7 +314,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, monkeypatc
     notes.mkdir()
     (notes / "thesis.tex").write_text("precious")
     cli(["train", recipe, "--output", notes, "--overwrite"], notes,
-        f"--overwrite only replaces a previous run's folder, and {notes} has no metrics.jsonl or adapter")
+        f"--overwrite only replaces a folder peftctl wrote, and {notes} has no metrics.jsonl or adapter")
     # Even a folder that looks like a run is kept when it holds the recipe (here: the current one).
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,150 @@
+"""What training bought: held-out loss, perplexity, token accuracy and generations, base vs adapter.
+
+Loss, perplexity and accuracy are over response tokens only (the same masking as training).
+Generations are greedy, stop at the tokenizer's EOS, and are scored against the reference
+response by exact match and by token F1 (SQuAD-style bag-of-words overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftctl.data import Example, batches, to_messages
+from peftctl.train import CausalLMLoss
+
+
+@dataclass
+class Scores:
+    loss: float
+    perplexity: float
+    token_accuracy: float
+    exact_match: float | None = None
+    token_f1: float | None = None
+    generations: list[dict[str, str]] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "generations"}
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+          rows: list[dict[str, Any]], fmt: str, samples: int, batch_size: int = 8) -> Scores:
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    loss_model = CausalLMLoss(model)
+    for batch in batches(sorted(examples, key=lambda e: len(e.input_ids)), batch_size, tokenizer.pad_token_id):
+        logits, targets = loss_model.labelled_logits(**batch)
+        total_loss += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    loss = total_loss / max(count, 1)
+    scores = Scores(loss=loss, perplexity=math.exp(min(loss, 50)), token_accuracy=correct / max(count, 1))
+    if samples and fmt != "completion":
+        scores.generations = [generate_reply(model, tokenizer, row, fmt) for row in rows[:samples]]
+        scores.exact_match = sum(g["generated"].strip() == g["reference"].strip() for g in scores.generations) / len(scores.generations)
+        scores.token_f1 = sum(token_f1(g["generated"], g["reference"]) for g in scores.generations) / len(scores.generations)
+    return scores
+
+
+def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], fmt: str,
+                   max_new_tokens: int = 128) -> dict[str, str]:
+    """Greedy reply to the row's prompt (everything before its last assistant turn)."""
+    messages = to_messages(row, fmt)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[0, input_ids.shape[1]:].tolist()
+    stopped = tokenizer.eos_token_id in new_tokens
+    if stopped:
+        new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
+    return {"prompt": messages[last - 1]["content"], "reference": messages[last]["content"],
+            "generated": tokenizer.decode(new_tokens, skip_special_tokens=True), "stopped_at_eos": stopped}
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    predicted, expected = prediction.lower().split(), reference.lower().split()
+    overlap = sum((Counter(predicted) & Counter(expected)).values())
+    if not predicted or not expected or overlap == 0:
+        return float(predicted == expected)
+    precision, recall = overlap / len(predicted), overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class EvalReport:
+    adapter_dir: Path
+    data_file: Path
+    rows: int
+    base: Scores
+    adapter: Scores
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"adapter_dir": str(self.adapter_dir), "data": str(self.data_file), "rows": self.rows,
+                "base": self.base.figures(), "adapter": self.adapter.figures(),
+                "generations": [{**a, "base": b["generated"]} for a, b in zip(self.adapter.generations, self.base.generations)]}
+
+
+def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
+                     base: str | None = None) -> EvalReport:
+    """Score the base model, then the same model with the adapter, on the same rows."""
+    from peftctl.data import read_rows, tokenize_rows
+    from peftctl.export import base_model_spec, load_adapter
+    from peftctl.model import load_model, load_tokenizer
+    from peftctl.recipe import DataSpec
+
+    spec = base_model_spec(adapter_dir, base)
+    tokenizer = load_tokenizer(spec)
+    rows = read_rows(data_file, fmt, key="--data")
+    examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
+    model = load_model(spec)
+    base_scores = score(model, tokenizer, examples, rows, fmt, samples)
+    load_adapter(model, adapter_dir)
+    adapter_scores = score(model, tokenizer, examples, rows, fmt, samples)
+    return EvalReport(Path(adapter_dir), Path(data_file), len(examples), base_scores, adapter_scores)
+
+
+def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path, Path, str]:
+    """(adapter folder, data file, format) from `peftctl eval`'s arguments.
+
+    The target is an adapter folder or a recipe (whose output.dir/adapter is evaluated); the data
+    and its format default to the recipe's validation data, the recipe saved beside an adapter
+    counting as its recipe. An adapter made elsewhere (by peft) needs --data.
+    """
+    import yaml
+
+    from peftctl.errors import UserError
+    from peftctl.export import RECIPE_FILE
+    from peftctl.recipe import load_recipe
+
+    target = Path(target)
+    data_spec: dict[str, Any] = {}
+    if target.is_file():
+        recipe = load_recipe(target)
+        adapter_dir = recipe.output.dir / "adapter"
+        data_spec = recipe.data.model_dump()
+    elif target.is_dir():
+        adapter_dir = target
+        if (target / RECIPE_FILE).is_file():
+            data_spec = (yaml.safe_load((target / RECIPE_FILE).read_text()) or {}).get("data", {})
+    else:
+        raise UserError("no such adapter folder or recipe", file=target)
+    if not adapter_dir.is_dir():
+        raise UserError("the recipe's adapter has not been trained yet", file=adapter_dir,
+                        fix=f"run peftctl train {target} first")
+    validation = data_spec.get("validation")
+    data_file = Path(data) if data is not None else Path(validation) if isinstance(validation, (str, Path)) else None
+    if data_file is None:
+        raise UserError("no evaluation data: the adapter's recipe has no validation file", where="--data",
+                        fix="pass --data FILE with held-out rows")
+    return adapter_dir, data_file, fmt or data_spec.get("format", "alpaca")

@@ -1,0 +1,106 @@
+"""Memory arithmetic for a recipe, from the model's config alone (meta device, no weights).
+
+The model is built on the meta device and the recipe's method applied to it, so parameter counts
+are exact for any size (a 70B config takes seconds). Memory, per parameter:
+  * full fine-tuning in mixed precision: 16-bit weights (2 B) + 16-bit gradients (2 B) + AdamW's
+    two fp32 moments (8 B) = 12 B; the usual rule of thumb, which leaves out an fp32 master
+    copy (another 4 B) that some trainers keep;
+  * PEFT: the frozen base at its storage precision, and for the trainable weights only: weights,
+    gradients and AdamW moments. peftctl keeps trainable weights and their gradients in fp32
+    (4 B each), so they cost 16 B per trainable parameter.
+Activations come on top: see `activation_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from peftctl import methods
+from peftctl.model import load_skeleton, resolve_dtype
+from peftctl.recipe import Recipe
+
+ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+MIXED_PRECISION_BYTES = 2  # bf16 / fp16 weights and gradients
+ADAPTER_BYTES = 4  # peftctl trains adapters in fp32
+
+
+@dataclass
+class Memory:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def full_finetune_memory(n_params: int, weight_bytes: float = MIXED_PRECISION_BYTES) -> Memory:
+    return Memory(n_params * weight_bytes, n_params * weight_bytes, n_params * ADAMW_STATE_BYTES)
+
+
+def peft_memory(n_frozen: int, n_trainable: int, frozen_bytes: float = MIXED_PRECISION_BYTES,
+                trainable_bytes: float = ADAPTER_BYTES) -> Memory:
+    return Memory(
+        weights=n_frozen * frozen_bytes + n_trainable * trainable_bytes,
+        gradients=n_trainable * trainable_bytes,
+        optimizer=n_trainable * ADAMW_STATE_BYTES,
+    )
+
+
+def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes_per_value: float) -> float:
+    """Activations kept for the backward pass, estimated per token.
+
+    Per decoder layer and token a transformer keeps about 34·h values for the backward pass
+    when attention does not store its score matrix (SDPA / flash attention; Korthikanti et al.,
+    2022, without their 5·a·s/h attention term). Even with a frozen base these are needed: the
+    gradient flows back through every layer to reach the adapters. The loss adds fp32 logits
+    (and their gradient) for the labelled tokens only, which is all peftctl computes.
+    """
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    per_layer = 34 * hidden * tokens * activation_bytes_per_value
+    logits = 2 * labelled_tokens * config.vocab_size * 4
+    return layers * per_layer + logits
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    total_params: int
+    trainable_params: int
+    weight_dtype: str
+    tokens_per_step: int
+    peft: Memory
+    full: Memory
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("peft", "full"):
+            data[key]["total"] = getattr(self, key).total
+        data["trainable_percent"] = 100 * self.trainable_params / self.total_params
+        return data
+
+
+def plan(recipe: Recipe) -> Plan:
+    model = load_skeleton(recipe.model)
+    n_base = sum(p.numel() for p in model.parameters())
+    adapter = methods.apply(model, recipe.method)
+    n_trainable = adapter.trainable_count()
+    # Methods that train existing weights (BitFit) do not add parameters: count what is new.
+    n_total = sum(p.numel() for p in model.parameters())
+    n_frozen = n_total - n_trainable
+    dtype = resolve_dtype(recipe.model.dtype)
+    weight_bytes = torch.finfo(dtype).bits / 8
+    tokens = recipe.train.batch_size * recipe.data.max_seq_len
+    config = model.config
+    peft = peft_memory(n_frozen, n_trainable, frozen_bytes=weight_bytes)
+    peft.activations = activation_bytes(config, tokens, tokens, weight_bytes)
+    full = full_finetune_memory(n_base, weight_bytes=weight_bytes)
+    full.activations = peft.activations
+    return Plan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
+                tokens, peft, full)

@@ -1,0 +1,48 @@
+"""`plan`: exact parameter counts from a config on the meta device, and the memory arithmetic."""
+
+import time
+
+import pytest
+from transformers import LlamaConfig
+
+from peftctl.plan import full_finetune_memory, peft_memory, plan
+from peftctl.recipe import Recipe
+
+LORA_QV_7B = 32 * 2 * 8 * (4096 + 4096)  # layers × (q, v) × r × (in + out)
+
+
+def test_seed_notes_arithmetic_for_7e9_parameters():
+    """Mixed precision: 14 GB weights + 14 GB grads + 56 GB AdamW; LoRA r=8 on q/v: ≈ 14.05 GB."""
+    full = full_finetune_memory(7_000_000_000)
+    assert (full.weights, full.gradients, full.optimizer) == (14e9, 14e9, 56e9)
+    assert full.total == 84e9
+    assert LORA_QV_7B == 4_194_304
+    # The notes count the adapter in 16-bit like the base.
+    lora = peft_memory(7_000_000_000, LORA_QV_7B, trainable_bytes=2)
+    assert lora.total / 1e9 == pytest.approx(14.05, abs=0.001)
+    assert 1 - lora.total / full.total == pytest.approx(0.83, abs=0.01)
+
+
+def llama2_7b_recipe(tmp_path, target_modules):
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama-2-7b")
+    return Recipe.model_validate({
+        "model": {"name_or_path": str(tmp_path / "llama-2-7b"), "dtype": "bfloat16"},
+        "method": {"name": "lora", "r": 8, "target_modules": target_modules},
+        "data": {"train": "recipes/data/tiny/train.jsonl", "max_seq_len": 512},
+        "train": {"batch_size": 1},
+    })
+
+
+def test_llama2_7b_config_planned_exactly_without_weights(tmp_path):
+    recipe = llama2_7b_recipe(tmp_path, ["q_proj", "v_proj"])
+    started = time.perf_counter()
+    result = plan(recipe)
+    assert time.perf_counter() - started < 30  # no 13 GB of weights were made
+    assert result.trainable_params == 4_194_304
+    assert result.total_params == 6_738_415_616 + 4_194_304
+    assert result.full.weights + result.full.gradients + result.full.optimizer == pytest.approx(80.86e9, rel=1e-3)
+    # Frozen bf16 base + fp32 adapter, its gradients and AdamW moments.
+    assert result.peft.weights + result.peft.gradients + result.peft.optimizer == pytest.approx(
+        6_738_415_616 * 2 + 4_194_304 * 16)
+    assert result.peft.activations > 0 and result.peft.activations == result.full.activations
