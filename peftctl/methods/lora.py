@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
 from peftctl.methods.base import (
     Adapter,
     AllLinear,
@@ -30,6 +29,7 @@ from peftctl.methods.base import (
     match_targets,
     module_suffixes,
     reject_unsupported,
+    suffix_list_from_peft,
     wrapper_params,
 )
 
@@ -147,14 +147,7 @@ class LoRA(Method):
              "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None},
             source,
         )
-        targets = peft_config.get("target_modules")
-        if isinstance(targets, str) and targets != "all-linear":
-            raise UserError(
-                f"target_modules is a regular expression ({targets!r}); peftctl matches name suffixes",
-                file=source, where="target_modules",
-                expected="a list of module-name suffixes, or 'all-linear'",
-                fix="list the suffixes the expression matches, e.g. [q_proj, v_proj]",
-            )
+        targets = suffix_list_from_peft(peft_config.get("target_modules"), source)
         return LoraConfig(
             name="lora",
             r=peft_config["r"],
