@@ -147,7 +147,7 @@ def merge(
         return
     stdout.print(key_value_table("peftctl merge", [
         ("merged model", str(out)),
-        ("vs base + adapter", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
+        (f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
                               f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
         ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
     ]))

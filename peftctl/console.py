@@ -100,17 +100,25 @@ def _one_line(text: str, limit: int = 160) -> str:
 
 def plan_table(plan) -> Table:
     """Memory for this recipe's method next to full fine-tuning of the same model."""
-    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({plan.weight_dtype} base)",
-                  title_justify="left")
+    quantized = plan.unquantized is not None
+    base = f"{plan.quantization} base" if quantized else f"{plan.weight_dtype} base"
+    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({base})", title_justify="left")
     table.add_column("")
-    table.add_column(plan.method, justify="right")
+    table.add_column(f"{plan.method}, {plan.quantization}" if quantized else plan.method, justify="right")
+    memories = [plan.peft]
+    if quantized:  # the saving, next to the same method on the unquantized base
+        table.add_column(f"{plan.method}, {plan.weight_dtype}", justify="right")
+        memories.append(plan.unquantized)
     table.add_column("full fine-tuning", justify="right")
-    table.add_row("trainable parameters", f"{plan.trainable_params:,} ({100 * plan.trainable_params / plan.total_params:.3f}%)",
+    memories.append(plan.full)
+    trainable = f"{plan.trainable_params:,} ({100 * plan.trainable_params / plan.total_params:.3f}%)"
+    table.add_row("trainable parameters", *[trainable] * (len(memories) - 1),
                   f"{plan.total_params - plan.trainable_params:,}")
     for part in ("weights", "gradients", "optimizer", "activations"):
-        table.add_row(part, _gb(getattr(plan.peft, part)), _gb(getattr(plan.full, part)))
-    table.add_row("total", _gb(plan.peft.total), _gb(plan.full.total), style="bold")
-    table.caption = (f"activations: ~34·hidden bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
+        table.add_row(part, *[_gb(getattr(memory, part)) for memory in memories])
+    table.add_row("total", *[_gb(memory.total) for memory in memories], style="bold")
+    per_layer = "hidden (1 layer: 34·hidden, gradient checkpointing)" if plan.gradient_checkpointing else "34·hidden"
+    table.caption = (f"activations: ~{per_layer} bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
                      "(batch_size × max_seq_len) + fp32 logits of labelled tokens; optimizer: AdamW, 8 B per trainable parameter")
     return table
 

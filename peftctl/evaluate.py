@@ -55,7 +55,7 @@ def score(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[E
 
 
 def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], fmt: str,
-                   max_new_tokens: int = 128) -> dict[str, str]:
+                   max_new_tokens: int = 128) -> dict[str, Any]:
     """Greedy reply to the row's prompt (everything before its last assistant turn)."""
     messages = to_messages(row, fmt)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -92,7 +92,8 @@ class EvalReport:
     def as_dict(self) -> dict[str, Any]:
         return {"adapter_dir": str(self.adapter_dir), "data": str(self.data_file), "rows": self.rows,
                 "base": self.base.figures(), "adapter": self.adapter.figures(),
-                "generations": [{**a, "base": b["generated"]} for a, b in zip(self.adapter.generations, self.base.generations)]}
+                "generations": [{**a, "base": b["generated"], "base_stopped_at_eos": b["stopped_at_eos"]}
+                                for a, b in zip(self.adapter.generations, self.base.generations)]}
 
 
 def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
@@ -100,10 +101,11 @@ def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int,
     """Score the base model, then the same model with the adapter, on the same rows."""
     from peftctl.data import read_rows, tokenize_rows
     from peftctl.export import base_model_spec, load_adapter
-    from peftctl.model import load_model, load_tokenizer
+    from peftctl.model import load_model, load_skeleton, load_tokenizer
     from peftctl.recipe import DataSpec
 
     spec = base_model_spec(adapter_dir, base)
+    load_adapter(load_skeleton(spec), adapter_dir)  # a foreign or mismatched adapter fails before weights load
     tokenizer = load_tokenizer(spec)
     rows = read_rows(data_file, fmt, key="--data")
     examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
@@ -145,6 +147,8 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     validation = data_spec.get("validation")
     data_file = Path(data) if data is not None else Path(validation) if isinstance(validation, (str, Path)) else None
     if data_file is None:
-        raise UserError("no evaluation data: the adapter's recipe has no validation file", where="--data",
-                        fix="pass --data FILE with held-out rows")
+        reason = (f"the recipe holds out a fraction ({validation}) of its training rows, not a file"
+                  if isinstance(validation, float) else "the adapter has no recipe with a validation file"
+                  if not data_spec else "the adapter's recipe has no validation file")
+        raise UserError(f"no evaluation data: {reason}", where="--data", fix="pass --data FILE with held-out rows")
     return adapter_dir, data_file, fmt or data_spec.get("format", "alpaca")

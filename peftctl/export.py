@@ -11,13 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftctl import methods
 from peftctl.errors import UserError
 from peftctl.files import atomic_directory
-from peftctl.methods import Adapter
+from peftctl.methods import Adapter, Method, MethodConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -59,18 +60,47 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, folder: Path) -> Adapter:
-    """Apply the adapter saved in `folder` to `model` and load its weights, all or nothing."""
+def adapter_method(folder: Path) -> tuple[Method, MethodConfig]:
+    """The method and the options that the adapter saved in `folder` was made with.
+
+    A config from elsewhere (peft, another peft version, a hand edit) may lack a key or hold a
+    value peftctl does not accept: both are the adapter's problem, named by its key.
+    """
     folder = Path(folder)
     config = read_adapter_config(folder)
     source = str(folder / CONFIG_FILE)
     method = methods.by_peft_type(config["peft_type"], source)
-    cfg = method.config_from_peft(config, source)
+    try:
+        return method, method.config_from_peft(config, source)
+    except KeyError as err:
+        key = str(err.args[0])
+        raise UserError(f"the {method.peft_type} adapter config has no '{key}'", file=source, where=key,
+                        expected=f"an adapter_config.json written by peft or peftctl for {method.peft_type}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else None
+        raise UserError(f"invalid {method.peft_type} adapter option: {first['msg']}", file=source, where=key,
+                        expected=f"an adapter_config.json written by peft or peftctl for {method.peft_type}") from None
+
+
+def load_adapter(model: nn.Module, folder: Path) -> Adapter:
+    """Apply the adapter saved in `folder` to `model` and load its weights, all or nothing."""
+    folder = Path(folder)
+    method, cfg = adapter_method(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"no {WEIGHTS_FILE} in the adapter folder", file=folder,
                         fix="peftctl reads safetensors only; re-save the adapter with safe_serialization=True")
-    adapter = method.apply(model, cfg)
+    try:
+        adapter = method.apply(model, cfg)
+    except UserError as err:
+        # The options come from the adapter's config, not from a recipe: say so, and that the
+        # likely cause is a base model other than the one the adapter was made for.
+        if err.file is None:
+            err.file, err.where = str(folder / CONFIG_FILE), (err.where or "").removeprefix("method.") or None
+            err.fix = "use the base model the adapter was trained on (see its base_model_name_or_path)"
+            err._changed()
+        raise
     adapter.load_state_dict(load_file(weights), str(weights))
     return adapter
 
@@ -94,35 +124,67 @@ def base_model_spec(folder: Path, base: str | None = None):
     if not name:
         raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
                         where="base_model_name_or_path", fix="pass --base MODEL")
+    from peftctl.model import resolve_source
+
+    try:
+        resolve_source(name)
+    except UserError as err:
+        if base:
+            raise UserError(err.problem, where="--base", expected=err.expected, fix=err.fix) from None
+        # peft writes the hub name it loaded the base from; peftctl never downloads one.
+        named_in = (f"{RECIPE_FILE}: model.name_or_path" if options.get("name_or_path")
+                    else f"{CONFIG_FILE}: base_model_name_or_path")
+        raise UserError(f"the adapter's base model '{name}' (from {named_in}) is not on this machine",
+                        file=folder, expected=err.expected, fix="pass --base with a local copy of that model") from None
+    # The base as it was trained: a quantized one is quantized again, the same way.
+    quantization = {key: options[key] for key in ("quantization", "quant_type", "double_quant", "compute_dtype")
+                    if key in options}
     return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"),
-                     trust_remote_code=options.get("trust_remote_code", False))
+                     trust_remote_code=options.get("trust_remote_code", False), **quantization)
 
 
-def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32") -> dict[str, float]:
+def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Fold the adapter into its base and save a plain transformers model folder at `out`.
 
     The merge runs in fp32. Returns the largest and mean absolute logit difference between the
     merged model and base + adapter on a probe batch, so rounding is shown, not discovered.
+    An adapter trained on a quantized base is merged into that base dequantized, and compared
+    with the quantized base + adapter (computing in fp32): the model that was trained, not the
+    unquantized original, which differs from it by the quantization error.
     """
     import torch
 
-    from peftctl.model import load_model, load_tokenizer
+    from peftctl import quantize
+    from peftctl.model import load_model, load_skeleton, load_tokenizer
 
     folder = Path(folder)
     config = read_adapter_config(folder)
     method = methods.by_peft_type(config["peft_type"], str(folder / CONFIG_FILE))
     method.check_mergeable()  # before any weights load
-    spec = base_model_spec(folder, base).model_copy(update={"dtype": "float32"})
+    spec = base_model_spec(folder, base)
+    load_adapter(load_skeleton(spec), folder)  # options, targets and shapes, before the weights load
+    quantized = spec.quantization != "none"
+    if not quantized:
+        spec = spec.model_copy(update={"dtype": "float32"})
     tokenizer = load_tokenizer(spec)
-    adapter = load_adapter(load_model(spec), folder)
+    model = load_model(spec)  # a quantized base is quantized from `dtype`, as in training
+    if quantized:
+        quantize.upcast(model)
+    adapter = load_adapter(model, folder)
     probe = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = adapter.model(probe).logits
+        if quantized:
+            quantize.dequantize(adapter.model)
         merged = method.merge(adapter).eval()
+        if quantized:
+            quantize.restore_source_types(merged)
         actual = merged(probe).logits
     difference = (actual - expected).abs()
     merged.to(getattr(torch, dtype))
     with atomic_directory(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-    return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean())}
+    reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
+    return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
+            "compared_with": reference}

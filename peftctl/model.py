@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from peftctl import quantize
 from peftctl.errors import UserError
 from peftctl.recipe import ModelSpec
 
@@ -155,6 +156,8 @@ def load_skeleton(spec: ModelSpec) -> nn.Module:
 def load_model(spec: ModelSpec) -> nn.Module:
     source = resolve_source(spec.name_or_path)
     dtype = resolve_dtype(spec.dtype)
+    if spec.quantization != "none":
+        quantize.check_quantization(spec)  # before the weights load: seconds, not minutes, to fail
     if source.builtin == TINY_GPT2:
         # Fixed-seed weights without disturbing the caller's random state.
         with torch.random.fork_rng(devices=[]):
@@ -173,8 +176,45 @@ def load_model(spec: ModelSpec) -> nn.Module:
             # transformers dequantized the GGUF into plain layers but still tags the model as
             # quantized, which blocks training and saving; the tag is all that is removed.
             model.hf_quantizer.remove_quantization_config(model)
+    if spec.quantization != "none":
+        quantize.quantize(model, spec)
     model.config.name_or_path = spec.name_or_path  # what methods need to find the tokenizer again
     return model.eval()
+
+
+def _refuse_kv_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Under gradient checkpointing transformers drops a KV cache given to the decoder in training
+    (a recomputed layer would append to it twice); prefix tuning feeds its trained prefix that way,
+    and would silently train without it."""
+    if module.training and kwargs.get("past_key_values") is not None:
+        raise UserError(
+            "this method feeds the model a prefilled KV cache (prefix tuning), which transformers "
+            "drops under gradient checkpointing, so the prefix would not be trained",
+            where="train.gradient_checkpointing",
+            fix="set train.gradient_checkpointing: false for this method",
+        )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each decoder layer's input for the backward pass and recompute the rest there.
+
+    Non-reentrant checkpointing: gradients reach the adapters even though no input of a layer
+    requires a gradient (the frozen base). The input embeddings' output is made to require one
+    too (transformers' enable_input_require_grads, as peft's prepare_model_for_kbit_training),
+    so that reentrant checkpointing (remote-code models) cannot cut the adapters off either.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing",
+                        where="train.gradient_checkpointing", fix="set train.gradient_checkpointing: false")
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable is its deprecated alias
+        model.activation_checkpointing_enable(options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if not getattr(model, "_require_grads_hooks", None):
+        model.enable_input_require_grads()
+    # Registered after the methods' own hooks, so it sees the cache a method injects.
+    model.base_model.register_forward_pre_hook(_refuse_kv_cache, with_kwargs=True)
 
 
 def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:

@@ -1,4 +1,5 @@
-"""The pipeline a recipe runs: data → model → method → train → export.
+"""The pipeline a recipe runs: data → model → method (or the saved adapter `model.adapter`
+names, continued) → train → export.
 
 Everything that can be checked without weights (recipe, output folder, data rows, target
 modules on a weightless skeleton of the model) is checked before the weights load.
@@ -11,13 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from peftctl import methods
 from peftctl.data import load_data
-from peftctl.errors import blame
-from peftctl.export import save_adapter
+from peftctl.errors import UserError, blame
+from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
 from peftctl.files import check_replaceable
+from peftctl.methods import Method, MethodConfig
 from peftctl.model import load_model, load_skeleton, load_tokenizer
+from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
 from peftctl.train import Reporter, TrainResult, train
 
@@ -40,20 +44,28 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         check_output_dir(recipe, overwrite)
         tokenizer = load_tokenizer(recipe.model)
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
-        methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
+        continued = recipe.model.adapter
+        if continued is not None:
+            method_cfg = continued_method(recipe)
+            load_adapter(load_skeleton(recipe.model), continued)  # targets and shapes before weights load
+        else:
+            method_cfg = recipe.method
+            methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
 
         model = load_model(recipe.model)
         torch.manual_seed(recipe.train.seed)
-        adapter = methods.apply(model, recipe.method)
+        adapter = load_adapter(model, continued) if continued is not None else methods.apply(model, recipe.method)
 
         fresh_output_dir(out)
         result = train(adapter, data, recipe.train, out, tokenizer.pad_token_id, reporter)
-        adapter_dir = save_adapter(adapter, out / "adapter", recipe.model.name_or_path, recipe.to_yaml())
+        # The saved recipe holds the options the adapter has, also those taken from a continued one.
+        recipe_yaml = recipe.model_copy(update={"method": method_cfg}).to_yaml()
+        adapter_dir = save_adapter(adapter, out / "adapter", recipe.model.name_or_path, recipe_yaml)
     return RunSummary(
         output_dir=out,
         adapter_dir=adapter_dir,
         trainable_params=adapter.trainable_count(),
-        total_params=sum(p.numel() for p in model.parameters()),
+        total_params=parameter_count(model),
         train_rows=len(data.train),
         validation_rows=len(data.validation),
         dropped_rows=data.dropped,
@@ -68,7 +80,57 @@ RUN_MARKERS = ("metrics.jsonl", "adapter")
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
     check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, protected={
         "the current directory": Path.cwd(), "the recipe": recipe.source,
-        "the training data": recipe.data.train, "the validation data": recipe.data.validation})
+        "the training data": recipe.data.train, "the validation data": recipe.data.validation,
+        "the adapter to continue": recipe.model.adapter})
+
+
+def continued_method(recipe: Recipe) -> MethodConfig:
+    """The options of the adapter that `model.adapter` continues, checked against `method`.
+
+    `method.name` must be the adapter's method. Options the recipe writes must equal the
+    adapter's, as the weights' shapes and meaning depend on them; options it leaves out are the
+    adapter's. Values spelt differently that select the same thing ('all-linear' and the list
+    of layers it resolves to) agree: both configs are compared as they would be exported.
+    """
+    folder = recipe.model.adapter
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError(f"no adapter to continue at {folder}: it has no {CONFIG_FILE}", where="model.adapter",
+                        expected=f"a folder with {CONFIG_FILE} and {WEIGHTS_FILE} (peftctl train's <output>/adapter, "
+                        "or peft's save_pretrained)",
+                        fix="check the path; a relative path is resolved from the recipe's folder")
+    method, saved = adapter_method(folder)
+    ours = recipe.method
+    if ours.name != method.name:
+        raise UserError(f"the recipe's method is '{ours.name}' but the adapter to continue ({folder}) is "
+                        f"'{method.name}'", where="method.name", expected=f"name: {method.name}",
+                        fix=f"set method.name: {method.name}, or remove model.adapter to train a new adapter")
+    written = [key for key in type(ours).model_fields if key in ours.model_fields_set and key != "name"]
+    differing = [key for key in written if _canonical(getattr(ours, key)) != _canonical(getattr(saved, key))]
+    if not differing:
+        return saved
+    try:
+        chosen = type(saved).model_validate({**saved.model_dump(), **{key: getattr(ours, key) for key in written}})
+        agree = _exported(recipe, method, chosen) == _exported(recipe, method, saved)
+    except (ValidationError, UserError):
+        agree = False
+    if agree:
+        return saved
+    key = differing[0]
+    raise UserError(
+        f"{key} is {getattr(ours, key)!r} in the recipe, but the adapter to continue ({folder}) has "
+        f"{getattr(saved, key)!r}", where=f"method.{key}",
+        expected=f"{key}: {getattr(saved, key)!r}, or no {key} (the adapter's is used)",
+        fix=f"remove method.{key} from the recipe, or remove model.adapter to train a new adapter")
+
+
+def _exported(recipe: Recipe, method: Method, cfg: MethodConfig) -> dict:
+    """The adapter_config.json fields `cfg` resolves to on the recipe's model (no weights load)."""
+    return {key: _canonical(value) for key, value in
+            method.peft_config(method.apply(load_skeleton(recipe.model), cfg)).items()}
+
+
+def _canonical(value):
+    return sorted(map(str, value)) if isinstance(value, list) else value
 
 
 def fresh_output_dir(out: Path) -> None:

@@ -9,15 +9,19 @@ are exact for any size (a 70B config takes seconds). Memory, per parameter:
     gradients and AdamW moments. peftctl keeps trainable weights and their gradients in fp32
     (4 B each), so they cost 16 B per trainable parameter.
 Activations come on top: see `activation_bytes`.
+
+With `model.quantization` the frozen linear layers are counted at their quantized size, scales
+included (`peftctl.quantize.stored_bytes`), norms at fp32, and the plan also shows the same method
+on the unquantized base, so the saving is a figure, not a claim.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from peftctl import methods
+from peftctl import methods, quantize
 from peftctl.model import load_skeleton, resolve_dtype
 from peftctl.recipe import Recipe
 
@@ -51,19 +55,24 @@ def peft_memory(n_frozen: int, n_trainable: int, frozen_bytes: float = MIXED_PRE
     )
 
 
-def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes_per_value: float) -> float:
+def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes_per_value: float,
+                     checkpointed: bool = False) -> float:
     """Activations kept for the backward pass, estimated per token.
 
     Per decoder layer and token a transformer keeps about 34·h values for the backward pass
     when attention does not store its score matrix (SDPA / flash attention; Korthikanti et al.,
     2022, without their 5·a·s/h attention term). Even with a frozen base these are needed: the
-    gradient flows back through every layer to reach the adapters. The loss adds fp32 logits
-    (and their gradient) for the labelled tokens only, which is all peftctl computes.
+    gradient flows back through every layer to reach the adapters. With gradient checkpointing
+    each layer keeps only its input (h values per token), and one layer's 34·h are rebuilt at a
+    time in the backward pass. The loss adds fp32 logits (and their gradient) for the labelled
+    tokens only, which is all peftctl computes.
     """
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     per_layer = 34 * hidden * tokens * activation_bytes_per_value
     logits = 2 * labelled_tokens * config.vocab_size * 4
+    if checkpointed:
+        return layers * hidden * tokens * activation_bytes_per_value + per_layer + logits
     return layers * per_layer + logits
 
 
@@ -77,19 +86,28 @@ class Plan:
     tokens_per_step: int
     peft: Memory
     full: Memory
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    # The same method on the unquantized base (`weight_dtype`), when the plan is for a quantized one.
+    unquantized: Memory | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
-        for key in ("peft", "full"):
-            data[key]["total"] = getattr(self, key).total
+        for key in ("peft", "full", "unquantized"):
+            if data[key] is not None:
+                data[key]["total"] = getattr(self, key).total
         data["trainable_percent"] = 100 * self.trainable_params / self.total_params
         return data
 
 
 def plan(recipe: Recipe) -> Plan:
-    model = load_skeleton(recipe.model)
+    spec = recipe.model
+    model = load_skeleton(spec)
     n_base = sum(p.numel() for p in model.parameters())
+    n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
     adapter = methods.apply(model, recipe.method)
+    # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
+    n_norm = sum(p.numel() for norm in quantize.norm_layers(model).values() for p in norm.parameters(recurse=False))
     n_trainable = adapter.trainable_count()
     # Methods that train existing weights (BitFit) do not add parameters: count what is new.
     n_total = sum(p.numel() for p in model.parameters())
@@ -99,8 +117,13 @@ def plan(recipe: Recipe) -> Plan:
     tokens = recipe.train.batch_size * recipe.data.max_seq_len
     config = model.config
     peft = peft_memory(n_frozen, n_trainable, frozen_bytes=weight_bytes)
-    peft.activations = activation_bytes(config, tokens, tokens, weight_bytes)
+    peft.activations = activation_bytes(config, tokens, tokens, weight_bytes, recipe.train.gradient_checkpointing)
     full = full_finetune_memory(n_base, weight_bytes=weight_bytes)
     full.activations = peft.activations
+    unquantized = None
+    if spec.quantization != "none":
+        unquantized = peft
+        peft = replace(peft, weights=peft.weights - weight_bytes * (n_quantized + n_norm)
+                       + quantized_bytes + ADAPTER_BYTES * n_norm)
     return Plan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
-                tokens, peft, full)
+                tokens, peft, full, quantize.describe(spec), recipe.train.gradient_checkpointing, unquantized)

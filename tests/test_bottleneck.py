@@ -220,7 +220,7 @@ def test_smoke_recipe_lowers_the_loss(method, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
 def test_smollm2_recipe_starts(method, tmp_path):
-    summary = assert_smoke_run(f"recipes/{method}-smollm2.yaml", tmp_path, ["train.max_steps=2"])
+    summary = assert_smoke_run(f"recipes/{method}-smollm2.yaml", tmp_path, ["train.max_steps=2"], check_loss=False)
     per_adapter = 2 * 576 * 36 + 36 + 576
     assert summary.trainable_params == 30 * (2 if method == "houlsby" else 1) * per_adapter
     assert summary.result.steps == 2

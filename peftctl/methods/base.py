@@ -155,7 +155,16 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a plain [out, in] tensor, whatever its storage layout."""
+    """The layer's weight as a plain [out, in] tensor, whatever its storage layout.
+
+    A 4-bit or 8-bit layer (`model.quantization`) is dequantized: a new tensor each call, so
+    writing to it does not change the layer.
+    """
+    from peftctl.quantize import dequantized_weight  # peftctl.quantize imports this module
+
+    weight = dequantized_weight(layer)
+    if weight is not None:
+        return weight
     _, _, fan_in_fan_out = linear_shape(layer)
     return layer.weight.T if fan_in_fan_out else layer.weight
 

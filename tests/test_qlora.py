@@ -1,0 +1,455 @@
+"""QLoRA: adapters on a 4-bit (or 8-bit) bitsandbytes base, gradient checkpointing, merge and plan.
+
+bitsandbytes runs its 4-bit and 8-bit layers on CPUs (slowly), so everything here runs without a
+GPU on tiny models; tests/test_qlora.py::test_gpu_check_* covers the GPU script's CPU behaviour.
+Tolerances: our layers and peft's compute the same fp32 operations on the same quantized bytes,
+so logits agree to 1e-5; a merge into the dequantized base differs from the quantized base +
+adapter by fp32 rounding only (< 1e-4 on these models' logits).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+from typer.testing import CliRunner
+
+from method_checks import ROOT, assert_smoke_run
+from peftctl import methods, quantize
+from peftctl.cli import app
+from peftctl.errors import UserError
+from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adapter
+from peftctl.model import enable_gradient_checkpointing, load_model
+from peftctl.plan import plan
+from peftctl.recipe import ModelSpec, Recipe
+from peftctl.train import CausalLMLoss
+from tiny_models import tiny_gpt2, tiny_llama, token_batch, train_steps
+
+QLORA_GPT2 = "recipes/qlora-gpt2.yaml"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama as a model folder, so it loads like any local model (and in transformers)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def spec(path, quantization: str = "4bit", **options) -> ModelSpec:
+    return ModelSpec(name_or_path=str(path), dtype="float32", quantization=quantization, **options)
+
+
+def method_cfg(name: str, **options):
+    return methods.get(name).Config(name=name, **options)
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# --- loading: the bytes transformers would make, counted exactly ----------------------------------
+
+
+@pytest.mark.parametrize("model, options", [
+    ("llama", {"quantization": "4bit"}),  # nf4 + double quantization: the defaults
+    ("llama", {"quantization": "4bit", "quant_type": "fp4", "double_quant": False}),
+    ("llama", {"quantization": "8bit"}),
+    ("gpt2", {"quantization": "4bit"}),  # Conv1D layers, transposed before quantization
+])
+def test_quantized_layers_equal_transformers_bitsandbytes_loading(model, options, llama_dir, tmp_path):
+    """Our layers hold the same bytes as from_pretrained(quantization_config=BitsAndBytesConfig(...)),
+    and plan's per-layer byte count is what bitsandbytes stores."""
+    folder = llama_dir
+    if model == "gpt2":
+        folder = tmp_path / "gpt2"
+        tiny_gpt2().save_pretrained(folder)
+    model_spec = spec(folder, **options)
+    ours = dict(load_model(model_spec).named_modules())
+    four_bit = model_spec.quantization == "4bit"
+    config = BitsAndBytesConfig(load_in_4bit=four_bit, load_in_8bit=not four_bit,
+                                bnb_4bit_quant_type=model_spec.quant_type,
+                                bnb_4bit_use_double_quant=model_spec.double_quant)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32,
+                                                  device_map="cpu")
+    compared = 0
+    for name, layer in theirs.named_modules():
+        kind = quantize.quantized_kind(layer)
+        if kind is None:
+            continue
+        mine = ours[name]
+        assert quantize.quantized_kind(mine) == kind == model_spec.quantization, name
+        assert torch.equal(mine.weight.data, layer.weight.data), name
+        if kind == "4bit":
+            state, reference = mine.weight.quant_state, layer.weight.quant_state
+            assert torch.equal(state.absmax, reference.absmax) and state.nested == model_spec.double_quant
+            stored = mine.weight.data.nbytes + state.absmax.nbytes
+            if state.nested:
+                assert torch.equal(state.state2.absmax, reference.state2.absmax)
+                stored += state.state2.absmax.nbytes + state.offset.nbytes
+        else:
+            assert torch.equal(mine.weight.SCB, layer.weight.SCB)
+            stored = mine.weight.data.nbytes + mine.weight.SCB.nbytes
+        out_features, in_features = quantize.dequantized_weight(mine).shape
+        assert quantize.stored_bytes(out_features, in_features, model_spec) == stored, name
+        compared += 1
+    assert compared == len(quantize.linear_layers(theirs)) == (14 if model == "llama" else 8)
+    # The output head stays as it was; norms are upcast to fp32.
+    assert quantize.quantized_kind(ours["lm_head"]) is None
+
+
+@pytest.mark.parametrize("options", [{"quantization": "4bit"}, {"quantization": "4bit", "double_quant": False},
+                                     {"quantization": "8bit"}])
+@pytest.mark.parametrize("shape", [(333, 100), (1000, 300)])  # blocks that do not divide evenly
+def test_stored_bytes_formula_matches_bitsandbytes_for_any_shape(options, shape):
+    model_spec = ModelSpec(name_or_path="x", dtype="float32", **options)
+    out_features, in_features = shape
+    layer = quantize.quantized_layer(nn.Linear(in_features, out_features), model_spec)
+    weight = layer.weight
+    if model_spec.quantization == "4bit":
+        state = weight.quant_state
+        stored = weight.data.nbytes + state.absmax.nbytes
+        stored += state.state2.absmax.nbytes + state.offset.nbytes if state.nested else 0
+    else:
+        stored = weight.data.nbytes + weight.SCB.nbytes
+    assert quantize.stored_bytes(out_features, in_features, model_spec) == stored
+
+
+# --- training on a quantized base ------------------------------------------------------------------
+
+
+def test_gradients_flow_through_4bit_layers_like_through_their_dequantized_weights(llama_dir):
+    """Loss and every LoRA gradient on the 4-bit base equal those on a plain fp32 copy of its
+    dequantized weights, after a no-grad forward (validation) has run first: bitsandbytes repacks
+    4-bit weights for CPU inference there unless told not to, which stops gradients."""
+    batch = token_batch(128)
+    cfg = method_cfg("lora", r=4, target_modules="all-linear")
+    results = []
+    for dequantized in (False, True):
+        model = load_model(spec(llama_dir))
+        if dequantized:
+            quantize.dequantize(model)
+        torch.manual_seed(0)
+        adapter = methods.apply(model, cfg)
+        with torch.no_grad():
+            for name, param in adapter.params.items():
+                if "lora_B" in name:  # B != 0: gradients reach A, and the base output changes
+                    param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        loss_model = CausalLMLoss(model).eval()
+        with torch.no_grad():
+            loss_model(**batch)
+        loss_model.train()
+        loss_sum, n = loss_model(**batch)
+        (loss_sum / n).backward()
+        results.append((float(loss_sum.detach() / n), {k: p.grad for k, p in adapter.params.items()}))
+    (loss_q, grads_q), (loss_d, grads_d) = results
+    assert loss_q == pytest.approx(loss_d, abs=1e-5)
+    for name, grad in grads_q.items():
+        assert grad is not None and grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, grads_d[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization, use_dora", [("4bit", False), ("4bit", True), ("8bit", False)])
+def test_adapter_trained_on_quantized_base_loads_in_peft_with_the_same_logits(quantization, use_dora, llama_dir,
+                                                                              tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import bnb as peft_bnb
+
+    model_spec = spec(llama_dir, quantization)
+    batch = token_batch(128)
+    adapter = methods.apply(load_model(model_spec), method_cfg("lora", r=4, target_modules="all-linear",
+                                                                 use_dora=use_dora))
+    train_steps(adapter, batch, steps=3)
+    assert all(p.abs().max() > 0 for n, p in adapter.params.items() if "lora_B" in n)
+    save_adapter(adapter, tmp_path / "adapter", str(llama_dir))
+
+    theirs = PeftModel.from_pretrained(load_model(model_spec), tmp_path / "adapter").eval()
+    layer_type = peft_bnb.Linear4bit if quantization == "4bit" else peft_bnb.Linear8bitLt
+    assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj, layer_type)  # peft's bnb path
+    ours = logits(adapter.model, batch)
+    torch.testing.assert_close(ours, logits(theirs, batch), atol=1e-5, rtol=0)
+    assert (ours - logits(load_model(model_spec), batch)).abs().max() > 1e-2  # the adapter does something
+    # peftctl's own loader gives the same model back.
+    torch.testing.assert_close(logits(load_adapter(load_model(model_spec), tmp_path / "adapter").model, batch), ours,
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("ia3", {}), ("houlsby", {"bottleneck_size": 8}), ("pfeiffer", {"bottleneck_size": 8}),
+    ("bitfit", {"create_missing_biases": True}), ("prompt_tuning", {"num_virtual_tokens": 4}),
+    ("p_tuning", {"num_virtual_tokens": 4}), ("prefix_tuning", {"num_virtual_tokens": 4}),
+])
+def test_every_other_method_trains_on_a_4bit_base(name, options, llama_dir):
+    model = load_model(spec(llama_dir))
+    adapter = methods.apply(model, method_cfg(name, **options))
+    before = {k: p.detach().clone() for k, p in adapter.params.items()}
+    batch = token_batch(128)
+    loss_model = CausalLMLoss(model)
+    first, _ = loss_model(**batch)
+    train_steps(adapter, batch, steps=3)
+    for key, param in adapter.params.items():
+        assert not torch.equal(param, before[key]), f"{key} was not trained"
+    last, _ = loss_model(**batch)
+    assert float(last.detach()) < float(first.detach())
+    assert all(quantize.quantized_kind(m) in (None, "4bit") for m in model.modules())
+
+
+# --- gradient checkpointing ------------------------------------------------------------------------
+
+CHECKPOINTED_METHODS = [
+    ("lora", {"r": 4, "target_modules": "all-linear"}), ("lora", {"r": 4, "use_dora": True}), ("ia3", {}),
+    ("houlsby", {"bottleneck_size": 8}), ("bitfit", {"create_missing_biases": True}),
+    ("prompt_tuning", {"num_virtual_tokens": 4}), ("p_tuning", {"num_virtual_tokens": 4}),
+]
+
+
+def loss_and_grads(model: nn.Module, cfg, checkpointing: bool, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    adapter = methods.apply(model, cfg)
+    with torch.no_grad():  # away from the init (LoRA's B = 0 would leave A without a gradient)
+        generator = torch.Generator().manual_seed(1)
+        for param in adapter.params.values():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    loss_sum, n = CausalLMLoss(model).train()(**batch)
+    (loss_sum / n).backward()
+    return float(loss_sum.detach() / n), {k: p.grad for k, p in adapter.params.items()}
+
+
+@pytest.mark.parametrize("name, options", CHECKPOINTED_METHODS + [("lora-4bit", {"r": 4})])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, options, llama_dir):
+    batch = token_batch(128)
+    quantized = name.endswith("-4bit")
+    cfg = method_cfg(name.removesuffix("-4bit"), **options)
+    runs = [loss_and_grads(load_model(spec(llama_dir)) if quantized else tiny_llama(), cfg, checkpointing, batch)
+            for checkpointing in (False, True)]
+    (loss, grads), (loss_ckpt, grads_ckpt) = runs
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    for key, grad in grads.items():
+        assert grads_ckpt[key] is not None and grads_ckpt[key].abs().max() > 0, f"{key} got no gradient"
+        torch.testing.assert_close(grads_ckpt[key], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointed_layers_really_recompute():
+    """The flag reaches the decoder layers (so the equality above is not two identical plain runs)."""
+    model = tiny_llama()
+    methods.apply(model, method_cfg("lora", r=4))
+    enable_gradient_checkpointing(model)
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    loss_sum, _ = CausalLMLoss(model).train()(**token_batch(128))
+    loss_sum.backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward pass
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])  # the cache is dropped per layer / per model
+def test_prefix_tuning_with_gradient_checkpointing_is_refused(make_model):
+    """transformers drops the prefix's KV cache under checkpointing: training would silently leave it out."""
+    model = make_model()
+    methods.apply(model, method_cfg("prefix_tuning", num_virtual_tokens=4))
+    enable_gradient_checkpointing(model)
+    with pytest.raises(UserError, match="gradient_checkpointing") as err:
+        CausalLMLoss(model).train()(**token_batch(model.config.vocab_size))
+    assert err.value.where == "train.gradient_checkpointing" and "false" in err.value.fix
+
+
+def test_qlora_recipe_loss_falls_and_matches_without_checkpointing(tmp_path, monkeypatch):
+    """The smoke recipe through the pipeline (4-bit GPT-2, checkpointing on) and again with it off."""
+    import peftctl.model
+
+    checkpointed = []
+    enable = peftctl.model.enable_gradient_checkpointing
+    monkeypatch.setattr(peftctl.model, "enable_gradient_checkpointing",
+                        lambda model: (checkpointed.append(model), enable(model)))
+    overrides = ["train.max_steps=10"]
+    with_ckpt = assert_smoke_run(QLORA_GPT2, tmp_path / "on", overrides)
+    assert len(checkpointed) == 1 and checkpointed[0].transformer.gradient_checkpointing
+    without = assert_smoke_run(QLORA_GPT2, tmp_path / "off", overrides + ["train.gradient_checkpointing=false"])
+    assert len(checkpointed) == 1
+    losses = [[row["loss"] for row in run.result.history if "loss" in row] for run in (with_ckpt, without)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert with_ckpt.result.val_loss_after < with_ckpt.result.val_loss_before
+    assert with_ckpt.trainable_params == 2 * 8 * (64 + 192)  # r=8 on c_attn [64 → 192], 2 layers
+    # 4-bit weights count as the weights they hold, not as their packed bytes.
+    assert with_ckpt.total_params == sum(p.numel() for p in tiny_gpt2().parameters()) + with_ckpt.trainable_params
+
+
+# --- merge -------------------------------------------------------------------------------------
+
+
+def trained_gpt2_adapter(folder: Path, quantization: str, name: str, **options) -> Path:
+    """An adapter trained a few steps on the 4-bit / 8-bit builtin GPT-2, saved with its recipe."""
+    model_spec = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32", quantization=quantization)
+    adapter = methods.apply(load_model(model_spec), method_cfg(name, **options))
+    train_steps(adapter, token_batch(257), steps=3)
+    recipe = yaml.safe_dump({"model": model_spec.model_dump(mode="json")})
+    return save_adapter(adapter, folder, model_spec.name_or_path, recipe)
+
+
+def test_merge_of_a_4bit_adapter_prints_its_difference_to_the_4bit_base(tmp_path):
+    adapter_dir = trained_gpt2_adapter(tmp_path / "adapter", "4bit", "lora", r=4, target_modules="all-linear")
+    out = tmp_path / "merged"
+    table = run_cli("merge", str(adapter_dir), "--out", str(out))
+    assert table.exit_code == 0, table.output
+    assert "vs 4bit nf4, double quant base" in table.output and "max |Δlogit|" in table.output
+    figures = json.loads(run_cli("merge", str(adapter_dir), "--out", str(out), "--overwrite", "--json").output)
+    assert figures["compared_with"] == "4bit nf4, double quant base + adapter"
+    assert 0 < figures["mean_abs_logit_diff"] <= figures["max_abs_logit_diff"] < 1e-4
+    assert f"{figures['max_abs_logit_diff']:.2e}" in table.output  # the same figure was printed
+
+    # The saved model is plain GPT-2 (Conv1D again) and equals the 4-bit base + adapter.
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert not any(quantize.quantized_kind(m) for m in merged.modules())
+    model_spec = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32", quantization="4bit")
+    trained = load_adapter(quantize.upcast(load_model(model_spec)), adapter_dir).model
+    batch = token_batch(257, length=32)
+    expected = logits(trained, batch)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-4, rtol=0)
+    # ... and not the unquantized base + adapter, which differs by the quantization error.
+    unquantized = load_adapter(load_model(model_spec.model_copy(update={"quantization": "none"})), adapter_dir).model
+    assert (logits(unquantized, batch) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("quantization, name, options", [
+    ("4bit", "lora", {"r": 4, "use_dora": True}), ("4bit", "ia3", {}), ("4bit", "bitfit", {}),
+    ("8bit", "lora", {"r": 4}),
+])
+def test_merge_figures_are_small_for_every_mergeable_method(quantization, name, options, tmp_path):
+    adapter_dir = trained_gpt2_adapter(tmp_path / "adapter", quantization, name, **options)
+    figures = merge_to_folder(adapter_dir, tmp_path / "merged")
+    assert figures["compared_with"].startswith(quantization)
+    # 8-bit: the int8 matmul also quantizes activations, which the merged fp32 model does not.
+    limit = 1e-4 if quantization == "4bit" else 5e-2
+    assert 0 <= figures["mean_abs_logit_diff"] <= figures["max_abs_logit_diff"] < limit, figures
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def llama2_7b(tmp_path: Path, **model_options) -> Recipe:
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama-2-7b")
+    return Recipe.model_validate({
+        "model": {"name_or_path": str(tmp_path / "llama-2-7b"), "dtype": "bfloat16", **model_options},
+        "method": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": "recipes/data/tiny/train.jsonl", "max_seq_len": 512},
+        "train": {"batch_size": 1},
+    })
+
+
+def test_plan_counts_4bit_and_8bit_llama2_7b_weights(tmp_path):
+    lora = 4_194_304 * 4  # q/v, r=8, fp32
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # quantized: every layer's projections
+    embeddings = 2 * 32000 * 4096 * 2  # input embeddings and output head stay bf16
+    norms = (2 * 32 + 1) * 4096 * 4  # upcast to fp32
+
+    four = plan(llama2_7b(tmp_path, quantization="4bit"))
+    # nf4 + double quantization: 1/2 B per weight, one 8-bit scale per 64, one fp32 per 64·256.
+    per_layer = {n: n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 4 for n in (4096 * 4096, 4096 * 11008)}
+    quantized = 32 * (4 * per_layer[4096 * 4096] + 3 * per_layer[4096 * 11008])
+    assert four.peft.weights == quantized + embeddings + norms + lora
+    assert 3.5e9 < four.peft.weights < 4e9
+    assert four.unquantized.weights == pytest.approx(13.49e9, rel=1e-3)
+    assert four.peft.gradients == four.unquantized.gradients == lora
+    assert four.peft.total < four.unquantized.total < four.full.total
+    assert four.quantization == "4bit nf4, double quant" and four.as_dict()["unquantized"]["total"] > 0
+
+    single = plan(llama2_7b(tmp_path, quantization="4bit", double_quant=False))
+    assert single.peft.weights == linear // 2 + 4 * linear // 64 + embeddings + norms + lora  # fp32 scales
+
+    eight = plan(llama2_7b(tmp_path, quantization="8bit"))
+    scales = 32 * 4 * (4 * 4096 + 2 * 11008 + 4096)  # one fp32 per output row (q, k, v, o, gate, up, down)
+    assert eight.peft.weights == linear + scales + embeddings + norms + lora
+
+    assert plan(llama2_7b(tmp_path)).unquantized is None
+
+
+def test_plan_with_gradient_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):
+    recipe = llama2_7b(tmp_path)
+    plain = plan(recipe)
+    recipe.train.gradient_checkpointing = True
+    checkpointed = plan(recipe)
+    tokens, hidden, layers = 512, 4096, 32
+    assert plain.peft.activations - checkpointed.peft.activations == (layers - 1) * 34 * hidden * tokens * 2 - \
+        layers * hidden * tokens * 2
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args), terminal_width=200)
+
+
+def test_4bit_options_with_8bit_quantization_are_refused():
+    result = run_cli("validate", str(ROOT / QLORA_GPT2), "--set", "model.quantization=8bit",
+                     "--set", "model.quant_type=fp4")
+    assert result.exit_code == 2
+    assert "model.quant_type" in result.output and "4-bit quantization only" in result.output
+
+
+def test_quantization_without_a_usable_bitsandbytes_exits_2_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    result = run_cli("train", str(ROOT / QLORA_GPT2), "--output", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert "model.quantization" in result.output and "pip install -U bitsandbytes" in result.output
+    assert "quantization: none" in result.output and "Traceback" not in result.output
+
+
+def test_a_bitsandbytes_build_that_cannot_run_the_layers_exits_2(monkeypatch, tmp_path):
+    def broken(layer, model_spec):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(quantize, "quantized_layer", broken)
+    result = run_cli("train", str(ROOT / QLORA_GPT2), "--output", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert "cannot run 4bit layers on this machine: no kernel for this device" in result.output
+
+
+def test_a_model_without_linear_layers_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    with pytest.raises(UserError, match="no linear layers to quantize") as err:
+        quantize.quantize(model, ModelSpec(name_or_path="x", quantization="4bit"))
+    assert err.value.where == "model.quantization" and "none" in err.value.fix
+
+
+# --- the GPU check script --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's behaviour without CUDA")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0():
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_check_measures_qlora_and_lora(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--steps", "5", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["qlora"]["peak_gpu_memory_gb"] < by_name["lora-16bit"]["peak_gpu_memory_gb"]
+
+
+@pytest.mark.slow
+def test_qlora_smollm2_recipe_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "peftctl", "train", "recipes/qlora-smollm2.yaml", "--set",
+                           "train.max_steps=2", "--output", str(tmp_path / "run"), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["steps"] == 2 and figures["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "adapter" / RECIPE_FILE).is_file()
