@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
-from peftctl.console import fmt_loss, key_value_table, print_error, stdout
+from peftctl.console import fmt_loss, key_value_table, print_error, print_interrupted, stdout
 from peftctl.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
@@ -50,23 +52,59 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-@app.command()
+class _OptionalValueCommand(typer.core.TyperCommand):
+    """A command whose `--resume` may come without a value, meaning 'latest'.
+
+    Typer's parser has no optional-value options (click's flag_value): a bare `--resume`, at the
+    end or before another option, is given its value here before parsing.
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        args = [RESUME_LATEST_ARG if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-"))
+                else arg for i, arg in enumerate(args)]
+        return super().parse_args(ctx, args)
+
+
+RESUME_LATEST_ARG = "--resume=latest"
+
+
+@app.command(cls=_OptionalValueCommand)
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Output folder (overrides output.dir).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", metavar="[PATH]", show_default=False,
+        help="Continue from a checkpoint: alone, the latest under <output>/checkpoints; or a checkpoint folder. "
+             "Uses the existing output folder (no --overwrite).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Train the recipe's adapter and export it in peft's format."""
     from peftctl import pipeline
     from peftctl.console import RichReporter
     from peftctl.recipe import load_recipe
+    from peftctl.train import TrainingInterrupted
 
     quiet_libraries()
-    with user_errors():
-        spec = load_recipe(recipe, set_ or [], output)
-        summary = pipeline.run(spec, None if json_ else RichReporter(), overwrite=overwrite)
+    try:
+        with user_errors():
+            spec = load_recipe(recipe, set_ or [], output)
+            summary = pipeline.run(spec, None if json_ else RichReporter(), overwrite=overwrite, resume=resume)
+    except TrainingInterrupted as stopped:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            command = ["peftctl", "train", str(recipe), *(arg for item in set_ or [] for arg in ("--set", item)),
+                       *(["--output", str(output)] if output is not None else []), *(["--json"] if json_ else []),
+                       "--resume"]
+            print_interrupted(stopped.step, stopped.checkpoint, shlex.join(command))
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        print_interrupted(None, None, None)
+        raise typer.Exit(130) from None
+    if not summary.main_process:
+        return
     result = summary.result
     figures = {
         "adapter_dir": str(summary.adapter_dir),
@@ -74,6 +112,8 @@ def train(
         "total_params": summary.total_params,
         "trainable_percent": 100 * summary.trainable_params / summary.total_params,
         "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "train_rows": summary.train_rows,
         "validation_rows": summary.validation_rows,
         "dropped_rows": summary.dropped_rows,
@@ -93,12 +133,13 @@ def train(
         ("rows (train / validation)", f"{summary.train_rows} / {summary.validation_rows}"
                                       + (f" ({summary.dropped_rows} dropped: prompt fills max_seq_len)"
                                          if summary.dropped_rows else "")),
-        ("steps", str(result.steps)),
+        ("steps", str(result.steps) + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")),
         ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s)"),
         ("train loss (last window)", fmt_loss(result.train_loss)),
         ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
         ("adapter", str(summary.adapter_dir)),
         ("metrics", str(summary.output_dir / "metrics.jsonl")),
+        ("last checkpoint", str(result.checkpoint)),
     ]))
 
 

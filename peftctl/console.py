@@ -52,6 +52,15 @@ def print_error(err: UserError) -> None:
     stderr.print(Text.assemble(("error:", "bold red"), " ", err.render()), highlight=False, soft_wrap=True)
 
 
+def print_interrupted(step: int | None, checkpoint, resume_command: str | None) -> None:
+    """What a stopped run left and the exact command that continues it (stderr: stdout may be --json)."""
+    if step is None:
+        stderr.print(Text("aborted: no checkpoint was written by this interruption", style="bold red"))
+        return
+    stderr.print(Text.assemble(("interrupted", "bold yellow"), f" after step {step}; checkpoint written to {checkpoint}\n",
+                               "resume with:\n  ", (resume_command, "bold")), highlight=False, soft_wrap=True)
+
+
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")

@@ -29,6 +29,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         yield staging
         for path in staging.iterdir():
             _fsync(path)
+        _fsync(staging)  # its entries: the names of the files just synced
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -40,6 +41,39 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace the file `path` with `text` in one rename: readers see the old or the new file, whole."""
+    path = Path(path)
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+        _fsync(path.parent)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writing(path: Path, what: str, keep: Path | None = None) -> Iterator[None]:
+    """Turn a failed write (disk full, no permission, read-only file system) into a UserError.
+
+    `keep` names what the failure left untouched (the previous checkpoint), so the message can
+    say there is something to go back to.
+    """
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        fix = "free disk space or make the folder writable, then run again"
+        if keep is not None:
+            fix += f"; the previous checkpoint {keep} is intact (resume it with --resume {keep})"
+        raise UserError(f"could not write {what}: {reason}", file=path, fix=fix) from None
 
 
 def _fsync(path: Path) -> None:

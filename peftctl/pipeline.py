@@ -1,5 +1,5 @@
 """The pipeline a recipe runs: data → model → method (or the saved adapter `model.adapter`
-names, continued) → train → export.
+names, continued) → train (or resume it from a checkpoint) → export.
 
 Everything that can be checked without weights (recipe, output folder, data rows, target
 modules on a weightless skeleton of the model) is checked before the weights load.
@@ -10,20 +10,21 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from peftctl import methods
+from peftctl import checkpoint, methods
 from peftctl.data import load_data
 from peftctl.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
-from peftctl.files import check_replaceable
+from peftctl.files import check_replaceable, writing
 from peftctl.methods import Method, MethodConfig
 from peftctl.model import load_model, load_skeleton, load_tokenizer
 from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
-from peftctl.train import Reporter, TrainResult, train
+from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
 
 
 @dataclass
@@ -36,12 +37,28 @@ class RunSummary:
     validation_rows: int
     dropped_rows: int
     result: TrainResult
+    main_process: bool = True  # False in the other processes of `accelerate launch`: they print nothing
 
 
-def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False) -> RunSummary:
+def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False,
+        resume: str | Path | None = None) -> RunSummary:
+    """Train the recipe's adapter and export it; `resume`: 'latest' or a checkpoint folder to continue.
+
+    Under `accelerate launch` every process runs this; only the main one writes the output folder.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # Under `accelerate launch` (or torchrun) this joins the other processes. accelerate only
+    # forms a group of CPU processes (gloo) when told it runs on the CPU: without a GPU, it is.
+    processes = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     with blame(recipe.source, recipe.locate):
         out = recipe.output.dir
-        check_output_dir(recipe, overwrite)
+        if resume is None:
+            check_output_dir(recipe, overwrite)
+        elif overwrite:
+            raise UserError("--resume continues the run in its output folder, which --overwrite would delete first",
+                            where="--resume", fix="drop --overwrite to resume, or drop --resume to start again")
         tokenizer = load_tokenizer(recipe.model)
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
         continued = recipe.model.adapter
@@ -51,16 +68,31 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         else:
             method_cfg = recipe.method
             methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
+        fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
+        saved = None
+        if resume is not None:  # a checkpoint of another recipe is refused before the weights load
+            saved = checkpoint.read(find_checkpoint(out, resume))
+            checkpoint.check_compatible(saved, {**fingerprint, **loop_fingerprint(recipe.train, processes.num_processes)})
 
         model = load_model(recipe.model)
         torch.manual_seed(recipe.train.seed)
         adapter = load_adapter(model, continued) if continued is not None else methods.apply(model, recipe.method)
 
-        fresh_output_dir(out)
-        result = train(adapter, data, recipe.train, out, tokenizer.pad_token_id, reporter)
-        # The saved recipe holds the options the adapter has, also those taken from a continued one.
-        recipe_yaml = recipe.model_copy(update={"method": method_cfg}).to_yaml()
-        adapter_dir = save_adapter(adapter, out / "adapter", recipe.model.name_or_path, recipe_yaml)
+        if processes.is_main_process:
+            with writing(out, "the output folder"):
+                if saved is None:
+                    fresh_output_dir(out)
+                else:
+                    out.mkdir(parents=True, exist_ok=True)
+        processes.wait_for_everyone()
+        result = train(adapter, data, recipe.train, out, tokenizer.pad_token_id, reporter,
+                       resume=saved, fingerprint=fingerprint)
+        adapter_dir = out / "adapter"
+        if processes.is_main_process:
+            # The saved recipe holds the options the adapter has, also those taken from a continued one.
+            recipe_yaml = recipe.model_copy(update={"method": method_cfg}).to_yaml()
+            with writing(adapter_dir, "the adapter"):
+                save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml)
     return RunSummary(
         output_dir=out,
         adapter_dir=adapter_dir,
@@ -70,11 +102,39 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         validation_rows=len(data.validation),
         dropped_rows=data.dropped,
         result=result,
+        main_process=processes.is_main_process,
     )
 
 
+def find_checkpoint(out: Path, resume: str | Path) -> Path:
+    """The checkpoint `--resume` names: 'latest' is the newest under the output folder."""
+    if str(resume) != "latest":
+        return Path(resume)
+    found = checkpoint.latest(out / checkpoint.CHECKPOINTS)
+    if found is None:
+        raise UserError(f"nothing to resume: {out / checkpoint.CHECKPOINTS} holds no checkpoint", where="--resume",
+                        expected="a run of this recipe (same output folder) that wrote a checkpoint",
+                        fix="train without --resume, or pass --resume PATH with a checkpoint folder (.../checkpoints/step-N)")
+    return found
+
+
+def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it, by recipe key: the model, the
+    adapter's options and the data (its order and token layout decide each step's batches).
+    Optimisation settings (lr, schedule, max_steps) may change: they act from the checkpoint on."""
+    m, d = recipe.model, recipe.data
+    found = {f"model.{key}": getattr(m, key) for key in ("name_or_path", "dtype", "quantization", "quant_type",
+                                                         "double_quant", "compute_dtype")}
+    found.update({f"method.{key}": value for key, value in method_cfg.model_dump(mode="json").items()})
+    found.update({f"data.{key}": str(value) if isinstance(value, Path) else value for key, value in
+                  d.model_dump(include={"train", "validation", "format", "max_seq_len", "train_on_inputs",
+                                        "packing"}).items()})
+    found["data.train rows"] = train_rows
+    return found
+
+
 # What a peftctl run leaves in its output folder: --overwrite only ever deletes such a folder.
-RUN_MARKERS = ("metrics.jsonl", "adapter")
+RUN_MARKERS = ("metrics.jsonl", "adapter", checkpoint.CHECKPOINTS)
 
 
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:

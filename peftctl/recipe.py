@@ -121,8 +121,13 @@ class DataSpec(Section):
 class TrainSpec(Section):
     epochs: int = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
-    grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step (effective batch = batch_size × grad_accum).")
+    batch_size: int = Field(8, gt=0, description="Rows per forward pass, in each process.")
+    grad_accum: int = Field(
+        1, gt=0,
+        description="Forward passes per optimizer step in each process. The global batch is batch_size × grad_accum × "
+        "processes (1 unless run with `accelerate launch --num_processes N`): to train N processes as one did, "
+        "divide grad_accum by N.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate decay after warmup: cosine or linear to zero, or constant."
@@ -135,6 +140,16 @@ class TrainSpec(Section):
         None, gt=0, description="Validation loss every N steps; it is always measured before and after training."
     )
     log_every: int = Field(10, gt=0, description="Append training metrics to metrics.jsonl every N steps.")
+    save_every: int | None = Field(
+        500, gt=0,
+        description="Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) to "
+        "<output>/checkpoints/step-N every N optimizer steps, so that `peftctl train RECIPE --resume` continues "
+        "the run exactly where it stopped. One is also written at the end and on Ctrl-C / SIGTERM; null: only then.",
+    )
+    keep_last: int | None = Field(
+        2, gt=0,
+        description="Checkpoints to keep: older step-N folders are deleted once a newer one is complete. null keeps all.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each decoder layer's activations in the backward pass instead of keeping them: "
