@@ -128,7 +128,8 @@ def plan_table(plan) -> Table:
     table.add_row("total", *[_gb(memory.total) for memory in memories], style="bold")
     per_layer = "hidden (1 layer: 34·hidden, gradient checkpointing)" if plan.gradient_checkpointing else "34·hidden"
     table.caption = (f"activations: ~{per_layer} bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
-                     "(batch_size × max_seq_len) + fp32 logits of labelled tokens; optimizer: AdamW, 8 B per trainable parameter")
+                     "(batch_size × max_seq_len, every row full) + fp32 logits of labelled tokens (with a frozen output head, "
+                     "one 32 MiB chunk at a time); optimizer: AdamW, 8 B per trainable parameter")
     return table
 
 

@@ -112,8 +112,7 @@ class CausalLMLoss(nn.Module):
                 position_ids: torch.Tensor | None = None):
         hidden, targets = self.labelled_hidden(input_ids, attention_mask, labels, position_ids)
         head = self.model.get_output_embeddings()
-        if (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-                and not (head._forward_hooks or head._forward_pre_hooks)):
+        if HeadCrossEntropy.takes(head):
             return HeadCrossEntropy.apply(hidden, head.weight, targets), targets.numel()
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum"), targets.numel()
 
@@ -132,6 +131,13 @@ class HeadCrossEntropy(torch.autograd.Function):
     """
 
     CHUNK_VALUES = 1 << 23  # logits per chunk: 32 MiB in fp32
+
+    @staticmethod
+    def takes(head: nn.Module) -> bool:
+        """Whether the loss can go through this function: a frozen bias-free linear head that no
+        method hooks into (a method that trains or wraps the head gets plain autograd)."""
+        return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+                and not (head._forward_hooks or head._forward_pre_hooks))
 
     @staticmethod
     def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 import peftctl.model
 from peftctl import pipeline
+from peftctl.plan import plan
 from peftctl.cli import app
 from peftctl.data import read_rows, tokenize_rows
 from peftctl.errors import UserError
@@ -206,7 +207,9 @@ def test_continued_training_from_a_peft_adapter(made_by_peft, name, tmp_path):
     # `method: {name}` is enough; the adapter path is relative to the recipe's folder.
     recipe = load_recipe(write_recipe(tmp_path / "recipes", base, "../start", {"name": name}, tmp_path / "run"))
     assert recipe.model.adapter.resolve() == tmp_path / "start"
+    planned = plan(recipe).trainable_params  # the adapter's options (r=4 for lora), not the defaults
     summary = pipeline.run(recipe)
+    assert planned == summary.trainable_params
 
     # Training started from the adapter: its first validation loss is the peft adapter's.
     assert summary.result.val_loss_before == pytest.approx(peft_loss(adapters[name][1], base, adapter=True), abs=1e-4)
@@ -316,6 +319,8 @@ def edited_copy(source: Path, folder: Path, **changes) -> Path:
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"r": 0}, "r"),
     ({"target_modules": ".*proj"}, "target_modules"),
+    ({"use_qalora": True}, "use_qalora"),
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
 ])
 def test_foreign_config_is_refused_naming_the_key(made_by_peft, tmp_path, no_weights, change, key):
     base, adapters = made_by_peft

@@ -175,7 +175,10 @@ class LoRA(Method):
             peft_config,
             {"bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
              "modules_to_save": None, "lora_bias": False, "target_parameters": None,
-             "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None},
+             "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None,
+             # Variants that change the forward pass (newer peft); init-only options are harmless.
+             "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+             "kasa_config": None, "velora_config": None, "monteclora_config": None},
             source,
         )
         targets = suffix_list_from_peft(peft_config.get("target_modules"), source)
