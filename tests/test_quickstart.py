@@ -21,3 +21,16 @@ def test_quickstart_validation_loss_falls(tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["val_loss_after"] < figures["val_loss_before"] - 0.1, figures
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # `peftctl eval` on the quickstart's held-out rows: the adapter beats the base, and its greedy
+    # replies end by themselves (EOS), well before the token limit.
+    result = subprocess.run(
+        [sys.executable, "-m", "peftctl", "eval", str(out / "adapter"), "--samples", "3", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["adapter"]["loss"] < report["base"]["loss"], report
+    assert len(report["generations"]) == 3
+    for generation in report["generations"]:
+        assert generation["stopped_at_eos"] is True, generation
