@@ -91,3 +91,21 @@ def test_two_processes_train_like_one_and_only_the_main_one_writes(tmp_path, one
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from_step"] == 10
     assert losses(out) == ours
     assert_same_adapter(out / "adapter", tmp_path / "first-adapter")
+
+
+def test_fsdp_is_refused_before_anything_loads_or_is_written(tmp_path, monkeypatch):
+    """An FSDP launch (accelerate sets ACCELERATE_USE_FSDP) is refused with the DDP command instead:
+    checkpoints and the export would read sharded weights, and on CPUs accelerate silently runs
+    DDP under an FSDP config."""
+    from typer.testing import CliRunner
+
+    from peftctl.cli import app
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(Path(__file__).parent.parent / "recipes/smoke-gpt2.yaml"), "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "FSDP is not supported yet" in text and "accelerate launch --multi_gpu" in text
+    assert "Traceback" not in result.output
+    assert not out.exists()
