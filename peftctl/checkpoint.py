@@ -93,9 +93,12 @@ def prune(root: Path, keep_last: int | None, step: int) -> None:
     root = Path(root)
     for path in root.glob(".step-*"):
         shutil.rmtree(path, ignore_errors=True)
-    current = [(n, path) for n, path in step_dirs(root) if n <= step]
-    for n, path in step_dirs(root):
-        if n > step or (keep_last is not None and (n, path) in current[:-keep_last]):
+    dirs = step_dirs(root)
+    kept = [path for n, path in dirs if n <= step]
+    if keep_last is not None:
+        kept = kept[-keep_last:]
+    for _, path in dirs:
+        if path not in kept:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -150,15 +153,10 @@ def load_into(targets: dict[str, torch.Tensor], checkpoint: Checkpoint, name: st
     """Copy the checkpoint's `name` tensors into `targets`: all keys and shapes must match exactly."""
     from peftctl.methods.base import load_strict
 
-    source = str(checkpoint.path / f"{name}.safetensors")
-    try:
-        load_strict(targets, checkpoint.tensors[name], source)
-    except UserError as err:
-        err.problem = err.problem.replace("adapter weights do not match the model", "the checkpoint does not match this run")
-        err.expected = "a checkpoint written by this recipe, on this model and method"
-        err.fix = "resume from a checkpoint of this run, or start a new run (--overwrite, or another --output)"
-        err._changed()
-        raise
+    load_strict(targets, checkpoint.tensors[name], str(checkpoint.path / f"{name}.safetensors"),
+                whose="checkpoint", headline="the checkpoint does not match this run",
+                wanted="a checkpoint written by this recipe, on this model and method",
+                fix="resume from a checkpoint of this run, or start a new run (--overwrite, or another --output)")
 
 
 def _corrupt(file: Path, problem: str) -> UserError:

@@ -49,8 +49,6 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    # Under `accelerate launch` (or torchrun) this joins the other processes. accelerate only
-    # forms a group of CPU processes (gloo) when told it runs on the CPU: without a GPU, it is.
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         # Under FSDP the trainable weights are shards (or, with FSDP2, new objects) that checkpoints
         # and the export would read as they are; on CPUs accelerate ignores FSDP and runs DDP. Both
@@ -59,6 +57,8 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
                         where="accelerate config (distributed_type: FSDP)",
                         fix="launch with DDP instead: accelerate launch --multi_gpu --num_processes N -m peftctl "
                             "train RECIPE; a 4-bit base (model.quantization: 4bit) fits most 7-8B models on one GPU")
+    # Under `accelerate launch` (or torchrun) this joins the other processes. accelerate only
+    # forms a group of CPU processes (gloo) when told it runs on the CPU: without a GPU, it is.
     processes = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     with blame(recipe.source, recipe.locate):
         out = recipe.output.dir

@@ -251,7 +251,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         tensors = {"adapter": {name: p.detach() for name, p in adapter.params.items()},
                    "optimizer": _optimizer_tensors(optimizer, adapter.params),
                    "rng": _rng_tensors(accelerator)}  # all processes: gathers each one's RNG
-        state = {"step": step, "micro_batches": step * per_step, **_data_position(step * per_step, data, spec),
+        state = {"step": step, "micro_batches": step * per_step, **_data_position(step * per_step, len(data.train), spec.batch_size),
                  "scheduler": scheduler.state_dict(), "python_random": random.getstate(),
                  "counters": {**counters, "elapsed_s": time.perf_counter() - started},
                  "val_loss_before": val_before, "metrics": history, "fingerprint": fingerprint}
@@ -453,9 +453,10 @@ def _restore_rng(saved: checkpoint.Checkpoint, rank: int) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _data_position(consumed: int, data: TokenizedData, spec: TrainSpec) -> dict[str, int]:
-    per_epoch = math.ceil(len(data.train) / spec.batch_size)
-    return {"epoch": consumed // per_epoch, "epoch_micro_batch": consumed % per_epoch}
+def _data_position(consumed: int, examples: int, batch_size: int) -> dict[str, int]:
+    """Where the stream of micro-batches is after `consumed` of them: the epoch, and the micro-batch in it."""
+    epoch, micro_batch = divmod(consumed, math.ceil(examples / batch_size))
+    return {"epoch": epoch, "epoch_micro_batch": micro_batch}
 
 
 @torch.no_grad()
@@ -500,8 +501,8 @@ def _micro_batches(examples: list[Example], spec: TrainSpec, pad_id: int, pack_l
     building them, and the batches before `start` in its epoch are built and dropped (no
     tokenising: the examples are already token ids).
     """
-    per_epoch = math.ceil(len(examples) / spec.batch_size)
-    epoch, skip = divmod(start, per_epoch)
+    position = _data_position(start, len(examples), spec.batch_size)
+    epoch, skip = position["epoch"], position["epoch_micro_batch"]
     while True:
         epoch_batches = batches(examples, spec.batch_size, pad_id, shuffle_seed=spec.seed + epoch,
                                 group_by_length=spec.group_by_length, pack_len=pack_len)

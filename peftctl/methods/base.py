@@ -97,29 +97,25 @@ class Adapter:
         self.method.import_state(self, state, source)
 
 
-def load_strict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `expected` only if keys and shapes match exactly; else name the first mismatch."""
+def load_strict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,
+                whose: str = "adapter", headline: str = "adapter weights do not match the model",
+                wanted: str = "an adapter trained on this base model with the same method options",
+                fix: str = "check the adapter's base model and its adapter_config.json") -> None:
+    """Copy `state` into `expected` only if keys and shapes match exactly; else name the first mismatch.
+
+    `whose` names where `state` comes from (an adapter, a checkpoint) in the messages.
+    """
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         key = missing[0] if missing else unexpected[0]
-        kind = "is missing from the adapter" if missing else "is in the adapter but not in this model"
-        raise UserError(
-            f"adapter weights do not match the model: key '{key}' {kind} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected)",
-            file=source,
-            expected="an adapter trained on this base model with the same method options",
-            fix="check the adapter's base model and its adapter_config.json",
-        )
+        kind = f"is missing from the {whose}" if missing else f"is in the {whose} but not in this model"
+        raise UserError(f"{headline}: key '{key}' {kind} ({len(missing)} missing, {len(unexpected)} unexpected)",
+                        file=source, expected=wanted, fix=fix)
     for key, target in expected.items():
         if tuple(state[key].shape) != tuple(target.shape):
-            raise UserError(
-                f"adapter weight '{key}' has shape {tuple(state[key].shape)}, "
-                f"the model needs {tuple(target.shape)}",
-                file=source,
-                expected="an adapter trained on this base model with the same method options",
-                fix="check the adapter's base model and its adapter_config.json",
-            )
+            raise UserError(f"{whose} weight '{key}' has shape {tuple(state[key].shape)}, "
+                            f"the model needs {tuple(target.shape)}", file=source, expected=wanted, fix=fix)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(target.dtype))
