@@ -91,6 +91,11 @@ def train(
         with user_errors():
             spec = load_recipe(recipe, set_ or [], output)
             summary = pipeline.run(spec, None if json_ else RichReporter(), overwrite=overwrite, resume=resume)
+        # Under `accelerate launch`: a process that exits with its gloo/NCCL group still up can abort
+        # ("terminate called without an active exception") and fail the whole launch.
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
     except TrainingInterrupted as stopped:
         from accelerate import PartialState
 
@@ -113,6 +118,8 @@ def train(
         "trainable_percent": 100 * summary.trainable_params / summary.total_params,
         "steps": result.steps,
         "resumed_from_step": result.resumed_from,
+        "processes": result.processes,
+        "distributed": result.distributed,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "train_rows": summary.train_rows,
         "validation_rows": summary.validation_rows,
@@ -134,6 +141,7 @@ def train(
                                       + (f" ({summary.dropped_rows} dropped: prompt fills max_seq_len)"
                                          if summary.dropped_rows else "")),
         ("steps", str(result.steps) + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")),
+        *([("processes", f"{result.processes} ({result.distributed})")] if result.processes > 1 else []),
         ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s)"),
         ("train loss (last window)", fmt_loss(result.train_loss)),
         ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),

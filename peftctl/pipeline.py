@@ -7,10 +7,11 @@ modules on a weightless skeleton of the model) is checked before the weights loa
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -25,6 +26,9 @@ from peftctl.model import load_model, load_skeleton, load_tokenizer
 from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
 from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
+
+if TYPE_CHECKING:
+    from accelerate.utils import DistributedType
 
 
 @dataclass
@@ -49,17 +53,11 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        # Under FSDP the trainable weights are shards (or, with FSDP2, new objects) that checkpoints
-        # and the export would read as they are; on CPUs accelerate ignores FSDP and runs DDP. Both
-        # would train something other than what the user asked for, so it is refused outright.
-        raise UserError("FSDP is not supported yet: checkpoints and the adapter export would read sharded weights",
-                        where="accelerate config (distributed_type: FSDP)",
-                        fix="launch with DDP instead: accelerate launch --multi_gpu --num_processes N -m peftctl "
-                            "train RECIPE; a 4-bit base (model.quantization: 4bit) fits most 7-8B models on one GPU")
     # Under `accelerate launch` (or torchrun) this joins the other processes. accelerate only
     # forms a group of CPU processes (gloo) when told it runs on the CPU: without a GPU, it is.
     processes = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        check_fsdp(recipe, processes.distributed_type)
     with blame(recipe.source, recipe.locate):
         out = recipe.output.dir
         if resume is None:
@@ -101,6 +99,7 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
             recipe_yaml = recipe.model_copy(update={"method": method_cfg}).to_yaml()
             with writing(adapter_dir, "the adapter"):
                 save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml)
+        processes.wait_for_everyone()  # every process ends the run together
     return RunSummary(
         output_dir=out,
         adapter_dir=adapter_dir,
@@ -112,6 +111,27 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         result=result,
         main_process=processes.is_main_process,
     )
+
+
+def check_fsdp(recipe: Recipe, distributed_type: DistributedType) -> None:
+    """Refuse the FSDP launches that would not train what the user asked for, before weights load."""
+    from accelerate.utils import DistributedType
+
+    ddp = "accelerate launch --multi_gpu --num_processes N -m peftctl train RECIPE"
+    where = "accelerate config (distributed_type: FSDP)"
+    if distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        # accelerate keeps CPU processes (and a single unlaunched one) on DDP under an FSDP config.
+        raise UserError(f"accelerate runs FSDP only on GPUs; these processes ({distributed_type.value}) would "
+                        "silently train with DDP instead", where=where, fix=f"on CPUs launch DDP: {ddp}")
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("FSDP version 1 is not supported: peftctl shards with FSDP2, whose weights stay "
+                        "addressable by name", where=where,
+                        fix="set fsdp_version: 2 in the accelerate config (or pass --fsdp_version 2)")
+    if recipe.model.quantization != "none":
+        raise UserError("FSDP with a quantized base (model.quantization) is not supported: accelerate leaves "
+                        "4-bit weights unsharded", where=where,
+                        fix=f"drop FSDP and launch DDP ({ddp}): a 4-bit 7-8B base fits one 24 GB GPU; "
+                            "or shard a 16-bit base with FSDP")
 
 
 def find_checkpoint(out: Path, resume: str | Path) -> Path:

@@ -5,7 +5,7 @@ which method runs. AdamW on the trainable parameters only, linear warmup then co
 constant, gradient accumulation with the loss averaged over every response token of the
 optimizer step, gradient clipping, periodic validation loss and metrics in metrics.jsonl.
 accelerate places the model and, on GPUs, runs bf16/fp16 autocast; under `accelerate launch`
-it runs the same loop in every process (DDP). Checkpoints (checkpoint.py) every
+it runs the same loop in every process (DDP, or FSDP2: see sharding.py). Checkpoints (checkpoint.py) every
 `train.save_every` steps, at the end and on Ctrl-C let a run continue exactly where it stopped.
 """
 
@@ -35,6 +35,7 @@ from peftctl.errors import UserError
 from peftctl.files import atomic_write_text, writing
 from peftctl.methods import Adapter
 from peftctl.recipe import TrainSpec
+from peftctl.sharding import rebind_trainable, shard_like, unshard_trainable, whole
 
 
 class Reporter(Protocol):
@@ -66,6 +67,8 @@ class TrainResult:
     attention: str | None = None  # the attention kernel it trained with (TrainSpec.attention)
     checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
     resumed_from: int | None = None  # the step of the checkpoint a resumed run continued from
+    processes: int = 1  # under `accelerate launch`
+    distributed: str = "NO"  # what accelerate ran them as: MULTI_GPU / MULTI_CPU (DDP), FSDP, NO
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,12 +82,18 @@ class CausalLMLoss(nn.Module):
     none, and the output layer over a large vocabulary is a big share of a small model's FLOPs.
     When the output layer is a frozen bias-free linear layer (no method touches it), they are
     not even kept for the backward pass (see HeadCrossEntropy). Wrapping the loss in a module
-    lets accelerate (DDP) wrap one forward.
+    lets accelerate (DDP, FSDP) wrap one forward.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # accelerate's FSDP auto-wrap shards one unit per transformer block, the classes the
+        # module it prepares names here: this wrapper is that module.
+        return getattr(self.model, "_no_split_modules", None)
 
     def labelled_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                         position_ids: torch.Tensor | None = None):
@@ -199,14 +208,15 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     accelerator = Accelerator(mixed_precision=_mixed_precision(model))
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     reporter = (reporter if main else None) or SilentReporter()
-    params = list(adapter.params.values())
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(adapter.params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
     per_step = spec.grad_accum * processes  # micro-batches in one optimizer step, over all processes
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / spec.batch_size) / per_step)
     total_steps = spec.max_steps or spec.epochs * steps_per_epoch
     schedule = lr_schedule(spec, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    rebind_trainable(adapter)
+    params = list(adapter.params.values())
     device = accelerator.device
     restore_attention = _use_attention(model, spec, data)
     attention = getattr(model.config, "_attn_implementation", None)
@@ -248,8 +258,9 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     last_checkpoint = resumed.path if resumed is not None else None
 
     def save(step: int) -> Path:
-        tensors = {"adapter": {name: p.detach() for name, p in adapter.params.items()},
-                   "optimizer": _optimizer_tensors(optimizer, adapter.params),
+        # Whole tensors: under FSDP2 every process joins the gathering, the main one writes.
+        tensors = {"adapter": {name: whole(p.detach()) for name, p in adapter.params.items()},
+                   "optimizer": {key: whole(t) for key, t in _optimizer_tensors(optimizer, adapter.params).items()},
                    "rng": _rng_tensors(accelerator)}  # all processes: gathers each one's RNG
         state = {"step": step, "micro_batches": step * per_step, **_data_position(step * per_step, len(data.train), spec.batch_size),
                  "scheduler": scheduler.state_dict(), "python_random": random.getstate(),
@@ -327,13 +338,15 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     val_after = evaluate()
     if val_after is not None:
         record({"step": total_steps, "val_loss": val_after})
+    unshard_trainable(adapter)
     for module in compiled:
         module._compiled_call_impl = None  # later use of the model (export, generation) runs eagerly
     if restore_attention is not None:
         model.set_attn_implementation(restore_attention)
     return TrainResult(total_steps, counters["tokens"], seconds, counters["train_loss"], val_before, val_after,
                        history, packed=pack_len is not None, attention=attention, checkpoint=last_checkpoint,
-                       resumed_from=resumed.step if resumed is not None else None)
+                       resumed_from=resumed.step if resumed is not None else None, processes=processes,
+                       distributed=accelerator.distributed_type.value)
 
 
 def loop_fingerprint(spec: TrainSpec, processes: int) -> dict[str, Any]:
@@ -419,12 +432,19 @@ def _restore_optimizer(saved: checkpoint.Checkpoint, adapter: Adapter, optimizer
     The learning rate comes from the recipe, at the saved step of its schedule: the same as the
     checkpoint's when the recipe is unchanged, and a lowered lr takes effect (after a NaN loss).
     """
-    checkpoint.load_into(dict(adapter.params), saved, "adapter")
+    # Checkpoints hold whole tensors (`p.shape` is the whole shape of an FSDP2 shard too).
+    weights = {name: torch.zeros(p.shape, dtype=p.dtype) for name, p in adapter.params.items()}
+    checkpoint.load_into(weights, saved, "adapter")
+    with torch.no_grad():
+        for name, p in adapter.params.items():
+            p.copy_(shard_like(weights[name], p))
     targets = {f"{kind}/{name}": torch.zeros(() if kind == "step" else p.shape, dtype=torch.float32 if kind == "step" else p.dtype)
                for name, p in adapter.params.items() for kind in ADAMW_STATE}
     checkpoint.load_into(targets, saved, "optimizer")
     # The optimizer indexes parameters by position: the order of adapter.params, as it was built.
-    per_param = {i: {kind: targets[f"{kind}/{name}"] for kind in ADAMW_STATE} for i, name in enumerate(adapter.params)}
+    per_param = {i: {kind: targets[f"{kind}/{name}"] if kind == "step" else shard_like(targets[f"{kind}/{name}"], p)
+                     for kind in ADAMW_STATE}
+                 for i, (name, p) in enumerate(adapter.params.items())}
     optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
     scheduler.load_state_dict(saved.state["scheduler"])
     scheduler.base_lrs = [lr for _ in optimizer.param_groups]
