@@ -228,7 +228,10 @@ def evaluate(
 
 
 @app.command()
-def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
+         fsdp: Annotated[int, typer.Option("--fsdp", min=1, metavar="GPUS",
+                                           help="Memory per GPU when FSDP2 shards the model over this many GPUs.")] = 1,
+         ) -> None:
     """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
     from peftctl.console import plan_table
     from peftctl.plan import plan as make_plan
@@ -237,7 +240,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None
     quiet_libraries()
     with user_errors():
         spec = load_recipe(recipe, set_ or [])
-        result = make_plan(spec)
+        result = make_plan(spec, shards=fsdp)
     if json_:
         print(json.dumps(result.as_dict()))
         return

@@ -111,7 +111,8 @@ def plan_table(plan) -> Table:
     """Memory for this recipe's method next to full fine-tuning of the same model."""
     quantized = plan.unquantized is not None
     base = f"{plan.quantization} base" if quantized else f"{plan.weight_dtype} base"
-    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({base})", title_justify="left")
+    per_gpu = f", per GPU of FSDP over {plan.shards}" if plan.shards > 1 else ""
+    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({base}{per_gpu})", title_justify="left")
     table.add_column("")
     table.add_column(f"{plan.method}, {plan.quantization}" if quantized else plan.method, justify="right")
     memories = [plan.peft]
@@ -123,13 +124,15 @@ def plan_table(plan) -> Table:
     trainable = f"{plan.trainable_params:,} ({100 * plan.trainable_params / plan.total_params:.3f}%)"
     table.add_row("trainable parameters", *[trainable] * (len(memories) - 1),
                   f"{plan.total_params - plan.trainable_params:,}")
-    for part in ("weights", "gradients", "optimizer", "activations"):
+    parts = ("weights", "gradients", "optimizer", "activations", *(("gathered",) if plan.shards > 1 else ()))
+    for part in parts:
         table.add_row(part, *[_gb(getattr(memory, part)) for memory in memories])
     table.add_row("total", *[_gb(memory.total) for memory in memories], style="bold")
     per_layer = "hidden (1 layer: 34·hidden, gradient checkpointing)" if plan.gradient_checkpointing else "34·hidden"
     table.caption = (f"activations: ~{per_layer} bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
                      "(batch_size × max_seq_len, every row full) + fp32 logits of labelled tokens (with a frozen output head, "
-                     "one 32 MiB chunk at a time); optimizer: AdamW, 8 B per trainable parameter")
+                     "one 32 MiB chunk at a time); optimizer: AdamW, 8 B per trainable parameter"
+                     + ("; gathered: whole weights of 2 transformer blocks (computed and prefetched; full fine-tuning: and their gradients)" if plan.shards > 1 else ""))
     return table
 
 

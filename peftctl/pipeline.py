@@ -113,25 +113,33 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     )
 
 
+DDP_LAUNCH = "accelerate launch --multi_gpu --num_processes N -m peftctl train RECIPE"
+
+
 def check_fsdp(recipe: Recipe, distributed_type: DistributedType) -> None:
     """Refuse the FSDP launches that would not train what the user asked for, before weights load."""
     from accelerate.utils import DistributedType
 
-    ddp = "accelerate launch --multi_gpu --num_processes N -m peftctl train RECIPE"
     where = "accelerate config (distributed_type: FSDP)"
     if distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
         # accelerate keeps CPU processes (and a single unlaunched one) on DDP under an FSDP config.
         raise UserError(f"accelerate runs FSDP only on GPUs; these processes ({distributed_type.value}) would "
-                        "silently train with DDP instead", where=where, fix=f"on CPUs launch DDP: {ddp}")
+                        "silently train with DDP instead", where=where, fix=f"on CPUs launch DDP: {DDP_LAUNCH}")
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP version 1 is not supported: peftctl shards with FSDP2, whose weights stay "
                         "addressable by name", where=where,
                         fix="set fsdp_version: 2 in the accelerate config (or pass --fsdp_version 2)")
+    check_fsdp_recipe(recipe)
+
+
+def check_fsdp_recipe(recipe: Recipe) -> None:
+    """Refuse what of a recipe FSDP cannot shard (for `train` under FSDP and `plan --fsdp`)."""
     if recipe.model.quantization != "none":
-        raise UserError("FSDP with a quantized base (model.quantization) is not supported: accelerate leaves "
-                        "4-bit weights unsharded", where=where,
-                        fix=f"drop FSDP and launch DDP ({ddp}): a 4-bit 7-8B base fits one 24 GB GPU; "
-                            "or shard a 16-bit base with FSDP")
+        with blame(recipe.source, recipe.locate):
+            raise UserError("FSDP with a quantized base (model.quantization) is not supported: accelerate leaves "
+                            "4-bit weights unsharded", where="model.quantization",
+                            fix=f"drop FSDP and launch DDP ({DDP_LAUNCH}): a 4-bit 7-8B base fits one 24 GB "
+                                "GPU; or shard a 16-bit base with FSDP")
 
 
 def find_checkpoint(out: Path, resume: str | Path) -> Path:

@@ -10,6 +10,12 @@ are exact for any size (a 70B config takes seconds). Memory, per parameter:
     (4 B each), so they cost 16 B per trainable parameter.
 Activations come on top: see `activation_bytes`.
 
+With `shards` > 1 (FSDP2 over that many GPUs, `accelerate launch --use_fsdp`) every figure is per
+GPU: weights, gradients and optimizer state are divided among the GPUs, and each GPU holds whole
+weights of two transformer blocks while they are in use (the block being computed and the next
+one, which FSDP gathers ahead; for full fine-tuning their whole gradients too); activations are
+per process as before (`batch_size` is per process).
+
 With `model.quantization` the frozen linear layers are counted at their quantized size, scales
 included (`peftctl.quantize.stored_bytes`), norms at fp32, and the plan also shows the same method
 on the unquantized base, so the saving is a figure, not a claim.
@@ -23,7 +29,7 @@ import torch
 
 from peftctl import methods, quantize
 from peftctl.model import load_skeleton, resolve_dtype
-from peftctl.pipeline import continued_method
+from peftctl.pipeline import check_fsdp_recipe, continued_method
 from peftctl.recipe import Recipe
 from peftctl.train import HeadCrossEntropy
 
@@ -38,10 +44,16 @@ class Memory:
     gradients: float
     optimizer: float
     activations: float = 0.0
+    gathered: float = 0.0  # under FSDP: whole weights of the blocks being computed and prefetched
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.gathered
+
+    def sharded(self, shards: int, gathered: float) -> Memory:
+        """Per GPU when FSDP divides weights, gradients and optimizer state among `shards` GPUs."""
+        return Memory(self.weights / shards, self.gradients / shards, self.optimizer / shards,
+                      self.activations, gathered)
 
 
 def full_finetune_memory(n_params: int, weight_bytes: float = MIXED_PRECISION_BYTES) -> Memory:
@@ -96,6 +108,7 @@ class Plan:
     gradient_checkpointing: bool = False
     # The same method on the unquantized base (`weight_dtype`), when the plan is for a quantized one.
     unquantized: Memory | None = None
+    shards: int = 1  # GPUs FSDP shards over; the memories are per GPU
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -106,8 +119,11 @@ class Plan:
         return data
 
 
-def plan(recipe: Recipe) -> Plan:
+def plan(recipe: Recipe, shards: int = 1) -> Plan:
+    """Parameter counts and memory for `recipe`; per GPU of FSDP over `shards` GPUs when > 1."""
     spec = recipe.model
+    if shards > 1:
+        check_fsdp_recipe(recipe)
     model = load_skeleton(spec)
     n_base = sum(p.numel() for p in model.parameters())
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
@@ -136,5 +152,18 @@ def plan(recipe: Recipe) -> Plan:
         unquantized = peft
         peft = replace(peft, weights=peft.weights - weight_bytes * (n_quantized + n_norm)
                        + quantized_bytes + ADAPTER_BYTES * n_norm)
+    if shards > 1:
+        # Gathered at the weights' 16-bit storage size, for full fine-tuning too (full_finetune_memory).
+        gathered = 2 * largest_block(model) * weight_bytes
+        # Full fine-tuning also holds those blocks' whole gradients until they are reduce-scattered.
+        peft, full = peft.sharded(shards, gathered), full.sharded(shards, 2 * gathered)
     return Plan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
-                tokens, peft, full, quantize.describe(spec), recipe.train.gradient_checkpointing, unquantized)
+                tokens, peft, full, quantize.describe(spec), recipe.train.gradient_checkpointing, unquantized,
+                shards)
+
+
+def largest_block(model: torch.nn.Module) -> int:
+    """Parameters of the largest transformer block: FSDP's unit, one per `_no_split_modules` class."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    return max((sum(p.numel() for p in module.parameters()) for module in model.modules()
+                if type(module).__name__ in classes), default=0)

@@ -49,6 +49,31 @@ def test_llama2_7b_config_planned_exactly_without_weights(tmp_path):
     assert 0 < result.peft.activations < result.full.activations
 
 
+def test_plan_per_gpu_under_fsdp_divides_the_state_and_adds_two_whole_blocks(tmp_path):
+    recipe = llama2_7b_recipe(tmp_path, ["q_proj", "v_proj"])
+    one, four = plan(recipe), plan(recipe, shards=4)
+    for memory, single in ((four.peft, one.peft), (four.full, one.full)):
+        for part in ("weights", "gradients", "optimizer"):
+            assert getattr(memory, part) == pytest.approx(getattr(single, part) / 4)
+        assert memory.activations == single.activations  # batch_size is per process
+    # A Llama-2-7B decoder layer: q, k, v, o (4096²) + gate, up, down (4096·11008) + 2 norms,
+    # with LoRA r=8 on q and v; two of them whole, in bf16 (full fine-tuning: and their gradients).
+    block = 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096 + 2 * 8 * (4096 + 4096)
+    assert four.peft.gathered == 2 * block * 2
+    assert four.full.gathered == 2 * (2 * block * 2)
+    # 80.86 GB of state / 4 + 4.69 GB of activations + 1.62 GB of blocks: a 7B fits 4 GPUs of 32 GB.
+    assert four.full.total / 1e9 == pytest.approx(26.53, abs=0.01)
+
+
+def test_plan_refuses_fsdp_on_a_quantized_base(tmp_path):
+    from peftctl.errors import UserError
+
+    recipe = llama2_7b_recipe(tmp_path, ["q_proj", "v_proj"])
+    recipe.model.quantization = "4bit"
+    with pytest.raises(UserError, match="FSDP with a quantized base"):
+        plan(recipe, shards=2)
+
+
 MEASURE_RUN = r"""
 import json, resource, sys
 from pathlib import Path
