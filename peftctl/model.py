@@ -187,12 +187,16 @@ def _refuse_kv_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     (a recomputed layer would append to it twice); prefix tuning feeds its trained prefix that way,
     and would silently train without it."""
     if module.training and kwargs.get("past_key_values") is not None:
-        raise UserError(
-            "this method feeds the model a prefilled KV cache (prefix tuning), which transformers "
-            "drops under gradient checkpointing, so the prefix would not be trained",
-            where="train.gradient_checkpointing",
-            fix="set train.gradient_checkpointing: false for this method",
-        )
+        raise prefilled_cache_refusal()
+
+
+def prefilled_cache_refusal() -> UserError:
+    return UserError(
+        "this method feeds the model a prefilled KV cache (prefix tuning), which transformers "
+        "drops under gradient checkpointing, so the prefix would not be trained",
+        where="train.gradient_checkpointing",
+        fix="set train.gradient_checkpointing: false for this method",
+    )
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

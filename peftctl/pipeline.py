@@ -22,7 +22,7 @@ from peftctl.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
 from peftctl.files import check_replaceable, writing
 from peftctl.methods import Method, MethodConfig
-from peftctl.model import load_model, load_skeleton, load_tokenizer
+from peftctl.model import load_model, load_skeleton, load_tokenizer, prefilled_cache_refusal
 from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
 from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
@@ -74,6 +74,8 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         else:
             method_cfg = recipe.method
             methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
+        if recipe.train.gradient_checkpointing and methods.get(method_cfg.name).feeds_kv_cache:
+            raise prefilled_cache_refusal()  # as the model would at the first step, before weights load
         fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
         saved = None
         if resume is not None:  # a checkpoint of another recipe is refused before the weights load

@@ -279,22 +279,9 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     loss_model.train()
     with _StopRequests() as stop:
         for step in range(first_step, total_steps + 1):
-            # Every process reads the same stream; process r takes micro-batches r, r + P, ...
             group = [next(micro_batches) for _ in range(per_step)]
             step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-            mine = group[rank::processes]
-            local_loss, local_real = 0.0, 0
-            for i, batch in enumerate(mine):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                # DDP averages gradients over processes: scaled by P, the sum is the token-weighted
-                # mean over the whole step, as in one process. Gradients sync on the last micro-batch.
-                sync = accelerator.no_sync(loss_model) if i < len(mine) - 1 else contextlib.nullcontext()
-                with sync:
-                    with accelerator.autocast():
-                        loss_sum, _ = loss_model(**batch)
-                    accelerator.backward(loss_sum * processes / step_tokens)
-                local_loss += float(loss_sum.detach())
-                local_real += int(batch["attention_mask"].sum())
+            local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device)
             step_loss, step_real = _over_processes(accelerator, local_loss, local_real)
             if not math.isfinite(step_loss):
                 raise _diverged(step, step_loss, last_checkpoint or checkpoint.latest(checkpoints))
@@ -325,7 +312,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
                     record({"step": step, "val_loss": val})
                     reporter.note(f"step {step}: validation loss {val:.4f}")
                 loss_model.train()
-            stopping = _any_process(accelerator, stop.requested)
+            stopping = _any_process(accelerator, stop.requested)  # read last: a Ctrl-C during this step stops after it
             if step == total_steps or stopping or (spec.save_every and step % spec.save_every == 0):
                 last_checkpoint = save(step)
             if stopping and step < total_steps:
@@ -384,6 +371,29 @@ class _StopRequests:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _backward(accelerator: Any, loss_model: nn.Module, group: list[dict[str, torch.Tensor]], step_tokens: int,
+              device: torch.device) -> tuple[float, int]:
+    """Forward and backward this process's share of a step's micro-batches; its loss sum and real tokens.
+
+    Every process reads the same stream; process r of P takes micro-batches r, r + P, ... DDP and
+    FSDP average gradients over processes: scaled by P, the sum is the token-weighted mean over
+    the whole step, as in one process. Gradients sync on the last micro-batch only.
+    """
+    processes = accelerator.num_processes
+    mine = group[accelerator.process_index::processes]
+    loss, real = 0.0, 0
+    for i, batch in enumerate(mine):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = accelerator.no_sync(loss_model) if i < len(mine) - 1 else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                loss_sum, _ = loss_model(**batch)
+            accelerator.backward(loss_sum * processes / step_tokens)
+        loss += float(loss_sum.detach())
+        real += int(batch["attention_mask"].sum())
+    return loss, real
 
 
 def _over_processes(accelerator: Any, loss: float, real: int) -> tuple[float, int]:

@@ -275,6 +275,20 @@ def test_target_check_runs_on_the_skeleton(tmp_path, monkeypatch):
         "c_attn, c_fc, c_proj")
 
 
+def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_weights_load(tmp_path, monkeypatch):
+    """The model would refuse it at the first step (tests/test_qlora.py); the recipe says it first."""
+    import peftctl.pipeline
+
+    def no_weights(spec):
+        raise AssertionError("weights were loaded before the method and checkpointing were checked")
+
+    monkeypatch.setattr(peftctl.pipeline, "load_model", no_weights)
+    recipe = Path(__file__).parent.parent / "recipes" / "prefix_tuning-gpt2.yaml"
+    cli(["train", recipe, "--set", "train.gradient_checkpointing=true", "--output", tmp_path / "out"],
+        tmp_path / "out", f"{recipe}: train.gradient_checkpointing (from --set train.gradient_checkpointing=true): "
+        "this method feeds the model a prefilled KV cache", "fix: set train.gradient_checkpointing: false")
+
+
 def test_unreadable_model_folder(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

@@ -40,6 +40,8 @@ class Method:
     peft_type: ClassVar[str]
     # Why the method cannot be folded into the base weights; None when it can.
     merge_refusal: ClassVar[str | None] = None
+    # Whether it feeds the model a prefilled KV cache, which gradient checkpointing drops.
+    feeds_kv_cache: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
         """Freeze `model`, add or select this method's parameters in place, return them."""

@@ -474,6 +474,7 @@ class PrefixTuning(_PromptMethod):
     name = "prefix_tuning"
     Config = PrefixTuningConfig
     peft_type = "PREFIX_TUNING"
+    feeds_kv_cache = True
 
     def apply(self, model: nn.Module, cfg: PrefixTuningConfig) -> Adapter:
         _check_cache_layout(model, _Geometry(model))
