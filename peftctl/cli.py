@@ -118,6 +118,7 @@ def train(
         "trainable_percent": 100 * summary.trainable_params / summary.total_params,
         "steps": result.steps,
         "resumed_from_step": result.resumed_from,
+        "packed": result.packed,
         "processes": result.processes,
         "distributed": result.distributed,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,

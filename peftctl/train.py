@@ -95,6 +95,11 @@ class CausalLMLoss(nn.Module):
         # module it prepares names here: this wrapper is that module.
         return getattr(self.model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        # accelerate's FSDP2 loading (cpu_ram_efficient_loading) moves the module it prepares to
+        # the meta device, which unties shared weights (a tied output head), then re-ties them here.
+        self.model.tie_weights(*args, **kwargs)
+
     def labelled_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                         position_ids: torch.Tensor | None = None):
         """Logits at the positions that predict a label, and those labels."""
@@ -118,7 +123,15 @@ class CausalLMLoss(nn.Module):
         return hidden[:, :-1][keep], targets[keep]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, per_token: bool = False):
+        """The loss sum and the labelled token count; with `per_token`, each labelled token's loss.
+
+        Anything that runs the model during training calls this (not the other methods): under
+        FSDP2 the weights this module holds itself are gathered when its forward starts.
+        """
+        if per_token:
+            logits, targets = self.labelled_logits(input_ids, attention_mask, labels, position_ids)
+            return F.cross_entropy(logits.float(), targets, reduction="none")
         hidden, targets = self.labelled_hidden(input_ids, attention_mask, labels, position_ids)
         head = self.model.get_output_embeddings()
         if HeadCrossEntropy.takes(head):
@@ -605,12 +618,11 @@ def packing_problem(loss_model: nn.Module, examples: list[Example], pad_id: int,
     second = next((e for e in examples[1:] if any(label != IGNORE for label in e.labels[1:])), None)
     if second is None:
         return None
-    module = getattr(loss_model, "module", loss_model)  # unwrapped from DDP
+    module = getattr(loss_model, "module", loss_model)  # unwrapped from DDP (FSDP2 has no wrapper)
     count = sum(label != IGNORE for label in second.labels[1:])
 
     def second_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, targets = module.labelled_logits(**{k: v.to(device) for k, v in batch.items()})
-        return F.cross_entropy(logits.float(), targets, reduction="none")[-count:]
+        return module(**{k: v.to(device) for k, v in batch.items()}, per_token=True)[-count:]
 
     was_training = module.training
     module.eval()
