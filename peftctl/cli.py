@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,15 @@ class _OptionalValueCommand(typer.core.TyperCommand):
 RESUME_LATEST_ARG = "--resume=latest"
 
 
+def leave_process_group() -> None:
+    """End this process's part in an `accelerate launch` group, if it joined one: a process that
+    exits with its gloo/NCCL group still up can abort ("terminate called without an active
+    exception") and fail the whole launch."""
+    torch = sys.modules.get("torch")  # not imported: no group was formed (a recipe error, say)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @app.command(cls=_OptionalValueCommand)
 def train(
     recipe: RecipeArg,
@@ -91,11 +101,6 @@ def train(
         with user_errors():
             spec = load_recipe(recipe, set_ or [], output)
             summary = pipeline.run(spec, None if json_ else RichReporter(), overwrite=overwrite, resume=resume)
-        # Under `accelerate launch`: a process that exits with its gloo/NCCL group still up can abort
-        # ("terminate called without an active exception") and fail the whole launch.
-        from accelerate import PartialState
-
-        PartialState().destroy_process_group()
     except TrainingInterrupted as stopped:
         from accelerate import PartialState
 
@@ -108,6 +113,8 @@ def train(
     except KeyboardInterrupt:
         print_interrupted(None, None, None)
         raise typer.Exit(130) from None
+    finally:
+        leave_process_group()
     if not summary.main_process:
         return
     result = summary.result
