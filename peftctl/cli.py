@@ -104,11 +104,14 @@ def train(
     except TrainingInterrupted as stopped:
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
-            command = ["peftctl", "train", str(recipe), *(arg for item in set_ or [] for arg in ("--set", item)),
-                       *(["--output", str(output)] if output is not None else []), *(["--json"] if json_ else []),
-                       "--resume"]
-            print_interrupted(stopped.step, stopped.checkpoint, shlex.join(command))
+        state = PartialState()
+        if state.is_main_process:
+            command = shlex.join(["peftctl", "train", str(recipe), *(arg for item in set_ or [] for arg in ("--set", item)),
+                                  *(["--output", str(output)] if output is not None else []),
+                                  *(["--json"] if json_ else []), "--resume"])
+            if state.num_processes > 1:  # a checkpoint resumes with as many processes as wrote it
+                command = f"accelerate launch <the same options: {state.num_processes} processes> -m {command}"
+            print_interrupted(stopped.step, stopped.checkpoint, command)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
         print_interrupted(None, None, None)

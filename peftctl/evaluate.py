@@ -2,12 +2,17 @@
 
 Loss, perplexity and accuracy are over response tokens only (the same masking as training).
 Generations are greedy, stop at the tokenizer's EOS, and are scored against the reference
-response by exact match and by token F1 (SQuAD-style bag-of-words overlap).
+response by exact match (after stripping surrounding whitespace) and by token F1: the overlap of
+their bags of words after SQuAD's answer normalisation (lower case, punctuation and the English
+articles a / an / the removed), so "Paris." and "paris" score 1.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +77,14 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: di
             "generated": tokenizer.decode(new_tokens, skip_special_tokens=True), "stopped_at_eos": stopped}
 
 
+def answer_words(text: str) -> list[str]:
+    """The words of an answer under SQuAD's normalisation (its evaluation script's, Rajpurkar et al. 2016)."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
 def token_f1(prediction: str, reference: str) -> float:
-    predicted, expected = prediction.lower().split(), reference.lower().split()
+    predicted, expected = answer_words(prediction), answer_words(reference)
     overlap = sum((Counter(predicted) & Counter(expected)).values())
     if not predicted or not expected or overlap == 0:
         return float(predicted == expected)

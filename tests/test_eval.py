@@ -133,12 +133,13 @@ def test_recipe_not_trained_yet(tmp_path):
     assert "fix: run peftctl train" in " ".join(result.output.split())
 
 
-def test_token_f1():
+def test_token_f1_compares_words_under_squad_normalisation():
     assert token_f1("The `json` module.", "The `json` module.") == 1.0
-    assert token_f1("the `JSON` Module.", "The `json` module.") == 1.0  # case does not count
-    assert token_f1("The `os` module.", "The `json` module.") == pytest.approx(2 / 3)  # p = r = 2/3
-    assert token_f1("json", "The `json` module.") == 0.0  # `json` with its backticks is another word
-    # Words are split at spaces only, so "module" is not "module.": p = 1/2, r = 1/3.
-    assert token_f1("The module", "The `json` module.") == pytest.approx(0.4)
-    assert token_f1("a a a", "a") == pytest.approx(0.5)  # repeats count once per occurrence: p = 1/3, r = 1
+    assert token_f1("the `JSON` Module", "The `json` module.") == 1.0  # case and punctuation do not count
+    assert token_f1("Paris.", "paris") == 1.0 and token_f1("an answer", "the answer") == 1.0  # nor articles
+    assert token_f1("The `os` module.", "The `json` module.") == pytest.approx(0.5)  # {os, module} vs {json, module}
+    assert token_f1("json", "The `json` module.") == pytest.approx(2 / 3)  # p = 1, r = 1/2
+    assert token_f1("don't", "dont") == 1.0  # punctuation is deleted, not a word break (as SQuAD)
+    assert token_f1("b b b", "b") == pytest.approx(0.5)  # repeats count once per occurrence: p = 1/3, r = 1
     assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0 and token_f1("x", "") == 0.0
+    assert token_f1("the", "") == 1.0  # nothing left of either after normalisation
