@@ -126,7 +126,7 @@ def test_every_method_trains_under_fsdp2_as_in_one_process(tmp_path, recipe, dty
 
     Losses within 1e-5 relative (measured <= 8.1e-8). Weights, of each tensor's largest value:
     1e-5 (measured <= 2.0e-6, bf16 base identical), wider where AdamW amplifies the rounding of
-    FSDP2's gradient division on ~0 gradients: Houlsby 1e-4 (measured 1.5e-5), BitFit's biases
+    FSDP2's gradient reduce-scatter on ~0 gradients: Houlsby 1e-4 (measured 1.5e-5), BitFit's biases
     1e-3 (measured 2.1e-4; DDP differs from one process as much there, 1.9e-4).
     """
     path = ROOT / "recipes" / f"{recipe}.yaml"
