@@ -221,6 +221,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.base_model.register_forward_pre_hook(_refuse_kv_cache, with_kwargs=True)
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (decoder layers): instances of the classes its
+    `_no_split_modules` names, which is how transformers, accelerate and FSDP find them."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in classes]
+
+
 def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
     """The tokenizer of a model this module loaded (methods get the model, not the recipe)."""
     return load_tokenizer(ModelSpec(name_or_path=model.config.name_or_path))

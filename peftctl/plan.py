@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from peftctl import methods, quantize
-from peftctl.model import load_skeleton, resolve_dtype
+from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.pipeline import check_fsdp_recipe, continued_method
 from peftctl.recipe import Recipe
 from peftctl.train import HeadCrossEntropy
@@ -163,7 +163,5 @@ def plan(recipe: Recipe, shards: int = 1) -> Plan:
 
 
 def largest_block(model: torch.nn.Module) -> int:
-    """Parameters of the largest transformer block: FSDP's unit, one per `_no_split_modules` class."""
-    classes = set(getattr(model, "_no_split_modules", None) or [])
-    return max((sum(p.numel() for p in module.parameters()) for module in model.modules()
-                if type(module).__name__ in classes), default=0)
+    """Parameters of the largest transformer block: FSDP's unit."""
+    return max((sum(p.numel() for p in block.parameters()) for block in transformer_blocks(model)), default=0)

@@ -559,8 +559,9 @@ def _compile(model: nn.Module) -> list[nn.Module]:
     The blocks share one compiled graph (same code, parameters passed as inputs), so compiling
     takes as long as for one block, not one per layer.
     """
-    kinds = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds] or [model.base_model]
+    from peftctl.model import transformer_blocks
+
+    blocks = transformer_blocks(model) or [model.base_model]
     for block in blocks:
         block.compile(dynamic=True)
     return blocks
