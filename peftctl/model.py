@@ -34,6 +34,7 @@ from transformers import (
 
 from peftctl import quantize
 from peftctl.errors import UserError
+from peftctl.kv_cache import passed_cache
 from peftctl.recipe import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
@@ -186,7 +187,7 @@ def _refuse_kv_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Under gradient checkpointing transformers drops a KV cache given to the decoder in training
     (a recomputed layer would append to it twice); prefix tuning feeds its trained prefix that way,
     and would silently train without it."""
-    if module.training and kwargs.get("past_key_values") is not None:
+    if module.training and passed_cache(kwargs) is not None:
         raise prefilled_cache_refusal()
 
 

@@ -51,3 +51,18 @@ def train_steps(adapter: Adapter, batch: dict[str, torch.Tensor], steps: int = 5
         optimizer.step()
         optimizer.zero_grad()
     adapter.model.eval()
+
+
+def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for `batch` (input_ids and attention_mask), without autograd."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def real_difference(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """The greatest |a - b| over real positions (attention_mask == 1) only. Logits at padded
+    positions move with anything that touches the mask (a prompt method widening it, say), so an
+    "the adapter changed the model" check that looked at them could pass for an adapter that
+    changed nothing."""
+    real = attention_mask.bool()
+    return float((a - b)[real].abs().max())

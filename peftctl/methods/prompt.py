@@ -35,6 +35,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftctl.errors import UserError
+from peftctl.kv_cache import cache_keyword, pop_cache
 from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, load_strict, reject_unsupported
 
 # Where the trainable encoder lives in the model, so that moving the model moves it too.
@@ -185,7 +186,8 @@ def _widen(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 class _DecoderHooks:
-    """Shared plumbing: the decoder's positional arguments by name (GPT-2 passes input_ids by position)."""
+    """Shared plumbing: the decoder's positional arguments by name (GPT-2 passes input_ids by position),
+    and its KV cache under whichever keyword the decoder declares (see `peftctl.kv_cache`)."""
 
     def __init__(self, model: nn.Module, encoder: PromptEncoder):
         self.encoder = encoder
@@ -194,6 +196,7 @@ class _DecoderHooks:
         signature = inspect.signature(model.base_model.forward)
         self.arg_names = [p.name for p in signature.parameters.values()
                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.cache_keyword = cache_keyword(model.base_model)
 
     def install(self, decoder: nn.Module) -> list:
         return [decoder.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -201,11 +204,13 @@ class _DecoderHooks:
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(self.arg_names, args)), **kwargs}
-        self.inject(kwargs)
+        cache = pop_cache(kwargs)
+        kwargs[self.cache_keyword] = self.inject(kwargs, cache)
         kwargs["attention_mask"] = _widen(kwargs.get("attention_mask"), self.n)
         return (), kwargs
 
-    def inject(self, kwargs: dict) -> None:
+    def inject(self, kwargs: dict, cache: Any) -> Any:
+        """Feed the virtual tokens into the call's `kwargs`; return the KV cache the decoder gets."""
         raise NotImplementedError
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -217,20 +222,21 @@ class _PrependHooks(_DecoderHooks):
 
     strip = False
 
-    def inject(self, kwargs: dict) -> None:
+    def inject(self, kwargs: dict, cache: Any) -> Any:
         # peft drops explicit positions (and token types, which would no longer line up).
         for key in ("position_ids", "token_type_ids"):
             if kwargs.get(key) is not None:
                 kwargs[key] = None
-        self.strip = _is_prefill(kwargs.get("past_key_values"))
+        self.strip = _is_prefill(cache)
         if not self.strip:
-            return
+            return cache
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = self.embed(kwargs["input_ids"])
         prompts = self.encoder().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
         kwargs["input_ids"] = None
+        return cache
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not self.strip:
@@ -253,15 +259,15 @@ class _PrefixHooks(_DecoderHooks):
         self.geometry = geometry
         self.config = model.config
 
-    def inject(self, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        if _is_prefill(cache):
-            reference = kwargs.get("inputs_embeds")
-            if reference is None:
-                reference = kwargs["input_ids"]
-            kwargs["past_key_values"] = self.prefill(cache, reference.shape[0])
+    def inject(self, kwargs: dict, cache: Any) -> Any:
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
+        if not _is_prefill(cache):
+            return cache
+        reference = kwargs.get("inputs_embeds")
+        if reference is None:
+            reference = kwargs["input_ids"]
+        return self.prefill(cache, reference.shape[0])
 
     def prefill(self, cache: Cache | None, batch_size: int) -> Cache:
         if cache is None:
