@@ -22,7 +22,7 @@ from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias
 from peftctl.train import CausalLMLoss
 from method_checks import assert_smoke_run, with_random_biases
-from tiny_models import tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5
 NON_TRIVIAL = 1e-3
@@ -44,11 +44,6 @@ CASES = {
     "llama-created-q_v": (tiny_llama, {"target_modules": ["q_proj", "v_proj"], "create_missing_biases": True},
                           2 * (H + 32)),
 }
-
-
-@torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def base_name(name: str) -> str:
@@ -122,9 +117,9 @@ def test_matches_plain_pytorch_bitfit():
     train_steps(adapter, batch, steps=3)
     train_steps(Adapter(METHOD, adapter.cfg, reference, biases), batch, steps=3)
 
-    ours = logits(adapter.model, batch)
-    assert (ours - logits(gpt2(), batch)).abs().max() > NON_TRIVIAL
-    torch.testing.assert_close(ours, logits(reference, batch), atol=ATOL, rtol=0)
+    ours = batch_logits(adapter.model, batch)
+    assert real_difference(ours, batch_logits(gpt2(), batch), batch["attention_mask"]) > NON_TRIVIAL
+    torch.testing.assert_close(ours, batch_logits(reference, batch), atol=ATOL, rtol=0)
 
 
 # --- 2. export, load, merge -----------------------------------------------------------------------
@@ -139,11 +134,11 @@ def test_export_loads_onto_a_fresh_base_with_identical_logits(case, tmp_path):
     assert config["create_missing_biases"] == adapter.cfg.create_missing_biases
 
     fresh = factory()
-    base = logits(fresh, batch)
+    base = batch_logits(fresh, batch)
     loaded = load_adapter(fresh, tmp_path)
-    ours = logits(adapter.model, batch)
-    assert (ours - base).abs().max() > NON_TRIVIAL
-    assert torch.equal(logits(loaded.model, batch), ours)
+    ours = batch_logits(adapter.model, batch)
+    assert real_difference(ours, base, batch["attention_mask"]) > NON_TRIVIAL
+    assert torch.equal(batch_logits(loaded.model, batch), ours)
 
 
 def test_all_linear_is_exported_as_the_layers_it_chose(tmp_path):
@@ -166,7 +161,7 @@ def test_load_refuses_an_adapter_for_other_layers(tmp_path):
 @pytest.mark.parametrize("case", ["gpt2-every-bias", "llama-created"])
 def test_merge_matches_unmerged(case):
     adapter, batch = trained_adapter(case)
-    unmerged = logits(adapter.model, batch)
+    unmerged = batch_logits(adapter.model, batch)
     names = list(adapter.params)
 
     merged = METHOD.merge(adapter)
@@ -175,18 +170,18 @@ def test_merge_matches_unmerged(case):
     params = dict(merged.named_parameters())
     assert all(name in params for name in names)  # plain `bias` tensors, created where missing
     assert not any(p.requires_grad for p in merged.parameters())
-    torch.testing.assert_close(logits(merged, batch), unmerged, atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch_logits(merged, batch), unmerged, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["llama-created", "llama-created-q_v"])
 def test_merged_created_biases_survive_save_and_reload(case, tmp_path):
     """Llama builds biases from config flags: merging sets them, so from_pretrained keeps the biases."""
     adapter, batch = trained_adapter(case)
-    unmerged = logits(adapter.model, batch)
+    unmerged = batch_logits(adapter.model, batch)
     METHOD.merge(adapter).save_pretrained(tmp_path)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.attention_bias and reloaded.config.mlp_bias == (case == "llama-created")
-    torch.testing.assert_close(logits(reloaded, batch), unmerged, atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch_logits(reloaded, batch), unmerged, atol=ATOL, rtol=0)
 
 
 # --- 3. bias-less models, precision ------------------------------------------------------------------
@@ -194,10 +189,10 @@ def test_merged_created_biases_survive_save_and_reload(case, tmp_path):
 def test_created_biases_start_equal_to_the_base():
     model = tiny_llama()
     batch = token_batch(model.config.vocab_size)
-    base = logits(model, batch)
+    base = batch_logits(model, batch)
     adapter = peftctl.methods.apply(model, BitFitConfig(name="bitfit", create_missing_biases=True))
     assert all(p.dtype == torch.float32 and not p.any() for p in adapter.params.values())
-    assert torch.equal(logits(model, batch), base)
+    assert torch.equal(batch_logits(model, batch), base)
 
 
 @pytest.mark.parametrize("factory", [gpt2, tiny_llama])
@@ -206,7 +201,7 @@ def test_bf16_base_trains_fp32_biases(factory):
     adapter = peftctl.methods.apply(model, BitFitConfig(name="bitfit", create_missing_biases=True))
     assert all(p.dtype == torch.float32 for p in adapter.params.values())
     batch = token_batch(model.config.vocab_size)
-    assert logits(model, batch).dtype == torch.bfloat16
+    assert batch_logits(model, batch).dtype == torch.bfloat16
     with torch.no_grad():
         for p in adapter.params.values():
             p.fill_(1.0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from method_checks import assert_smoke_run, with_random_biases
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from tiny_models import TINY_GPT2, tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import TINY_GPT2, batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from peftctl import methods
@@ -47,11 +47,6 @@ def config(method: str, **options):
     return methods.get(method).Config(name=method, **options)
 
 
-def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def sites(arch: str, method: str) -> list[str]:
     return [site.format(i=i) for i in range(LAYERS) for site in SITES[arch, method]]
 
@@ -66,7 +61,7 @@ def adapted(arch: str, method: str, **options):
 @pytest.mark.parametrize("arch,method", CASES)
 def test_starts_exactly_at_the_base_model(arch, method):
     make, adapter, batch = adapted(arch, method)
-    assert torch.equal(logits(adapter.model, batch), logits(make(), batch))
+    assert torch.equal(batch_logits(adapter.model, batch), batch_logits(make(), batch))
 
 
 @pytest.mark.parametrize("arch,method,non_linearity", [
@@ -89,9 +84,9 @@ def test_trained_adapter_matches_the_papers_equations(arch, method, non_linearit
 
     for site in sites(arch, method):
         reference.get_submodule(site).register_forward_hook(hook(site))
-    ours, expected = logits(adapter.model, batch), logits(reference, batch)
+    ours, expected = batch_logits(adapter.model, batch), batch_logits(reference, batch)
     # Non-trivial: the trained adapters move the logits far more than the tolerance.
-    assert (ours - logits(make(), batch)).abs().max() > 1e-2
+    assert real_difference(ours, batch_logits(make(), batch), batch["attention_mask"]) > 1e-2
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
     # The gradients too, so that training follows the same path as the equations.
@@ -132,12 +127,12 @@ def test_adapter_weights_are_fp32_on_a_bf16_base():
     adapter = methods.apply(model, config("houlsby"))
     assert {p.dtype for p in adapter.params.values()} == {torch.float32}
     batch = token_batch(257)
-    out = logits(model, batch)
+    out = batch_logits(model, batch)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, logits(base, batch))
+    assert torch.equal(out, batch_logits(base, batch))
     train_steps(adapter, batch, steps=2)
     assert {p.dtype for p in adapter.params.values()} == {torch.float32}
-    assert not torch.equal(logits(model, batch), out)
+    assert not torch.equal(batch_logits(model, batch), out)
 
 
 @pytest.mark.parametrize("arch,method", CASES)
@@ -153,7 +148,7 @@ def test_export_loads_back_onto_a_fresh_base(arch, method, tmp_path):
     loaded = load_adapter(make(), folder)
     assert loaded.method is methods.get(method)
     assert loaded.cfg == adapter.cfg
-    assert torch.equal(logits(loaded.model, batch), logits(adapter.model, batch))
+    assert torch.equal(batch_logits(loaded.model, batch), batch_logits(adapter.model, batch))
 
 
 def test_export_refuses_a_base_of_another_shape(tmp_path):

@@ -21,7 +21,7 @@ from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.ia3 import METHOD, IA3Config, IA3Linear
 from method_checks import assert_smoke_run, with_random_biases
-from tiny_models import tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5
 NON_TRIVIAL = 1e-3
@@ -42,11 +42,6 @@ CASES = {
     "gpt2-all-linear": (gpt2, "all-linear", ["mlp.c_proj"], 2 * (3 * H + H + 4 * H + 4 * H)),
     "llama-k_v_down": (tiny_llama, ["k_proj", "v_proj", "down_proj"], ["down_proj"], 2 * (32 + 32 + 96)),
 }
-
-
-@torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def trainable_count(model) -> int:
@@ -79,14 +74,14 @@ def peft_reference(case: str):
 def test_export_loads_in_peft_with_equal_logits(case, tmp_path):
     factory, _, _, analytic = CASES[case]
     adapter, batch = trained_adapter(case)
-    ours = logits(adapter.model, batch)
+    ours = batch_logits(adapter.model, batch)
     save_adapter(adapter, tmp_path / "a", base_model="test")
 
     fresh = factory()
-    base = logits(fresh, batch)
+    base = batch_logits(fresh, batch)
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
-    assert (ours - base).abs().max() > NON_TRIVIAL
-    torch.testing.assert_close(logits(loaded, batch), ours, atol=ATOL, rtol=0)
+    assert real_difference(ours, base, batch["attention_mask"]) > NON_TRIVIAL
+    torch.testing.assert_close(batch_logits(loaded, batch), ours, atol=ATOL, rtol=0)
 
     # peft's own adapter for these options: same count (= the analytic one), same keys and shapes.
     reference = peft_reference(case)
@@ -120,21 +115,21 @@ def test_peft_adapter_loads_with_equal_logits(case, tmp_path):
             if "ia3_l" in name:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
     batch = token_batch(reference.config.vocab_size)
-    theirs = logits(reference, batch)
+    theirs = batch_logits(reference, batch)
     reference.save_pretrained(tmp_path)
 
     fresh = factory()
-    base = logits(fresh, batch)
+    base = batch_logits(fresh, batch)
     adapter = load_adapter(fresh, tmp_path)
-    assert (theirs - base).abs().max() > NON_TRIVIAL
-    torch.testing.assert_close(logits(adapter.model.eval(), batch), theirs, atol=ATOL, rtol=0)
+    assert real_difference(theirs, base, batch["attention_mask"]) > NON_TRIVIAL
+    torch.testing.assert_close(batch_logits(adapter.model.eval(), batch), theirs, atol=ATOL, rtol=0)
 
 
 def test_own_export_round_trip_is_exact(tmp_path):
     adapter, batch = trained_adapter("llama-k_v_down")
     save_adapter(adapter, tmp_path, base_model="test")
     loaded = load_adapter(tiny_llama(), tmp_path)
-    assert torch.equal(logits(loaded.model, batch), logits(adapter.model, batch))
+    assert torch.equal(batch_logits(loaded.model, batch), batch_logits(adapter.model, batch))
 
 
 # --- 3. init, merge, precision ------------------------------------------------------------------
@@ -142,16 +137,16 @@ def test_own_export_round_trip_is_exact(tmp_path):
 def test_starts_equal_to_the_base():
     model = gpt2()
     batch = token_batch(model.config.vocab_size)
-    base = logits(model, batch)
+    base = batch_logits(model, batch)
     peftctl.methods.apply(model, IA3Config(name="ia3", target_modules="all-linear"))
-    torch.testing.assert_close(logits(model, batch), base, atol=0, rtol=0)
+    torch.testing.assert_close(batch_logits(model, batch), base, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["gpt2-all-linear", "llama-k_v_down"])
 def test_merge_matches_unmerged_and_peft(case, tmp_path):
     factory = CASES[case][0]
     adapter, batch = trained_adapter(case)
-    unmerged = logits(adapter.model, batch)
+    unmerged = batch_logits(adapter.model, batch)
     save_adapter(adapter, tmp_path, base_model="test")
     layer_types = {type(m.base_layer) for m in adapter.model.modules() if isinstance(m, IA3Linear)}
 
@@ -159,7 +154,7 @@ def test_merge_matches_unmerged_and_peft(case, tmp_path):
 
     assert not any(isinstance(m, IA3Linear) for m in merged.modules())
     assert {type(merged.get_submodule(n)) for n in adapter.info["targets"]} == layer_types
-    torch.testing.assert_close(logits(merged, batch), unmerged, atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch_logits(merged, batch), unmerged, atol=ATOL, rtol=0)
     # peft's merge of the same adapter: the same weights, biases included (GPT-2's Conv1D has them).
     theirs = peft.PeftModel.from_pretrained(factory(), tmp_path).merge_and_unload().state_dict()
     ours = merged.state_dict()
@@ -174,7 +169,7 @@ def test_bf16_base_trains_fp32_vectors():
     assert adapter.info["feedforward"] == [n for n in adapter.info["targets"] if n.endswith("down_proj")]
     assert all(p.dtype == torch.float32 for p in adapter.params.values())
     batch = token_batch(model.config.vocab_size)
-    assert logits(model, batch).dtype == torch.bfloat16
+    assert batch_logits(model, batch).dtype == torch.bfloat16
     train_steps(adapter, batch, steps=2)
     assert all((p - 1).abs().max() > 1e-3 for p in adapter.params.values())
 

@@ -23,7 +23,7 @@ from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig, LoraLinear
 from peftctl.train import CausalLMLoss
-from tiny_models import tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5
 NON_TRIVIAL = 1e-3
@@ -71,11 +71,6 @@ def batch_for(model) -> dict[str, torch.Tensor]:
     return token_batch(model.config.vocab_size)
 
 
-@torch.no_grad()
-def logits(model, batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def magnitudes(adapter) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in adapter.params.items() if n.endswith("lora_magnitude_vector")}
 
@@ -119,15 +114,15 @@ def peft_param_name(ours: str) -> str:
 def test_export_loads_in_peft_with_equal_logits(model_key, variant, tmp_path):
     factory, _ = MODELS[model_key]
     adapter, batch = trained_adapter(model_key, variant)
-    ours = logits(adapter.model, batch)
+    ours = batch_logits(adapter.model, batch)
     save_adapter(adapter, tmp_path / "a", base_model="test")
 
     fresh = factory()
-    base = logits(fresh, batch)
+    base = batch_logits(fresh, batch)
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
-    theirs = logits(loaded, batch)
+    theirs = batch_logits(loaded, batch)
 
-    assert (ours - base).abs().max() > NON_TRIVIAL
+    assert real_difference(ours, base, batch["attention_mask"]) > NON_TRIVIAL
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
 
     # The same config in peft: same trainable count, and save_pretrained writes our keys and shapes.
@@ -168,16 +163,16 @@ def test_peft_adapter_loads_with_equal_logits(model_key, variant, tmp_path):
     for name, before in initial.items():
         if "lora_B" in name or "magnitude" in name:
             assert (reference.get_parameter(name) - before).abs().max() > 1e-4, name
-    theirs = logits(reference, batch)
+    theirs = batch_logits(reference, batch)
     reference.save_pretrained(tmp_path / "p")
 
     fresh = factory()
-    base = logits(fresh, batch)
+    base = batch_logits(fresh, batch)
     adapter = load_adapter(fresh, tmp_path / "p")
-    ours = logits(adapter.model.eval(), batch)
+    ours = batch_logits(adapter.model.eval(), batch)
 
     assert adapter.cfg.use_dora == (variant == "dora")
-    assert (theirs - base).abs().max() > NON_TRIVIAL
+    assert real_difference(theirs, base, batch["attention_mask"]) > NON_TRIVIAL
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
@@ -263,8 +258,8 @@ def test_llama2_7b_lora_counts_on_meta_device():
 def test_merge_keeps_logits(model_key, variant):
     factory, _ = MODELS[model_key]
     adapter, batch = trained_adapter(model_key, variant)
-    unmerged = logits(adapter.model, batch)
-    base = logits(factory(), batch)
+    unmerged = batch_logits(adapter.model, batch)
+    base = batch_logits(factory(), batch)
     layer_types = {type(m.base_layer) for m in adapter.model.modules() if isinstance(m, LoraLinear)}
 
     merged = METHOD.merge(adapter)
@@ -273,8 +268,8 @@ def test_merge_keeps_logits(model_key, variant):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     merged_types = {type(merged.get_submodule(n)) for n in adapter.info["targets"]}
     assert merged_types == layer_types  # Conv1D stays Conv1D, Linear stays Linear
-    merged_logits = logits(merged, batch)
-    assert (unmerged - base).abs().max() > NON_TRIVIAL
+    merged_logits = batch_logits(merged, batch)
+    assert real_difference(unmerged, base, batch["attention_mask"]) > NON_TRIVIAL
     torch.testing.assert_close(merged_logits, unmerged, atol=ATOL, rtol=0)
 
 

@@ -30,7 +30,7 @@ from peftctl.model import enable_gradient_checkpointing, load_model
 from peftctl.plan import plan
 from peftctl.recipe import ModelSpec, Recipe
 from peftctl.train import CausalLMLoss
-from tiny_models import tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 QLORA_GPT2 = "recipes/qlora-gpt2.yaml"
 
@@ -49,11 +49,6 @@ def spec(path, quantization: str = "4bit", **options) -> ModelSpec:
 
 def method_cfg(name: str, **options):
     return methods.get(name).Config(name=name, **options)
-
-
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 # --- loading: the bytes transformers would make, counted exactly ----------------------------------
@@ -174,11 +169,11 @@ def test_adapter_trained_on_quantized_base_loads_in_peft_with_the_same_logits(qu
     theirs = PeftModel.from_pretrained(load_model(model_spec), tmp_path / "adapter").eval()
     layer_type = peft_bnb.Linear4bit if quantization == "4bit" else peft_bnb.Linear8bitLt
     assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj, layer_type)  # peft's bnb path
-    ours = logits(adapter.model, batch)
-    torch.testing.assert_close(ours, logits(theirs, batch), atol=1e-5, rtol=0)
-    assert (ours - logits(load_model(model_spec), batch)).abs().max() > 1e-2  # the adapter does something
+    ours = batch_logits(adapter.model, batch)
+    torch.testing.assert_close(ours, batch_logits(theirs, batch), atol=1e-5, rtol=0)
+    assert real_difference(ours, batch_logits(load_model(model_spec), batch), batch["attention_mask"]) > 1e-2  # the adapter does something
     # peftctl's own loader gives the same model back.
-    torch.testing.assert_close(logits(load_adapter(load_model(model_spec), tmp_path / "adapter").model, batch), ours,
+    torch.testing.assert_close(batch_logits(load_adapter(load_model(model_spec), tmp_path / "adapter").model, batch), ours,
                                atol=1e-6, rtol=0)
 
 
@@ -313,11 +308,11 @@ def test_merge_of_a_4bit_adapter_prints_its_difference_to_the_4bit_base(tmp_path
     model_spec = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32", quantization="4bit")
     trained = load_adapter(quantize.upcast(load_model(model_spec)), adapter_dir).model
     batch = token_batch(257, length=32)
-    expected = logits(trained, batch)
-    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-4, rtol=0)
+    expected = batch_logits(trained, batch)
+    torch.testing.assert_close(batch_logits(merged, batch), expected, atol=1e-4, rtol=0)
     # ... and not the unquantized base + adapter, which differs by the quantization error.
     unquantized = load_adapter(load_model(model_spec.model_copy(update={"quantization": "none"})), adapter_dir).model
-    assert (logits(unquantized, batch) - expected).abs().max() > 1e-3
+    assert real_difference(batch_logits(unquantized, batch), expected, batch["attention_mask"]) > 1e-3
 
 
 @pytest.mark.parametrize("quantization, name, options", [
