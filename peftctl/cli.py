@@ -232,10 +232,9 @@ def evaluate(
     if json_:
         print(json.dumps(report.as_dict()))
         return
-    from peftctl.console import eval_tables
+    from peftctl.console import print_eval
 
-    for table in eval_tables(report):
-        stdout.print(table)
+    print_eval(report)
 
 
 @app.command()

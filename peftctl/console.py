@@ -75,9 +75,17 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def eval_tables(report) -> list[Table]:
-    """The figures side by side (base, adapter, change), then the sampled generations."""
-    figures = Table(title=f"peftctl eval: {report.rows} rows of {report.data_file}", title_justify="left")
+def print_eval(report) -> None:
+    """What was evaluated (paths whole, on lines of their own: they are copied from here), the
+    figures side by side (base, adapter, change), then the sampled generations."""
+    for label, path in (("adapter", report.adapter_dir), ("data", report.data_file)):
+        stdout.print(Text.assemble((f"{label}: ", "bold"), str(path)), highlight=False, soft_wrap=True)
+    for table in _eval_tables(report):
+        stdout.print(table)
+
+
+def _eval_tables(report) -> list[Table]:
+    figures = Table(title=f"peftctl eval: {report.rows} rows, base vs adapter", title_justify="left")
     for column in ("metric", "base", "adapter", "change"):
         figures.add_column(column, justify="left" if column == "metric" else "right")
     lower_is_better = {"loss", "perplexity"}

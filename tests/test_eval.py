@@ -84,16 +84,22 @@ def test_generations_stop_at_eos_and_score_better_than_the_base(report):
 
 
 def test_eval_of_a_recipe_finds_its_adapter_and_validation_data_and_prints_a_table(run, report, tmp_path):
+    # A path far wider than the 80 columns rich assumes off a terminal (a clone's path can be
+    # anything): it must come out whole, on one line, wherever the repository is.
+    validation = tmp_path / ("held-out-rows-" * 8) / "validation.jsonl"
+    validation.parent.mkdir()
+    shutil.copy(VALIDATION, validation)
     recipe = yaml.safe_load(SMOKE.read_text())
     recipe["data"] = {**recipe["data"], "train": str(ROOT / "recipes" / "data" / "tiny" / "train.jsonl"),
-                      "validation": str(VALIDATION)}
+                      "validation": str(validation)}
     recipe["output"] = {"dir": str(run[0])}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = evaluate(path, "--samples", "1")
     assert result.exit_code == 0, result.output
     table = result.stdout
-    assert "peftctl eval: 4 rows of" in table and "validation.jsonl" in table
+    assert f"data: {validation}\n" in table and f"adapter: {run[0] / 'adapter'}\n" in table
+    assert "peftctl eval: 4 rows" in table
     header = next(line for line in table.splitlines() if "metric" in line)
     assert header.index("base") < header.index("adapter") < header.index("change")
     for metric in METRICS:
