@@ -29,3 +29,28 @@ def test_every_shipped_recipe_validates():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.data.train.is_file(), f"{path.name}: data.train {recipe.data.train} is missing"
+
+
+def test_install_uses_the_lock_and_the_lock_lies_inside_pyproject_ranges():
+    """What a user installs is what CI tested: the README's install command (which CI runs)
+    applies constraints.txt, and every locked version is one pyproject's ranges allow, so the
+    lock and the ranges cannot drift apart unnoticed."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    readme = (ROOT / "README.md").read_text()
+    install = readme.split("<!-- ci:install -->")[1].split("<!-- /ci:install -->")[0]
+    assert install.count("-c constraints.txt") == install.count("pip install") >= 1, install
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compat_check import normalise, read_lock
+
+    lock = read_lock(ROOT / "constraints.txt")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for requirement in requirements:
+        name = normalise(requirement.name)
+        assert name in lock, f"{requirement.name} is a dependency but constraints.txt does not lock it"
+        assert requirement.specifier.contains(lock[name]), f"locked {name}=={lock[name]} is outside {requirement}"
+        assert any(s.operator == "<" for s in requirement.specifier), f"{requirement} has no upper bound"
