@@ -125,6 +125,26 @@ def assert_generate_is_greedy(model) -> None:
     assert torch.equal(cached, expected), (cached, expected)
 
 
+def test_the_cache_keyword_is_read_from_the_decoder_signature():
+    """transformers before 5.24 declares `past_key_values`, later releases `cache` behind a
+    deprecation shim (functools.wraps): either way the hooks pass the cache under the declared name."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    from peftctl.kv_cache import cache_keyword, pop_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        @deprecate_kwarg("past_key_values", "9.0.0", new_name="cache")
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(New()) == "cache"
+    marker = object()
+    for kwargs in ({"past_key_values": marker}, {"cache": marker}, {"cache": None, "past_key_values": marker}):
+        assert pop_cache(kwargs) is marker and not kwargs
+
+
 @pytest.mark.parametrize("model_key", MODELS)
 def test_greedy_reference_agrees_with_generate_on_the_base_model(model_key):
     """The oracle itself: on a model with no adapter its tokens are `generate`'s."""
