@@ -115,7 +115,7 @@ def main() -> int:
 
     lock = read_lock(LOCK)
     held = {normalise(name) for name in args.hold}
-    pins = dict(normalise(p.split("==", 1)[0]) + "==" + p.split("==", 1)[1] for p in args.pin if "==" in p)
+    pins = {normalise(name): f"{name}=={version}" for name, version in (p.split("==", 1) for p in args.pin if "==" in p)}
     unknown = sorted((held | set(pins)) - set(map(normalise, DIRECT)))
     if unknown or len(pins) != len(args.pin):
         parser.error(f"--hold and --pin take NAME or NAME==VERSION of: {', '.join(DIRECT)} (got {unknown or args.pin})")
