@@ -238,8 +238,11 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     fingerprint = {**(fingerprint or {}), **loop_fingerprint(spec, processes)}
     checkpoints = out_dir / checkpoint.CHECKPOINTS
 
-    def evaluate() -> float | None:
-        return validation_loss(loss_model, data.validation, spec.batch_size, pad_id, device)
+    def evaluate(step: int) -> float | None:
+        val = validation_loss(loss_model, data.validation, spec.batch_size, pad_id, device)
+        if val is not None and not math.isfinite(val):
+            raise _diverged(step, "validation loss", val, last_checkpoint or checkpoint.latest(checkpoints))
+        return val
 
     metrics_file = out_dir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
@@ -264,13 +267,19 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             with writing(metrics_file, "the metrics"):
                 atomic_write_text(metrics_file, "".join(json.dumps(entry) + "\n" for entry in history))
     else:
-        val_before = evaluate()
+        val_before = evaluate(0)
         if val_before is not None:
             record({"step": 0, "val_loss": val_before})
     first_step = resumed.step + 1 if resumed is not None else 1
     last_checkpoint = resumed.path if resumed is not None else None
 
-    def save(step: int) -> Path:
+    def save(step: int, batch: dict[str, torch.Tensor]) -> Path:
+        # An update can leave weights whose forward overflows though the step's own loss and
+        # gradients were finite (lr 1e30): what is saved must give a finite loss, or nothing is.
+        probe = _weights_loss(accelerator, loss_model, batch, device)
+        if not math.isfinite(probe):
+            raise _diverged(step, "loss of the weights after this step's update", probe,
+                            last_checkpoint or checkpoint.latest(checkpoints), applied=True)
         # Whole tensors: under FSDP2 every process joins the gathering, the main one writes.
         tensors = {"adapter": {name: whole(p.detach()) for name, p in adapter.params.items()},
                    "optimizer": {key: whole(t) for key, t in _optimizer_tensors(optimizer, adapter.params).items()},
@@ -297,13 +306,15 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device)
             step_loss, step_real = _over_processes(accelerator, local_loss, local_real)
             if not math.isfinite(step_loss):
-                raise _diverged(step, step_loss, last_checkpoint or checkpoint.latest(checkpoints))
+                raise _diverged(step, "training loss", step_loss, last_checkpoint or checkpoint.latest(checkpoints))
             counters["window_loss"] += step_loss
             counters["window_real"] += step_real
             counters["window_tokens"] += step_tokens
             grad_norm = None
             if spec.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, spec.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise _diverged(step, "gradient norm", grad_norm, last_checkpoint or checkpoint.latest(checkpoints))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -320,14 +331,14 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
                 counters.update(window_loss=0.0, window_tokens=0, window_real=0)
                 window_start = time.perf_counter()
             if spec.eval_every and step % spec.eval_every == 0 and step != total_steps:
-                val = evaluate()
+                val = evaluate(step)
                 if val is not None:
                     record({"step": step, "val_loss": val})
                     reporter.note(f"step {step}: validation loss {val:.4f}")
                 loss_model.train()
             stopping = _any_process(accelerator, stop.requested)  # read last: a Ctrl-C during this step stops after it
             if step == total_steps or stopping or (spec.save_every and step % spec.save_every == 0):
-                last_checkpoint = save(step)
+                last_checkpoint = save(step, group[0])
             if stopping and step < total_steps:
                 reporter.finish()
                 raise TrainingInterrupted(step, last_checkpoint)
@@ -335,7 +346,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     reporter.finish()
     return_free_heap()
     loss_model.eval()
-    val_after = evaluate()
+    val_after = evaluate(total_steps)
     if val_after is not None:
         record({"step": total_steps, "val_loss": val_after})
     unshard_trainable(adapter)
@@ -427,7 +438,18 @@ def _any_process(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
 
 
-def _diverged(step: int, loss: float, last_checkpoint: Path | None) -> TrainingDiverged:
+def _weights_loss(accelerator: Any, loss_model: nn.Module, batch: dict[str, torch.Tensor], device) -> float:
+    """The loss the current weights give on `batch` (every process's, summed), without gradients."""
+    was_training = loss_model.training
+    loss_model.eval()
+    with torch.no_grad():
+        loss_sum, _ = loss_model(**{k: v.to(device) for k, v in batch.items()})
+    loss_model.train(was_training)
+    return _over_processes(accelerator, float(loss_sum), 0)[0]
+
+
+def _diverged(step: int, what: str, value: float, last_checkpoint: Path | None,
+              applied: bool = False) -> TrainingDiverged:
     if last_checkpoint is None:
         saved = "no checkpoint was written before it (lower train.save_every to have one)"
         fix = "lower train.lr, add train.warmup_steps or set train.max_grad_norm, and train again"
@@ -435,8 +457,9 @@ def _diverged(step: int, loss: float, last_checkpoint: Path | None) -> TrainingD
         saved = f"the last good checkpoint is {last_checkpoint}"
         fix = (f"lower train.lr, add train.warmup_steps or set train.max_grad_norm, and continue from it: "
                f"--resume {last_checkpoint} --set train.lr=...")
-    return TrainingDiverged(f"the training loss is not finite ({loss}) at step {step}; training stopped "
-                            f"before that step's update and nothing more was written; {saved}", fix=fix)
+    stopped = "with that step's update unsaved" if applied else "before that step's update"
+    return TrainingDiverged(f"the {what} is not finite ({value}) at step {step}; training stopped {stopped}, "
+                            f"and no adapter or checkpoint of it was written; {saved}", fix=fix)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -137,8 +137,9 @@ def test_a_nan_loss_stops_before_the_update_and_names_the_last_checkpoint(tiny_d
         def step(self, step, metrics):
             poisoned["on"] = step == 4  # from step 5 on, the final hidden states are NaN
 
+    # Training forwards only: the check of step 4's weights before its checkpoint (eval mode) is clean.
     adapter.model.transformer.ln_f.register_forward_hook(
-        lambda module, args, out: out * float("nan") if poisoned["on"] else out)
+        lambda module, args, out: out * float("nan") if poisoned["on"] and module.training else out)
     with pytest.raises(TrainingDiverged) as diverged:
         train(adapter, data, TrainSpec(**SPEC, save_every=2), tmp_path, pad_id, PoisonAfter())
     message = str(diverged.value)
@@ -251,8 +252,9 @@ def test_a_nan_loss_in_the_cli_exits_without_traceback(tmp_path):
     result = cli("--output", str(tmp_path / "run"), "--set", "train.lr=1e30", "--set", "train.max_grad_norm=null",
                  "--set", "train.warmup_steps=0", "--set", "train.save_every=1")
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "not finite (nan) at step 2" in result.output
-    assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-1'}" in result.output
+    # Step 1's loss was finite, but the weights its update left are not: that checkpoint is not written.
+    assert "not finite (nan) at step 1" in result.output and "no checkpoint was written" in result.output
+    assert not (tmp_path / "run" / "checkpoints" / "step-1").exists()
     assert not (tmp_path / "run" / "adapter").exists()
 
 
