@@ -34,6 +34,9 @@ app = typer.Typer(
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for programs instead of a table.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run the Python code a model folder ships (its own architecture). Only for models "
+    "whose code you trust; an adapter folder never turns this on.")]
 
 
 @contextmanager
@@ -188,19 +191,17 @@ def merge(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged-model folder.")] = False,
+    trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Fold an adapter into its base model and save a plain transformers model folder."""
     from peftctl.export import merge_to_folder
-    from peftctl.files import check_replaceable
 
     quiet_libraries()
     with user_errors():
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
-        check_replaceable(out, overwrite, "--out", ("config.json",), protected={
-            "the current directory": Path.cwd(), "the adapter": adapter})
-        figures = merge_to_folder(adapter, out, base, dtype)
+        figures = merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)
     figures = {"merged_model": str(out), **figures}
     if json_:
         print(json.dumps(figures))
@@ -220,6 +221,7 @@ def evaluate(
     fmt: Annotated[Optional[str], typer.Option("--format", help="Row layout of --data: alpaca, chat or completion (default: the recipe's).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Rows to generate replies for (greedy, stops at EOS).")] = 5,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
+    trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter."""
@@ -227,8 +229,9 @@ def evaluate(
 
     quiet_libraries()
     with user_errors():
-        adapter_dir, data_file, data_format = eval_inputs(target, data, fmt)
-        report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base)
+        adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(target, data, fmt)
+        report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
+                                  trust_remote_code=trust_remote_code or recipe_trusts)
     if json_:
         print(json.dumps(report.as_dict()))
         return

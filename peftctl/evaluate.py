@@ -108,14 +108,14 @@ class EvalReport:
 
 
 def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
-                     base: str | None = None) -> EvalReport:
+                     base: str | None = None, trust_remote_code: bool = False) -> EvalReport:
     """Score the base model, then the same model with the adapter, on the same rows."""
     from peftctl.data import read_rows, tokenize_rows
     from peftctl.export import base_model_spec, load_adapter
     from peftctl.model import load_model, load_skeleton, load_tokenizer
     from peftctl.recipe import DataSpec
 
-    spec = base_model_spec(adapter_dir, base)
+    spec = base_model_spec(adapter_dir, base, trust_remote_code)
     load_adapter(load_skeleton(spec), adapter_dir)  # a foreign or mismatched adapter fails before weights load
     tokenizer = load_tokenizer(spec)
     rows = read_rows(data_file, fmt, key="--data")
@@ -127,12 +127,14 @@ def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int,
     return EvalReport(Path(adapter_dir), Path(data_file), len(examples), base_scores, adapter_scores)
 
 
-def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path, Path, str]:
-    """(adapter folder, data file, format) from `peftctl eval`'s arguments.
+def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path, Path, str, bool]:
+    """(adapter folder, data file, format, trust_remote_code) from `peftctl eval`'s arguments.
 
     The target is an adapter folder or a recipe (whose output.dir/adapter is evaluated); the data
     and its format default to the recipe's validation data, the recipe saved beside an adapter
-    counting as its recipe. An adapter made elsewhere (by peft) needs --data.
+    counting as its recipe. An adapter made elsewhere (by peft) needs --data. Remote code is
+    trusted only where the target is a recipe that says so (the user's own file); a recipe saved
+    inside an adapter folder grants nothing.
     """
     import yaml
 
@@ -142,10 +144,12 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
 
     target = Path(target)
     data_spec: dict[str, Any] = {}
+    trust_remote_code = False
     if target.is_file():
         recipe = load_recipe(target)
         adapter_dir = recipe.output.dir / "adapter"
         data_spec = recipe.data.model_dump()
+        trust_remote_code = recipe.model.trust_remote_code
     elif target.is_dir():
         adapter_dir = target
         if (target / RECIPE_FILE).is_file():
@@ -162,4 +166,4 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
                   if isinstance(validation, float) else "the adapter has no recipe with a validation file"
                   if not data_spec else "the adapter's recipe has no validation file")
         raise UserError(f"no evaluation data: {reason}", where="--data", fix="pass --data FILE with held-out rows")
-    return adapter_dir, data_file, fmt or data_spec.get("format", "alpaca")
+    return adapter_dir, data_file, fmt or data_spec.get("format", "alpaca"), trust_remote_code

@@ -17,7 +17,7 @@ from torch import nn
 
 from peftctl import methods
 from peftctl.errors import UserError
-from peftctl.files import atomic_directory
+from peftctl.files import atomic_directory, check_replaceable
 from peftctl.methods import Adapter, Method, MethodConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -108,8 +108,13 @@ def load_adapter(model: nn.Module, folder: Path) -> Adapter:
 # --- an adapter's base model, and merging into it ----------------------------------------------
 
 
-def base_model_spec(folder: Path, base: str | None = None):
-    """The ModelSpec an adapter was trained on: `base` if given, else its recipe, else its config."""
+def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False):
+    """The ModelSpec an adapter was trained on: `base` if given, else its recipe, else its config.
+
+    `trust_remote_code` comes from the person running the command (a flag, or a recipe they run),
+    never from the adapter folder: an adapter downloaded from anywhere must not be able to make
+    peftctl run a model's Python code, so the saved recipe's setting is ignored.
+    """
     from peftctl.recipe import ModelSpec
 
     folder = Path(folder)
@@ -139,11 +144,12 @@ def base_model_spec(folder: Path, base: str | None = None):
     # The base as it was trained: a quantized one is quantized again, the same way.
     quantization = {key: options[key] for key in ("quantization", "quant_type", "double_quant", "compute_dtype")
                     if key in options}
-    return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"),
-                     trust_remote_code=options.get("trust_remote_code", False), **quantization)
+    return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"), trust_remote_code=trust_remote_code,
+                     **quantization)
 
 
-def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32") -> dict[str, Any]:
+def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32",
+                    trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fold the adapter into its base and save a plain transformers model folder at `out`.
 
     The merge runs in fp32. Returns the largest and mean absolute logit difference between the
@@ -155,13 +161,15 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     import torch
 
     from peftctl import quantize
-    from peftctl.model import load_model, load_skeleton, load_tokenizer
+    from peftctl.model import load_model, load_skeleton, load_tokenizer, model_files
 
     folder = Path(folder)
     config = read_adapter_config(folder)
     method = methods.by_peft_type(config["peft_type"], str(folder / CONFIG_FILE))
     method.check_mergeable()  # before any weights load
-    spec = base_model_spec(folder, base)
+    spec = base_model_spec(folder, base, trust_remote_code)
+    check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
+        "the adapter": folder, "the base model": model_files(spec.name_or_path)})
     load_adapter(load_skeleton(spec), folder)  # options, targets and shapes, before the weights load
     quantized = spec.quantization != "none"
     if not quantized:

@@ -85,14 +85,17 @@ def _fsync(path: Path) -> None:
 
 
 def check_replaceable(out: Path, overwrite: bool, where: str, markers: tuple[str, ...],
-                      protected: dict[str, Path | None]) -> None:
+                      inputs: dict[str, Path | None]) -> None:
     """Refuse to write into `out` unless it is new, empty, or (with --overwrite) one of our results.
 
-    A result folder is recognised by one of `markers`; and since replacing it deletes it, a slip
-    such as `--output .` must not take `protected` inputs (the recipe, the data, the working
-    directory) with it.
+    A result folder is recognised by one of `markers`. Whatever `out` becomes, it must spare the
+    command's `inputs` (recipe, data, base model, adapter, checkpoint; by resolved path): `out` may
+    not be one of them or hold one (replacing it would delete the input), nor lie inside an input
+    folder (the command would write into what it reads). The current directory is spared too,
+    though a result inside it is the usual case.
     """
     out = Path(out)
+    _check_spares_inputs(out, where, inputs)
     if out.exists() and not out.is_dir():
         raise UserError(f"the output path is a file, not a folder: {out}", where=where,
                         fix="pass a folder path")
@@ -101,12 +104,53 @@ def check_replaceable(out: Path, overwrite: bool, where: str, markers: tuple[str
     if not overwrite:
         raise UserError(f"the output folder already exists and is not empty: {out}", where=where,
                         fix="pass --overwrite to replace it, or choose a new folder")
-    resolved = out.resolve()
-    for what, path in protected.items():
-        if isinstance(path, Path) and (path.resolve() == resolved or resolved in path.resolve().parents):
-            raise UserError(f"--overwrite would delete {out}, which holds {what}", where=where,
-                            fix="choose a folder of its own")
     if not any((out / name).exists() for name in markers):
         raise UserError(f"--overwrite only replaces a folder peftctl wrote, and {out} has no "
                         f"{' or '.join(markers)}", where=where,
                         fix="choose a new folder, or delete this one yourself")
+
+
+def _check_spares_inputs(out: Path, where: str, inputs: dict[str, Path | None]) -> None:
+    target = out.resolve()
+    spared = {"the current directory": Path.cwd(), **inputs}
+    for what, path in spared.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source or target in source.parents:
+            raise UserError(f"the output {out} would replace {what} ({path}), which this command reads",
+                            where=where, fix="choose an output folder of its own, outside the inputs")
+        if what != "the current directory" and source.is_dir() and source in target.parents:
+            raise UserError(f"the output {out} is inside {what} ({path}): peftctl does not write into what a "
+                            "command reads", where=where, fix="choose an output folder outside it")
+
+
+@contextmanager
+def output_lock(out: Path, where: str) -> Iterator[None]:
+    """Hold the output folder for one command at a time: a second run into the same folder (while
+    the first trains) is refused, naming the first. The lock is the file `.NAME.lock` beside the
+    folder (the folder itself is replaced by the run); the OS releases it when the process ends,
+    however it ends, so a killed run never leaves a stale lock."""
+    import fcntl
+
+    out = Path(out)
+    lock_path = out.parent / f".{out.name}.lock"
+    with writing(out, "the output folder"):
+        if not out.parent.exists():
+            out.parent.mkdir(parents=True)
+        handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"the output folder {out} is in use by {holder}", where=where,
+                            fix="wait for that run to end, or choose another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"peftctl (pid {os.getpid()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock

@@ -93,6 +93,15 @@ def resolve_source(name_or_path: str) -> ModelSource:
     )
 
 
+def model_files(name_or_path: str) -> Path | None:
+    """The file or folder on this machine a model is read from (None for the built-from-config GPT-2):
+    what an output must never replace."""
+    source = resolve_source(name_or_path)
+    if source.folder is None:
+        return None
+    return source.folder / source.gguf_file if source.gguf_file else source.folder
+
+
 @contextmanager
 def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
     """A model folder that transformers cannot read is the user's input, not a peftctl bug."""
@@ -100,6 +109,14 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
+        if "trust_remote_code" in reason and not spec.trust_remote_code:
+            raise UserError(
+                f"the model '{spec.name_or_path}' is Python code of its own (its config names custom classes), "
+                "which peftctl runs only when you ask for it",
+                where="model.trust_remote_code",
+                fix="if you trust that code, pass --trust-remote-code (eval, merge) or set model.trust_remote_code: "
+                    "true in your recipe; an adapter folder never turns it on",
+            ) from None
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise UserError(
             f"could not load the {what} from '{spec.name_or_path}': {reason}",

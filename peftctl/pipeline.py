@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +21,9 @@ from peftctl import checkpoint, methods
 from peftctl.data import load_data
 from peftctl.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
-from peftctl.files import check_replaceable, writing
+from peftctl.files import check_replaceable, output_lock, writing
 from peftctl.methods import Method, MethodConfig
-from peftctl.model import load_model, load_skeleton, load_tokenizer, prefilled_cache_refusal
+from peftctl.model import load_model, load_skeleton, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
 from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
@@ -58,13 +59,15 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     processes = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         check_fsdp(recipe, processes.distributed_type)
-    with blame(recipe.source, recipe.locate):
+    with blame(recipe.source, recipe.locate), ExitStack() as held:
         out = recipe.output.dir
         if resume is None:
             check_output_dir(recipe, overwrite)
         elif overwrite:
             raise UserError("--resume continues the run in its output folder, which --overwrite would delete first",
                             where="--resume", fix="drop --overwrite to resume, or drop --resume to start again")
+        if processes.is_main_process:  # one run at a time in an output folder; the others of a launch join it
+            held.enter_context(output_lock(out, "output.dir"))
         tokenizer = load_tokenizer(recipe.model)
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
         continued = recipe.model.adapter
@@ -176,10 +179,11 @@ RUN_MARKERS = ("metrics.jsonl", "adapter", checkpoint.CHECKPOINTS)
 
 
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
-    check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, protected={
-        "the current directory": Path.cwd(), "the recipe": recipe.source,
-        "the training data": recipe.data.train, "the validation data": recipe.data.validation,
-        "the adapter to continue": recipe.model.adapter})
+    validation = recipe.data.validation
+    check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, inputs={
+        "the recipe": recipe.source, "the training data": recipe.data.train,
+        "the validation data": validation if isinstance(validation, Path) else None,
+        "the base model": model_files(recipe.model.name_or_path), "the adapter to continue": recipe.model.adapter})
 
 
 def continued_method(recipe: Recipe) -> MethodConfig:

@@ -332,13 +332,17 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, monkeypatc
     # Even a folder that looks like a run is kept when it holds the recipe (here: the current one).
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)
-    cli(["train", recipe, "--output", ".", "--overwrite"], tmp_path, "--overwrite would delete ., which holds")
+    cli(["train", recipe, "--output", ".", "--overwrite"], tmp_path,
+        f"the output . would replace the current directory ({tmp_path})")
 
 
 def test_output_path_that_is_a_file(tmp_path):
     recipe = write(tmp_path, recipe_text())
-    cli(["train", recipe, "--output", recipe], None, "output.dir (from --output): the output path is a file")
-    assert recipe.read_text() == recipe_text()
+    other = write(tmp_path, "keep me", "notes.txt")
+    cli(["train", recipe, "--output", other], None, "output.dir (from --output): the output path is a file")
+    cli(["train", recipe, "--output", recipe], None, f"output.dir (from --output): the output {recipe} would "
+        "replace the recipe")
+    assert recipe.read_text() == recipe_text() and other.read_text() == "keep me"
 
 
 def test_the_base_recipe_is_valid_and_an_emptied_section_means_defaults(tmp_path):
