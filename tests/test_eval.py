@@ -1,6 +1,6 @@
 """`peftctl eval`: base model vs base + adapter on held-out rows, and generations that stop at EOS.
 
-The adapter is recipes/smoke-gpt2.yaml trained longer on every linear layer (100 steps on the 16
+The adapter is recipes/smoke-gpt2.yaml trained longer on every linear layer (300 steps on the 16
 tiny rows, seconds): long enough that the random tiny GPT-2 learns the answers' shape, "The `x`
 module." and its EOS, so greedy replies stop by themselves. Its loss figures are checked against
 the training loop's own validation loss on the same rows, which is computed by other code.
@@ -26,7 +26,7 @@ from peftctl.recipe import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"
 VALIDATION = ROOT / "recipes" / "data" / "tiny" / "validation.jsonl"
-OVERFIT = ["train.max_steps=100", "method.target_modules=all-linear"]
+OVERFIT = ["train.max_steps=300", "method.target_modules=all-linear"]
 METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "token_f1")
 
 

@@ -205,6 +205,9 @@ class _DecoderHooks:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(self.arg_names, args)), **kwargs}
         cache = pop_cache(kwargs)
+        # transformers before 5.24 also passes cache positions, counted without the n virtual ones;
+        # dropped, the decoder counts them from the cache, which holds the virtual positions too.
+        kwargs.pop("cache_position", None)
         kwargs[self.cache_keyword] = self.inject(kwargs, cache)
         kwargs["attention_mask"] = _widen(kwargs.get("attention_mask"), self.n)
         return (), kwargs
