@@ -77,7 +77,8 @@ def write(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], st
             save_file({key: t.detach().to("cpu").contiguous() for key, t in tensors[name].items()}, path,
                       metadata={"format": "pt"})
             checksums[path.name] = _sha256(path)
-        text = json.dumps({"format": FORMAT, **state, "checksums": checksums}, indent=1)
+        body = {"format": FORMAT, **state, "checksums": checksums}
+        text = json.dumps({**body, "state_sha256": _state_sha256(body)}, indent=1)
         (staging / STATE_FILE).write_text(text + "\n", encoding="utf-8")
     prune(root, keep_last, step)
     return target
@@ -121,6 +122,12 @@ def read(path: Path) -> Checkpoint:
         raise _corrupt(state_file, f"its {STATE_FILE} is not valid JSON ({err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("checksums"), dict):
         raise _corrupt(state_file, f"its {STATE_FILE} is not one peftctl checkpoint format {FORMAT} writes")
+    # The state is checked like the tensor files (checkpoints written before this check have no sum).
+    saved_sum = state.pop("state_sha256", None)
+    if saved_sum is not None and saved_sum != _state_sha256(state):
+        raise _corrupt(state_file, "the file's contents differ from what was written (checksum mismatch)")
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+        raise _corrupt(state_file, f"its step is {state.get('step')!r}, not a step number")
     tensors = {}
     for name in TENSOR_FILES:
         file = path / f"{name}.safetensors"
@@ -157,6 +164,10 @@ def load_into(targets: dict[str, torch.Tensor], checkpoint: Checkpoint, name: st
                 whose="checkpoint", headline="the checkpoint does not match this run",
                 wanted="a checkpoint written by this recipe, on this model and method",
                 fix="resume from a checkpoint of this run, or start a new run (--overwrite, or another --output)")
+
+
+def _state_sha256(state: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _corrupt(file: Path, problem: str) -> UserError:

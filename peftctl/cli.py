@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 import typer.core
 
+from peftctl import jsontext
 from peftctl.console import fmt_loss, key_value_table, print_error, print_interrupted, stdout
 from peftctl.errors import UserError
 
@@ -146,7 +147,7 @@ def train(
         "val_loss_after": result.val_loss_after,
     }
     if json_:
-        print(json.dumps(figures))
+        print(jsontext.dumps(figures))
         return
     stdout.print(key_value_table("peftctl train", [
         ("trainable / total params", f"{summary.trainable_params:,} / {summary.total_params:,} "
@@ -204,7 +205,7 @@ def merge(
         figures = merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)
     figures = {"merged_model": str(out), **figures}
     if json_:
-        print(json.dumps(figures))
+        print(jsontext.dumps(figures))
         return
     stdout.print(key_value_table("peftctl merge", [
         ("merged model", str(out)),
@@ -233,7 +234,7 @@ def evaluate(
         report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
                                   trust_remote_code=trust_remote_code or recipe_trusts)
     if json_:
-        print(json.dumps(report.as_dict()))
+        print(jsontext.dumps(report.as_dict()))
         return
     from peftctl.console import print_eval
 
@@ -255,7 +256,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
         spec = load_recipe(recipe, set_ or [])
         result = make_plan(spec, shards=fsdp)
     if json_:
-        print(json.dumps(result.as_dict()))
+        print(jsontext.dumps(result.as_dict()))
         return
     stdout.print(plan_table(result))
 

@@ -99,6 +99,8 @@ def _read_json(path: Path) -> tuple[list[Any], list[int | None]]:
         except json.JSONDecodeError as err:
             raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {err.lineno}, column {err.colno}",
                             expected="a JSON list of row objects, or one JSON object per line") from None
+        except RecursionError:
+            raise _too_deep(path, None) from None
         return rows, [None] * len(rows)
     rows, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -109,8 +111,15 @@ def _read_json(path: Path) -> tuple[list[Any], list[int | None]]:
         except json.JSONDecodeError as err:
             raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {number}, column {err.colno}",
                             expected="one JSON object per line (JSON Lines)") from None
+        except RecursionError:
+            raise _too_deep(path, number) from None
         lines.append(number)
     return rows, lines
+
+
+def _too_deep(path: Path, line: int | None) -> UserError:
+    return UserError("the JSON is nested too deeply to be a data row", file=path,
+                     where=f"line {line}" if line else None, expected="row objects whose fields are text")
 
 
 def _read_text(path: Path) -> str:

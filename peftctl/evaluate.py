@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import typing
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,12 +137,14 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     trusted only where the target is a recipe that says so (the user's own file); a recipe saved
     inside an adapter folder grants nothing.
     """
-    import yaml
-
     from peftctl.errors import UserError
-    from peftctl.export import RECIPE_FILE
-    from peftctl.recipe import load_recipe
+    from peftctl.export import saved_recipe
+    from peftctl.files import check_path
+    from peftctl.recipe import DataSpec, load_recipe
 
+    for where, path in (("the adapter folder or recipe", target), ("--data", data)):
+        if path is not None:
+            check_path(path, where)
     target = Path(target)
     data_spec: dict[str, Any] = {}
     trust_remote_code = False
@@ -152,8 +155,7 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
         trust_remote_code = recipe.model.trust_remote_code
     elif target.is_dir():
         adapter_dir = target
-        if (target / RECIPE_FILE).is_file():
-            data_spec = (yaml.safe_load((target / RECIPE_FILE).read_text()) or {}).get("data", {})
+        data_spec = saved_recipe(target).get("data") or {}
     else:
         raise UserError("no such adapter folder or recipe", file=target)
     if not adapter_dir.is_dir():
@@ -166,4 +168,9 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
                   if isinstance(validation, float) else "the adapter has no recipe with a validation file"
                   if not data_spec else "the adapter's recipe has no validation file")
         raise UserError(f"no evaluation data: {reason}", where="--data", fix="pass --data FILE with held-out rows")
-    return adapter_dir, data_file, fmt or data_spec.get("format", "alpaca"), trust_remote_code
+    formats = typing.get_args(DataSpec.model_fields["format"].annotation)
+    fmt = fmt or data_spec.get("format", "alpaca")
+    if fmt not in formats:
+        raise UserError(f"unknown data format {fmt!r}", where="--format", expected=" or ".join(formats),
+                        fix="pass --format with one of those")
+    return adapter_dir, data_file, fmt, trust_remote_code

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,9 +53,10 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise UserError(f"no {CONFIG_FILE} in the adapter folder", file=folder,
                         expected="a folder written by peftctl train or peft's save_pretrained")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"invalid JSON: {err}", file=config_path) from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f"not valid UTF-8 JSON: {_short(err)}", file=config_path,
+                        expected="the adapter_config.json that peftctl train or peft's save_pretrained writes") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise UserError("the adapter config has no 'peft_type'", file=config_path)
     return config
@@ -101,8 +103,46 @@ def load_adapter(model: nn.Module, folder: Path) -> Adapter:
             err.fix = "use the base model the adapter was trained on (see its base_model_name_or_path)"
             err._changed()
         raise
-    adapter.load_state_dict(load_file(weights), str(weights))
+    adapter.load_state_dict(read_weights(weights), str(weights))
     return adapter
+
+
+def read_weights(path: Path) -> dict:
+    """A safetensors file's tensors; a truncated, foreign or hostile file is the user's input, named."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"not a readable safetensors file: {_short(err)}", file=path,
+                        fix="copy the file again; peftctl reads only complete safetensors files") from None
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def saved_recipe(folder: Path) -> dict[str, Any]:
+    """The recipe saved beside an adapter, as a mapping of sections (empty if none is saved).
+
+    It only supplies defaults (which base model, which data); a file that is not a recipe is named.
+    """
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f"not a readable recipe: {_short(err)}", file=path,
+                        fix=f"delete {RECIPE_FILE} and pass --base (and --data) yourself") from None
+    fix = f"delete {RECIPE_FILE} and pass --base (and --data) yourself"
+    if not isinstance(recipe, dict):
+        raise UserError("not a recipe: the file is not a mapping of sections", file=path, fix=fix)
+    for section in ("model", "data"):
+        if not isinstance(recipe.get(section) or {}, dict):
+            raise UserError(f"not a recipe: its {section} section is not a mapping", file=path, fix=fix)
+    return recipe
 
 
 # --- an adapter's base model, and merging into it ----------------------------------------------
@@ -119,13 +159,11 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
 
     folder = Path(folder)
     config = read_adapter_config(folder)
-    recipe_file = folder / RECIPE_FILE
-    options: dict[str, Any] = {}
-    if recipe_file.is_file():
-        import yaml
-
-        options = (yaml.safe_load(recipe_file.read_text()) or {}).get("model", {})
+    options = saved_recipe(folder).get("model") or {}
     name = base or options.get("name_or_path") or config.get("base_model_name_or_path")
+    if not isinstance(name, str):
+        raise UserError(f"the base model's name is {name!r}, not a string", file=folder / RECIPE_FILE,
+                        where="model.name_or_path", fix="pass --base MODEL")
     if not name:
         raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
                         where="base_model_name_or_path", fix="pass --base MODEL")
@@ -144,8 +182,14 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     # The base as it was trained: a quantized one is quantized again, the same way.
     quantization = {key: options[key] for key in ("quantization", "quant_type", "double_quant", "compute_dtype")
                     if key in options}
-    return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"), trust_remote_code=trust_remote_code,
-                     **quantization)
+    try:
+        return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"), trust_remote_code=trust_remote_code,
+                         **quantization)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        raise UserError(f"invalid saved model option: {problem['msg']}", file=folder / RECIPE_FILE,
+                        where="model." + ".".join(map(str, problem["loc"])),
+                        fix="pass --base MODEL, or correct the saved recipe") from None
 
 
 def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32",

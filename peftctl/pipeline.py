@@ -71,12 +71,14 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         tokenizer = load_tokenizer(recipe.model)
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
         continued = recipe.model.adapter
+        skeleton = load_skeleton(recipe.model)
         if continued is not None:
             method_cfg = continued_method(recipe)
-            load_adapter(load_skeleton(recipe.model), continued)  # targets and shapes before weights load
+            load_adapter(skeleton, continued)  # targets and shapes before weights load
         else:
             method_cfg = recipe.method
-            methods.apply(load_skeleton(recipe.model), recipe.method)  # target errors before weights load
+            methods.apply(skeleton, recipe.method)  # target errors before weights load
+        check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
         if recipe.train.gradient_checkpointing and methods.get(method_cfg.name).feeds_kv_cache:
             raise prefilled_cache_refusal()  # as the model would at the first step, before weights load
         fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
@@ -176,6 +178,24 @@ def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int) -
 
 # What a peftctl run leaves in its output folder: --overwrite only ever deletes such a folder.
 RUN_MARKERS = ("metrics.jsonl", "adapter", checkpoint.CHECKPOINTS)
+
+
+def check_context(config: Any, data: Any, virtual_tokens: int) -> None:
+    """Every row, with a prompt method's virtual tokens in front, must fit the positions the model
+    has (learned position tables, GPT-2's say, cannot go past them at all)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    if virtual_tokens >= limit:
+        raise UserError(f"{virtual_tokens} virtual tokens fill the model's whole context ({limit} positions)",
+                        where="method.num_virtual_tokens", expected=f"fewer than {limit}, leaving room for the rows")
+    longest = max((len(e.input_ids) for e in [*data.train, *data.validation]), default=0)
+    if longest + virtual_tokens > limit:
+        room = limit - virtual_tokens
+        extra = f" + {virtual_tokens} virtual tokens" if virtual_tokens else ""
+        raise UserError(f"the longest row is {longest} tokens{extra}, more than the model's {limit} positions",
+                        where="data.max_seq_len", expected=f"max_seq_len of at most {room}",
+                        fix=f"set data.max_seq_len: {room} (longer rows are cut to it)")
 
 
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:

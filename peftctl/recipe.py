@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
-from peftctl.errors import UserError, did_you_mean
+from peftctl.errors import UserError, blame, did_you_mean
+from peftctl.files import check_path
 from peftctl.methods import METHODS
 
 
@@ -135,7 +136,7 @@ class TrainSpec(Section):
     warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from zero to `lr`.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the trainable weights.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null disables clipping.")
-    seed: int = Field(42, description="Seeds adapter initialisation, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**63, description="Seeds adapter initialisation, data order and dropout.")
     eval_every: int | None = Field(
         None, gt=0, description="Validation loss every N steps; it is always measured before and after training."
     )
@@ -239,6 +240,12 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | P
         raise _explain(err, raw, path, locate) from None
     recipe._source, recipe._text, recipe._origins = path, text, origins
     _resolve_paths(recipe, path)
+    with blame(path, locate):
+        for key, value in (("model.name_or_path", recipe.model.name_or_path), ("model.adapter", recipe.model.adapter),
+                           ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
+                           ("output.dir", recipe.output.dir)):
+            if isinstance(value, (str, Path)):
+                check_path(value, key)
     _check_data_files(recipe, path, locate)
     return recipe
 
@@ -255,6 +262,9 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain name, not a {type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise _DuplicateKey(
                     None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
@@ -262,9 +272,30 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A recipe is a few dozen values; aliases (*name) can make a short file stand for billions, which
+# validating or printing would then walk.
+MAX_VALUES = 100_000
+
+
+def _count_values(value: Any, budget: int) -> int:
+    """How many values `value` holds, counting each alias use again; stops once over `budget`."""
+    stack, seen = [value], 0
+    while stack and seen <= budget:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return seen
+
+
 def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise UserError("the YAML is nested too deeply to be a recipe", file=path,
+                        expected="a YAML mapping with sections model, method, data, train, output") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
@@ -278,6 +309,10 @@ def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"the recipe is {'empty' if raw is None else 'not a mapping of sections'}", file=path,
                         expected="a YAML mapping with sections model, method, data, train, output")
+    if _count_values(raw, MAX_VALUES) > MAX_VALUES:
+        raise UserError(f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
+                        "lists inside lists?)", file=path, expected="a recipe: a few dozen values",
+                        fix="write the values out instead of through nested aliases (*name)")
     # A section whose keys are all commented out reads as null: treat it as an empty section.
     return {key: {} if value is None else value for key, value in raw.items()}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import random
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl import checkpoint
+from peftctl import checkpoint, jsontext
 from peftctl.data import IGNORE, Example, TokenizedData, batches, collate, collate_packed
 from peftctl.errors import UserError
 from peftctl.files import atomic_write_text, writing
@@ -251,7 +250,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         history.append(entry)
         if main:
             with writing(metrics_file, "the metrics"), metrics_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(jsontext.dumps(entry) + "\n")
 
     # What a checkpoint holds besides the tensors; a resumed run starts from the saved values.
     counters = {"tokens": 0, "window_loss": 0.0, "window_tokens": 0, "window_real": 0, "train_loss": None,
@@ -265,7 +264,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         history.extend(resumed.state["metrics"])
         if main:  # the file reads like one run: what was logged after the checkpoint is dropped
             with writing(metrics_file, "the metrics"):
-                atomic_write_text(metrics_file, "".join(json.dumps(entry) + "\n" for entry in history))
+                atomic_write_text(metrics_file, "".join(jsontext.dumps(entry) + "\n" for entry in history))
     else:
         val_before = evaluate(0)
         if val_before is not None:

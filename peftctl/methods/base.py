@@ -115,9 +115,19 @@ def load_strict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
         raise UserError(f"{headline}: key '{key}' {kind} ({len(missing)} missing, {len(unexpected)} unexpected)",
                         file=source, expected=wanted, fix=fix)
     for key, target in expected.items():
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise UserError(f"{whose} weight '{key}' has shape {tuple(state[key].shape)}, "
+        value = state[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise UserError(f"{whose} weight '{key}' has shape {tuple(value.shape)}, "
                             f"the model needs {tuple(target.shape)}", file=source, expected=wanted, fix=fix)
+        if target.is_floating_point():
+            # Integers would be cast to whole-number weights, NaN would poison every output: both
+            # load "fine" and give a useless model, so they are refused here.
+            if not value.is_floating_point():
+                raise UserError(f"{whose} weight '{key}' is {str(value.dtype).removeprefix('torch.')}, not floating "
+                                "point", file=source, expected=wanted, fix=fix)
+            if not torch.isfinite(value).all():
+                raise UserError(f"{whose} weight '{key}' holds NaN or infinite values", file=source,
+                                expected="finite weights", fix="use an adapter saved from a run that did not diverge")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(target.dtype))
@@ -175,6 +185,10 @@ def match_targets(model: nn.Module, targets: list[str] | str, key: str = "method
     layers = linear_layers(model)
     if targets == "all-linear":
         return layers
+    if not targets:
+        raise UserError("the list of target modules is empty, so nothing would be trained", where=key,
+                        expected=f"at least one of: {', '.join(module_suffixes(list(layers)))}",
+                        fix="name the layers to adapt, or use 'all-linear'")
     def matches(name: str, target: str) -> bool:
         return name == target or name.endswith("." + target)
 
