@@ -72,13 +72,12 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         data = load_data(recipe.data, tokenizer, recipe.train.seed)
         continued = recipe.model.adapter
         skeleton = load_skeleton(recipe.model)
+        method_cfg = continued_method(recipe) if continued is not None else recipe.method
+        check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
         if continued is not None:
-            method_cfg = continued_method(recipe)
             load_adapter(skeleton, continued)  # targets and shapes before weights load
         else:
-            method_cfg = recipe.method
-            methods.apply(skeleton, recipe.method)  # target errors before weights load
-        check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
+            check_size(methods.apply(skeleton, recipe.method))  # target and size errors before weights load
         if recipe.train.gradient_checkpointing and methods.get(method_cfg.name).feeds_kv_cache:
             raise prefilled_cache_refusal()  # as the model would at the first step, before weights load
         fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
@@ -178,6 +177,17 @@ def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int) -
 
 # What a peftctl run leaves in its output folder: --overwrite only ever deletes such a folder.
 RUN_MARKERS = ("metrics.jsonl", "adapter", checkpoint.CHECKPOINTS)
+
+
+def check_size(adapter: Any) -> None:
+    """A parameter-efficient adapter larger than its base model is a mistake in its sizes (a rank or
+    width of 10^9 would otherwise surface as a failed allocation of hundreds of GB)."""
+    trainable, base = adapter.trainable_count(), parameter_count(adapter.model) - adapter.trainable_count()
+    if trainable > base:
+        raise UserError(f"the adapter would have {trainable:,} trainable parameters, more than the "
+                        f"{base:,} of the base model", where="method",
+                        expected="an adapter a small fraction of the model's size",
+                        fix="lower the method's rank, width or number of tokens")
 
 
 def check_context(config: Any, data: Any, virtual_tokens: int) -> None:

@@ -199,6 +199,9 @@ VALUE_CASES = {
     "seed beyond 64 bits": (("  batch_size: 4\n", f"  batch_size: 4\n  seed: {2**70}\n"), "train.seed (line 14)",
                             "less than 9223372036854775808"),
     "no target modules": (("[c_attn]", "[]"), "method.target_modules (line 7)", "nothing would be trained"),
+    "an adapter larger than the model": (
+        ("  name: lora\n  r: 4\n  target_modules: [c_attn]\n", "  name: p_tuning\n  encoder_hidden_size: 1000000000\n"),
+        "method (line 4)", "more than the 182,080 of the base model"),
     "more virtual tokens than positions": (
         ("  name: lora\n  r: 4\n  target_modules: [c_attn]\n", "  name: prompt_tuning\n  num_virtual_tokens: 5000\n"),
         "method.num_virtual_tokens (line 6)", "1024 positions"),
