@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftctl.errors import UserError
-from peftctl.files import atomic_directory, writing
+from peftctl.files import atomic_directory, check_path, writing
 
 CHECKPOINTS = "checkpoints"  # the folder of an output dir that holds them
 STATE_FILE = "state.json"
@@ -105,6 +105,7 @@ def prune(root: Path, keep_last: int | None, step: int) -> None:
 
 def read(path: Path) -> Checkpoint:
     """Load a checkpoint folder, checking that every file is there and unchanged since it was written."""
+    check_path(path, "--resume")
     path = Path(path)
     state_file = path / STATE_FILE
     if not path.is_dir():

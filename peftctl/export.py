@@ -18,7 +18,7 @@ from torch import nn
 
 from peftctl import methods
 from peftctl.errors import UserError
-from peftctl.files import atomic_directory, check_replaceable
+from peftctl.files import atomic_directory, check_replaceable, writing
 from peftctl.methods import Adapter, Method, MethodConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -234,7 +234,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
         actual = merged(probe).logits
     difference = (actual - expected).abs()
     merged.to(getattr(torch, dtype))
-    with atomic_directory(out) as staging:
+    with writing(out, "the merged model"), atomic_directory(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"

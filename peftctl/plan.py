@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from peftctl import methods, quantize
+from peftctl.errors import blame
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.pipeline import check_fsdp_recipe, continued_method
 from peftctl.recipe import Recipe
@@ -121,6 +122,11 @@ class Plan:
 
 def plan(recipe: Recipe, shards: int = 1) -> Plan:
     """Parameter counts and memory for `recipe`; per GPU of FSDP over `shards` GPUs when > 1."""
+    with blame(recipe.source, recipe.locate):
+        return _plan(recipe, shards)
+
+
+def _plan(recipe: Recipe, shards: int) -> Plan:
     spec = recipe.model
     if shards > 1:
         check_fsdp_recipe(recipe)

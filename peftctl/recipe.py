@@ -124,8 +124,9 @@ class TrainSpec(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass, in each process.")
     grad_accum: int = Field(
-        1, gt=0,
-        description="Forward passes per optimizer step in each process. The global batch is batch_size × grad_accum × "
+        1, gt=0, le=1024,
+        description="Forward passes per optimizer step in each process (at most 1024: a step's batches are read "
+        "before its first forward). The global batch is batch_size × grad_accum × "
         "processes (1 unless run with `accelerate launch --num_processes N`): to train N processes as one did, "
         "divide grad_accum by N.",
     )

@@ -305,3 +305,20 @@ def test_json_output_writes_null_for_non_finite_numbers():
     text = jsontext.dumps({"loss": float("nan"), "steps": [1, float("inf")], "ok": 0.5})
     assert text == '{"loss": null, "steps": [1, null], "ok": 0.5}'
     assert json.loads(text)["ok"] == 0.5
+
+
+def test_grad_accum_is_bounded(tmp_path):
+    """A step reads its micro-batches before its first forward: grad_accum 10^9 filled 15 GB of memory."""
+    result = invoke("train", SMOKE, "--output", tmp_path / "run", "--set", "train.grad_accum=1000000000")
+    assert_refused(result, "train.grad_accum", "at most 1024")
+
+
+@pytest.mark.parametrize("command", ["--resume", "merge --out"])
+def test_paths_given_on_the_command_line_are_checked_too(trained, tmp_path, command):
+    long = "/tmp/" + "q" * 300
+    if command == "--resume":
+        result = invoke("train", SMOKE, "--output", tmp_path / "run", "--resume", long)
+        assert_refused(result, "--resume", "longer than a file system allows")
+    else:  # an output folder the OS will not create
+        result = invoke("merge", trained / "adapter", "--out", "/proc/peftctl-merged")
+        assert_refused(result, "could not write the merged model")
