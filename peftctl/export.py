@@ -131,12 +131,11 @@ def saved_recipe(folder: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    fix = f"delete {RECIPE_FILE} and pass --base (and --data) yourself"
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"not a readable recipe: {_short(err)}", file=path,
-                        fix=f"delete {RECIPE_FILE} and pass --base (and --data) yourself") from None
-    fix = f"delete {RECIPE_FILE} and pass --base (and --data) yourself"
+        raise UserError(f"not a readable recipe: {_short(err)}", file=path, fix=fix) from None
     if not isinstance(recipe, dict):
         raise UserError("not a recipe: the file is not a mapping of sections", file=path, fix=fix)
     for section in ("model", "data"):

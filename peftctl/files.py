@@ -103,7 +103,8 @@ def check_path(path: str | Path, where: str) -> None:
     longest = max(raw.split(b"/"), key=len)
     if len(longest) > NAME_MAX or len(raw) > PATH_MAX:
         what = (f"a name in it is {len(longest)} bytes" if len(longest) > NAME_MAX else f"it is {len(raw)} bytes")
-        raise UserError(f"the path {text[:80]}... is longer than a file system allows: {what}", where=where,
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise UserError(f"the path {shown} is longer than a file system allows: {what}", where=where,
                         expected=f"names of at most {NAME_MAX} bytes, a path of at most {PATH_MAX}",
                         fix="use a shorter path")
 

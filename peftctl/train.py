@@ -237,10 +237,13 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     fingerprint = {**(fingerprint or {}), **loop_fingerprint(spec, processes)}
     checkpoints = out_dir / checkpoint.CHECKPOINTS
 
+    def diverged(step: int, what: str, value: float, applied: bool = False) -> TrainingDiverged:
+        return _diverged(step, what, value, last_checkpoint or checkpoint.latest(checkpoints), applied)
+
     def evaluate(step: int) -> float | None:
         val = validation_loss(loss_model, data.validation, spec.batch_size, pad_id, device)
         if val is not None and not math.isfinite(val):
-            raise _diverged(step, "validation loss", val, last_checkpoint or checkpoint.latest(checkpoints))
+            raise diverged(step, "validation loss", val)
         return val
 
     metrics_file = out_dir / "metrics.jsonl"
@@ -256,6 +259,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     counters = {"tokens": 0, "window_loss": 0.0, "window_tokens": 0, "window_real": 0, "train_loss": None,
                 "elapsed_s": 0.0}
     resumed = checkpoint.read(resume) if isinstance(resume, Path) else resume
+    last_checkpoint = resumed.path if resumed is not None else None
     if resumed is not None:
         checkpoint.check_compatible(resumed, fingerprint)
         _restore_optimizer(resumed, adapter, optimizer, scheduler, spec.lr, schedule)
@@ -270,15 +274,13 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         if val_before is not None:
             record({"step": 0, "val_loss": val_before})
     first_step = resumed.step + 1 if resumed is not None else 1
-    last_checkpoint = resumed.path if resumed is not None else None
 
     def save(step: int, batch: dict[str, torch.Tensor]) -> Path:
         # An update can leave weights whose forward overflows though the step's own loss and
         # gradients were finite (lr 1e30): what is saved must give a finite loss, or nothing is.
         probe = _weights_loss(accelerator, loss_model, batch, device)
         if not math.isfinite(probe):
-            raise _diverged(step, "loss of the weights after this step's update", probe,
-                            last_checkpoint or checkpoint.latest(checkpoints), applied=True)
+            raise diverged(step, "loss of the weights after this step's update", probe, applied=True)
         # Whole tensors: under FSDP2 every process joins the gathering, the main one writes.
         tensors = {"adapter": {name: whole(p.detach()) for name, p in adapter.params.items()},
                    "optimizer": {key: whole(t) for key, t in _optimizer_tensors(optimizer, adapter.params).items()},
@@ -305,7 +307,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device)
             step_loss, step_real = _over_processes(accelerator, local_loss, local_real)
             if not math.isfinite(step_loss):
-                raise _diverged(step, "training loss", step_loss, last_checkpoint or checkpoint.latest(checkpoints))
+                raise diverged(step, "training loss", step_loss)
             counters["window_loss"] += step_loss
             counters["window_real"] += step_real
             counters["window_tokens"] += step_tokens
@@ -313,7 +315,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             if spec.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(params, spec.max_grad_norm))
                 if not math.isfinite(grad_norm):
-                    raise _diverged(step, "gradient norm", grad_norm, last_checkpoint or checkpoint.latest(checkpoints))
+                    raise diverged(step, "gradient norm", grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

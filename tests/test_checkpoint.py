@@ -233,6 +233,15 @@ def test_a_mismatched_tensor_is_named(smoke_run):
     assert all(float(t.abs().sum()) == 0 for t in targets.values())  # nothing copied
 
 
+def test_a_validation_loss_that_is_not_finite_before_training_stops_the_run(tiny_data, tmp_path):
+    data, pad_id = tiny_data
+    adapter = new_adapter()
+    adapter.model.transformer.ln_f.register_forward_hook(lambda module, args, out: out * float("nan"))
+    with pytest.raises(TrainingDiverged, match="validation loss is not finite .* at step 0.*no checkpoint was written"):
+        train(adapter, data, TrainSpec(**SPEC, save_every=2), tmp_path, pad_id, SilentReporter())
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_needs_a_checkpoint_and_refuses_overwrite(smoke_run, tmp_path):
     result = cli("--output", str(tmp_path / "empty"), "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.output
