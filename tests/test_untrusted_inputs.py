@@ -45,7 +45,8 @@ def invoke(*args) -> object:
 
 def assert_clean_refusal(result, *phrases: str) -> None:
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     for phrase in phrases:
         assert phrase in " ".join(result.output.split()), result.output
 
