@@ -74,6 +74,12 @@ KNOWN_ALIASES = {
 }
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """A library's error message on one line, cut to `limit` characters, to quote inside ours."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A 'did you mean' hint for a misspelt key or name, or None when nothing is close."""
     choices = list(choices)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.errors import UserError, one_line
 from peftctl.files import atomic_directory, check_replaceable, writing
 from peftctl.methods import Adapter, Method, MethodConfig
 
@@ -55,7 +55,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"not valid UTF-8 JSON: {_short(err)}", file=config_path,
+        raise UserError(f"not valid UTF-8 JSON: {one_line(err, 200)}", file=config_path,
                         expected="the adapter_config.json that peftctl train or peft's save_pretrained writes") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise UserError("the adapter config has no 'peft_type'", file=config_path)
@@ -112,13 +112,8 @@ def read_weights(path: Path) -> dict:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as err:
-        raise UserError(f"not a readable safetensors file: {_short(err)}", file=path,
+        raise UserError(f"not a readable safetensors file: {one_line(err, 200)}", file=path,
                         fix="copy the file again; peftctl reads only complete safetensors files") from None
-
-
-def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def saved_recipe(folder: Path) -> dict[str, Any]:
@@ -135,7 +130,7 @@ def saved_recipe(folder: Path) -> dict[str, Any]:
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-        raise UserError(f"not a readable recipe: {_short(err)}", file=path, fix=fix) from None
+        raise UserError(f"not a readable recipe: {one_line(err, 200)}", file=path, fix=fix) from None
     if not isinstance(recipe, dict):
         raise UserError("not a recipe: the file is not a mapping of sections", file=path, fix=fix)
     for section in ("model", "data"):

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from peftctl import quantize
-from peftctl.errors import UserError
+from peftctl.errors import UserError, one_line
 from peftctl.files import check_path
 from peftctl.kv_cache import passed_cache
 from peftctl.recipe import ModelSpec
@@ -112,8 +112,7 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, SafetensorError, struct.error, EOFError, RecursionError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        if "trust_remote_code" in reason and not spec.trust_remote_code:
+        if "trust_remote_code" in str(err) and not spec.trust_remote_code:
             raise UserError(
                 f"the model '{spec.name_or_path}' is Python code of its own (its config names custom classes), "
                 "which peftctl runs only when you ask for it",
@@ -121,9 +120,8 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
                 fix="if you trust that code, pass --trust-remote-code (eval, merge) or set model.trust_remote_code: "
                     "true in your recipe; an adapter folder never turns it on",
             ) from None
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise UserError(
-            f"could not load the {what} from '{spec.name_or_path}': {reason}",
+            f"could not load the {what} from '{spec.name_or_path}': {one_line(err)}",
             where="model.name_or_path",
             expected="a Hugging Face model folder with config.json, tokenizer files and safetensors weights, or a .gguf file",
         ) from None

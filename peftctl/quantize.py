@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.errors import UserError
+from peftctl.errors import UserError, one_line
 from peftctl.methods.base import dense_weight, linear_layers, linear_shape
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def import_bitsandbytes():
         import bitsandbytes
     except Exception as err:  # ImportError, or a native library that fails to load
         raise UserError(
-            f"quantization needs bitsandbytes, which cannot be imported here: {_reason(err)}",
+            f"quantization needs bitsandbytes, which cannot be imported here: {one_line(err)}",
             where="model.quantization",
             fix=f"pip install -U bitsandbytes (recent releases also run on CPUs), or {FIX}",
         ) from None
@@ -76,7 +76,7 @@ def check_quantization(spec: ModelSpec) -> None:
     except Exception as err:
         raise UserError(
             f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {spec.quantization} layers on this "
-            f"machine: {_reason(err)}",
+            f"machine: {one_line(err)}",
             where="model.quantization",
             fix=f"install a bitsandbytes build for this machine (pip install -U bitsandbytes), or {FIX}",
         ) from None
@@ -281,8 +281,3 @@ def _dtype(name: str) -> torch.dtype:
     from peftctl.model import resolve_dtype
 
     return resolve_dtype(name)
-
-
-def _reason(err: BaseException) -> str:
-    reason = " ".join(str(err).split()) or type(err).__name__
-    return reason if len(reason) <= 300 else reason[:297] + "..."

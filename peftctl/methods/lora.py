@@ -151,11 +151,12 @@ class LoRA(Method):
         targets = match_targets(model, cfg.target_modules)
         # B·A cannot have a rank above the layer's smaller side: a larger r only allocates (r = 10^9
         # would ask for hundreds of GB) and is refused before any weight exists.
-        name, layer = min(targets.items(), key=lambda item: min(linear_shape(item[1])[:2]))
-        rank_limit = min(linear_shape(layer)[:2])
+        shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
+        narrowest = min(shapes, key=lambda name: min(shapes[name]))
+        rank_limit = min(shapes[narrowest])
         if cfg.r > rank_limit:
-            raise UserError(f"r = {cfg.r} is larger than the rank of the target layer {name} "
-                            f"({' × '.join(map(str, linear_shape(layer)[:2]))})", where="method.r",
+            raise UserError(f"r = {cfg.r} is larger than the rank of the target layer {narrowest} "
+                            f"({' × '.join(map(str, shapes[narrowest]))})", where="method.r",
                             expected=f"r ≤ {rank_limit}", fix="use a smaller r (8-64 is usual)")
         for name, layer in targets.items():
             model.set_submodule(name, LoraLinear(layer, cfg))
