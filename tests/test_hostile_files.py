@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from peftctl import pipeline
-from peftctl.cli import app
 from peftctl.export import RECIPE_FILE, WEIGHTS_FILE, merge_to_folder
 from peftctl.recipe import load_recipe
+from cli_checks import assert_refused, invoke, snapshot
 from test_bad_input import recipe_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,30 +32,10 @@ VALIDATION = TINY / "validation.jsonl"
 RECIPE = recipe_text()  # test_bad_input's valid recipe: line numbers as listed there
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_refused(result, *phrases: str) -> str:
-    """Exit 2, one `error:` message holding every phrase, and no exception escaped."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    # (Training's progress bar may come first in the captured output.)
-    assert sum(line.startswith("error: ") for line in result.output.splitlines()) == 1, result.output
-    message = " ".join(result.output.split())
-    for phrase in phrases:
-        assert phrase in message, message
-    return message
-
-
 def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from peftctl import pipeline
-from peftctl.cli import app
 from peftctl.export import RECIPE_FILE
 from peftctl.recipe import load_recipe
+from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,18 +36,6 @@ class HostileConfig(LlamaConfig):
 class HostileModel(LlamaForCausalLM):
     config_class = HostileConfig
 """
-
-
-def invoke(*args) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_clean_refusal(result, *phrases: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for phrase in phrases:
-        assert phrase in " ".join(result.output.split()), result.output
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +76,7 @@ def test_an_adapter_folder_cannot_turn_on_remote_code(trained, tmp_path, command
     else:
         result = invoke("merge", adapter, "--out", tmp_path / "merged", *(["--base", base] if "--base" in command else []))
     assert not marker.exists(), "the model folder's code ran without --trust-remote-code"
-    assert_clean_refusal(result, "--trust-remote-code")
+    assert_refused(result, "--trust-remote-code")
     assert not (tmp_path / "merged").exists()
 
 
@@ -120,10 +107,6 @@ train:
 """
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def llama_recipe(tmp_path: Path, base: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(LLAMA_RECIPE.format(base=base, data=ROOT / "recipes" / "data" / "tiny"))
@@ -136,7 +119,7 @@ def test_train_overwrite_spares_a_base_model_inside_the_output_folder(tmp_path):
     (run_dir / "metrics.jsonl").write_text("")  # it looks like a run folder --overwrite may replace
     before = snapshot(run_dir)
     result = invoke("train", llama_recipe(tmp_path, base), "--output", run_dir, "--overwrite")
-    assert_clean_refusal(result, "the base model")
+    assert_refused(result, "the base model")
     assert snapshot(run_dir) == before
 
 
@@ -144,7 +127,7 @@ def test_train_never_writes_into_the_base_model_folder(tmp_path):
     base = save_tiny_llama(tmp_path / "basemodel")
     before = snapshot(base)
     result = invoke("train", llama_recipe(tmp_path, base), "--output", base / "run")
-    assert_clean_refusal(result, "the base model")
+    assert_refused(result, "the base model")
     assert snapshot(base) == before
 
 
@@ -159,7 +142,7 @@ def test_merge_spares_its_base_and_its_adapter(trained, tmp_path, out):
     target = {"base": base, "inside base": base / "merged", "inside adapter": adapter / "merged"}[out]
     before = snapshot(base), snapshot(adapter)
     result = invoke("merge", adapter, "--base", base, "--out", target, "--overwrite")
-    assert_clean_refusal(result, "the base model" if "adapter" not in out else "the adapter")
+    assert_refused(result, "the base model" if "adapter" not in out else "the adapter")
     assert (snapshot(base), snapshot(adapter)) == before
 
 
@@ -171,7 +154,7 @@ def test_an_output_folder_in_use_is_refused_naming_the_run(tmp_path):
     out = tmp_path / "run"
     with output_lock(out, "output.dir"):  # as a run in progress holds it
         result = invoke("train", SMOKE, "--output", out, "--overwrite")
-    assert_clean_refusal(result, "in use", f"pid {os.getpid()}")
+    assert_refused(result, "in use", f"pid {os.getpid()}")
     assert not (out / "adapter").exists()
     result = invoke("train", SMOKE, "--output", out, "--set", "train.max_steps=1")  # free again
     assert result.exit_code == 0, result.output
@@ -185,7 +168,7 @@ def test_a_diverged_run_writes_no_adapter_and_no_checkpoint_of_its_bad_weights(t
     # One step at lr 1e30: its loss and gradients are finite, the weights it leaves are not usable.
     result = invoke("train", SMOKE, "--output", out, "--set", "train.lr=1e30", "--set", "train.max_steps=1",
                     *checkpoints)
-    assert_clean_refusal(result, "not finite", "train.lr")
+    assert_refused(result, "not finite", "train.lr")
     assert not (out / "adapter").exists()
     assert not list((out / "checkpoints").glob("step-*"))
     metrics = out / "metrics.jsonl"
