@@ -173,8 +173,32 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     with user_errors():
         spec = load_recipe(recipe, set_ or [])
+        found = hub_sources(spec)
     # Plain print: rich would wrap long values (paths) at the terminal width and break the YAML.
     print(spec.to_yaml(), end="")
+    for line in found:  # stderr: stdout stays the recipe, for programs
+        print(line, file=sys.stderr)
+
+
+def hub_sources(spec) -> list[str]:
+    """Where the recipe's Hub model and datasets are (cache) or what training would fetch; nothing
+    is downloaded. Local models and data are not looked at here (training reads them first)."""
+    from peftctl.errors import blame
+    from peftctl.hub import is_hub_id
+
+    data = spec.data
+    hub_named = [value for value in (spec.model.name_or_path, data.train, data.validation)
+                 if isinstance(value, str) and is_hub_id(value)]
+    if not hub_named:
+        return []
+    from peftctl.model import describe_hub_source as describe_model
+    from peftctl.rows import describe_hub_source as describe_data
+
+    with blame(spec.source, spec.locate):
+        found = [describe_model(spec.model), describe_data(data.train, data, "data.train")]
+        if data.validation != data.train:
+            found.append(describe_data(data.validation, data, "data.validation"))
+    return [f"source: {line}" for line in found if line]
 
 
 @app.command()

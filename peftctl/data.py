@@ -1,4 +1,4 @@
-"""Training data: local files in, token ids with loss masks out.
+"""Training data: rows in (rows.py reads them), token ids with loss masks out.
 
 Every row becomes a conversation (alpaca rows are one user turn and one assistant turn) rendered
 with the tokenizer's chat template, or plain text for the completion format. Labels are -100 on
@@ -10,7 +10,6 @@ the last.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -22,10 +21,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.errors import UserError
-from peftctl.recipe import DATA_SUFFIXES, DataSpec
+from peftctl.recipe import DataSpec
+from peftctl.rows import read_source
 
 IGNORE = -100  # label of tokens that carry no loss
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -48,9 +47,9 @@ class TokenizedData:
 
 
 def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> TokenizedData:
-    train_rows = read_rows(spec.train, spec.format)
-    if isinstance(spec.validation, Path):
-        val_rows = read_rows(spec.validation, spec.format, key="data.validation")
+    train_rows = read_source(spec.train, spec)
+    if isinstance(spec.validation, (str, Path)):
+        val_rows = read_source(spec.validation, spec, key="data.validation", split=spec.validation_split)
     elif isinstance(spec.validation, float):
         random.Random(seed).shuffle(train_rows)
         held_out = max(1, round(len(train_rows) * spec.validation))
@@ -66,136 +65,6 @@ def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
         raise UserError("no training row has a response token left after truncation",
                         file=spec.train, where="data.max_seq_len", fix="raise data.max_seq_len")
     return TokenizedData(train, validation, dropped_train + dropped_val, spec.packing, spec.max_seq_len)
-
-
-# --- reading and checking rows ------------------------------------------------------------------
-
-
-def read_rows(path: Path, fmt: str, key: str = "data.train") -> list[dict[str, Any]]:
-    """The file's rows, each checked to have the fields `fmt` needs (errors name the 1-based row)."""
-    if not path.is_file():
-        raise UserError("data file not found", file=path, where=key,
-                        fix="check the path; relative paths are resolved from the recipe's folder")
-    suffix = path.suffix.lower()
-    if suffix not in DATA_SUFFIXES:
-        raise UserError(f"unsupported data file type '{path.suffix}'", file=path, where=key,
-                        expected=f"a {', '.join(DATA_SUFFIXES)} file")
-    rows, lines = _read_json(path) if suffix in (".json", ".jsonl") else _read_table(path, suffix.lstrip("."))
-    if not rows:
-        raise UserError("the data file has no rows", file=path, where=key, expected=_LAYOUTS[fmt] + " per row")
-    for number, (row, line) in enumerate(zip(rows, lines), start=1):
-        place = f"row {number}" + (f" (line {line})" if line not in (None, number) else "")
-        check_row(row, fmt, path, place)
-    return rows
-
-
-def _read_json(path: Path) -> tuple[list[Any], list[int | None]]:
-    """A JSON list of rows, or JSON Lines; read here rather than by `datasets` so that a broken
-    line is reported by its number (and nothing is cached)."""
-    text = _read_text(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {err.lineno}, column {err.colno}",
-                            expected="a JSON list of row objects, or one JSON object per line") from None
-        except RecursionError:
-            raise _too_deep(path, None) from None
-        return rows, [None] * len(rows)
-    rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg}", file=path, where=f"line {number}, column {err.colno}",
-                            expected="one JSON object per line (JSON Lines)") from None
-        except RecursionError:
-            raise _too_deep(path, number) from None
-        lines.append(number)
-    return rows, lines
-
-
-def _too_deep(path: Path, line: int | None) -> UserError:
-    return UserError("the JSON is nested too deeply to be a data row", file=path,
-                     where=f"line {line}" if line else None, expected="row objects whose fields are text")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"the data file is not UTF-8 text (byte {err.start})", file=path,
-                        expected="a UTF-8 encoded file") from None
-
-
-def _read_table(path: Path, reader: str) -> tuple[list[Any], list[int | None]]:
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(reader, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as err:  # datasets/pyarrow raise many types for malformed files
-        cause = err
-        while cause.__cause__ or cause.__context__:  # datasets wraps the reader's useful message
-            cause = cause.__cause__ or cause.__context__
-        raise UserError(f"could not read the data file: {cause}", file=path,
-                        expected=f"a valid {reader} file") from None
-    rows = table.to_list()
-    # CSV: the header is line 1, so row N is on line N + 1.
-    return rows, [n + 2 for n in range(len(rows))] if reader == "csv" else [None] * len(rows)
-
-
-def check_row(row: Any, fmt: str, path: Path, place: str) -> None:
-    def fail(problem: str, expected: str = _LAYOUTS[fmt]) -> None:
-        raise UserError(problem, file=path, where=place, expected=expected,
-                        fix=f"fix that row, or set data.format to the layout the file uses (now '{fmt}')")
-
-    if not isinstance(row, dict):
-        fail(f"the row is {_kind(row)}, not an object with fields")
-
-    def text(key: str, required: bool = True) -> None:
-        value = row.get(key)
-        if value is None:
-            if required:
-                fail(f"missing field '{key}'")
-            return
-        if not isinstance(value, str):
-            fail(f"field '{key}' is {_kind(value)}, not text")
-        if required and not value.strip():
-            fail(f"field '{key}' is empty")
-
-    if fmt == "alpaca":
-        text("instruction")
-        text("input", required=False)
-        text("output")
-    elif fmt == "completion":
-        text("text")
-    else:
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            fail("missing field 'messages'" if messages is None else "field 'messages' is empty or not a list")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES \
-                    or not isinstance(message.get("content"), str):
-                fail(f"message {i + 1} is not a {{role, content}} pair with role one of {', '.join(ROLES)}")
-        if messages[0]["role"] == "assistant":
-            fail("the first message is from the assistant", "a system or user message first")
-        if not any(m["role"] == "assistant" for m in messages):
-            fail("no assistant message: nothing to learn", "at least one assistant message")
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", bool: "true/false", int: "a number", float: "a number",
-            str: "text"}.get(type(value), type(value).__name__)
-
-
-_LAYOUTS = {
-    "alpaca": '{"instruction": "...", "input": "... (optional)", "output": "..."}',
-    "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
-    "completion": '{"text": "..."}',
-}
 
 
 # --- tokenizing ---------------------------------------------------------------------------------

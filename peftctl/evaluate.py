@@ -111,7 +111,8 @@ class EvalReport:
 def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
                      base: str | None = None, trust_remote_code: bool = False) -> EvalReport:
     """Score the base model, then the same model with the adapter, on the same rows."""
-    from peftctl.data import read_rows, tokenize_rows
+    from peftctl.data import tokenize_rows
+    from peftctl.rows import read_rows
     from peftctl.export import base_model_spec, load_adapter
     from peftctl.model import load_model, load_skeleton, load_tokenizer
     from peftctl.recipe import DataSpec

@@ -26,22 +26,27 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 RECIPE_FILE = "peftctl_recipe.yaml"
 
 
-def adapter_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
+def adapter_config(adapter: Adapter, base_model: str, revision: str | None = None) -> dict[str, Any]:
+    """peft's config: the base named as the recipe named it (a Hub id, as peft writes it, so that
+    peft and `peftctl eval` find the base by name), with its revision."""
     return {
         "peft_type": adapter.method.peft_type,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
+        "revision": revision,
         "inference_mode": True,
         **adapter.method.peft_config(adapter),
     }
 
 
-def save_adapter(adapter: Adapter, folder: Path, base_model: str, recipe_yaml: str | None = None) -> Path:
+def save_adapter(adapter: Adapter, folder: Path, base_model: str, recipe_yaml: str | None = None,
+                 revision: str | None = None) -> Path:
     """Write the adapter to `folder` atomically: it appears complete or not at all."""
     state = {key: tensor.detach().to("cpu").contiguous() for key, tensor in adapter.state_dict().items()}
     with atomic_directory(folder) as staging:
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(adapter_config(adapter, base_model), indent=2) + "\n")
+        config = adapter_config(adapter, base_model, revision)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if recipe_yaml is not None:
             (staging / RECIPE_FILE).write_text(recipe_yaml)
     return folder
@@ -161,29 +166,32 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     if not name:
         raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
                         where="base_model_name_or_path", fix="pass --base MODEL")
-    from peftctl.model import resolve_source
-
-    try:
-        resolve_source(name)
-    except UserError as err:
-        if base:
-            raise UserError(err.problem, where="--base", expected=err.expected, fix=err.fix) from None
-        # peft writes the hub name it loaded the base from; peftctl never downloads one.
-        named_in = (f"{RECIPE_FILE}: model.name_or_path" if options.get("name_or_path")
-                    else f"{CONFIG_FILE}: base_model_name_or_path")
-        raise UserError(f"the adapter's base model '{name}' (from {named_in}) is not on this machine",
-                        file=folder, expected=err.expected, fix="pass --base with a local copy of that model") from None
+    revision = None if base else options.get("revision", config.get("revision"))
     # The base as it was trained: a quantized one is quantized again, the same way.
     quantization = {key: options[key] for key in ("quantization", "quant_type", "double_quant", "compute_dtype")
                     if key in options}
+    gguf_file = None if base else options.get("gguf_file")
     try:
-        return ModelSpec(name_or_path=name, dtype=options.get("dtype", "auto"), trust_remote_code=trust_remote_code,
-                         **quantization)
+        spec = ModelSpec(name_or_path=name, revision=revision, gguf_file=gguf_file, dtype=options.get("dtype", "auto"),
+                         trust_remote_code=trust_remote_code, **quantization)
     except ValidationError as err:
         problem = err.errors()[0]
         raise UserError(f"invalid saved model option: {problem['msg']}", file=folder / RECIPE_FILE,
                         where="model." + ".".join(map(str, problem["loc"])),
                         fix="pass --base MODEL, or correct the saved recipe") from None
+    from peftctl.model import resolve_source
+
+    try:
+        resolve_source(spec)  # a Hub id: its config and tokenizer, from the cache or the Hub
+    except UserError as err:
+        if base:
+            raise UserError(err.problem, where="--base", expected=err.expected, fix=err.fix) from None
+        named_in = (f"{RECIPE_FILE}: model.name_or_path" if options.get("name_or_path")
+                    else f"{CONFIG_FILE}: base_model_name_or_path")
+        raise UserError(f"the adapter's base model '{name}' (from {named_in}) cannot be loaded: {err.problem}",
+                        file=folder, expected=err.expected,
+                        fix=(err.fix + "; or " if err.fix else "") + "pass --base with a copy of that model") from None
+    return spec
 
 
 def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32",
@@ -207,7 +215,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     method.check_mergeable()  # before any weights load
     spec = base_model_spec(folder, base, trust_remote_code)
     check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
-        "the adapter": folder, "the base model": model_files(spec.name_or_path)})
+        "the adapter": folder, "the base model": model_files(spec)})
     load_adapter(load_skeleton(spec), folder)  # options, targets and shapes, before the weights load
     quantized = spec.quantization != "none"
     if not quantized:

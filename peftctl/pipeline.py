@@ -104,7 +104,8 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
             # The saved recipe holds the options the adapter has, also those taken from a continued one.
             recipe_yaml = recipe.model_copy(update={"method": method_cfg}).to_yaml()
             with writing(adapter_dir, "the adapter"):
-                save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml)
+                save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml,
+                             revision=recipe.model.revision)
         processes.wait_for_everyone()  # every process ends the run together
     return RunSummary(
         output_dir=out,
@@ -165,11 +166,12 @@ def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int) -
     adapter's options and the data (its order and token layout decide each step's batches).
     Optimisation settings (lr, schedule, max_steps) may change: they act from the checkpoint on."""
     m, d = recipe.model, recipe.data
-    found = {f"model.{key}": getattr(m, key) for key in ("name_or_path", "dtype", "quantization", "quant_type",
-                                                         "double_quant", "compute_dtype")}
+    found = {f"model.{key}": getattr(m, key) for key in ("name_or_path", "revision", "gguf_file", "dtype",
+                                                         "quantization", "quant_type", "double_quant", "compute_dtype")}
     found.update({f"method.{key}": value for key, value in method_cfg.model_dump(mode="json").items()})
     found.update({f"data.{key}": str(value) if isinstance(value, Path) else value for key, value in
-                  d.model_dump(include={"train", "validation", "format", "max_seq_len", "train_on_inputs",
+                  d.model_dump(include={"train", "validation", "subset", "split", "validation_split", "revision",
+                                        "format", "columns", "roles", "max_seq_len", "train_on_inputs",
                                         "packing"}).items()})
     found["data.train rows"] = train_rows
     return found
@@ -211,9 +213,10 @@ def check_context(config: Any, data: Any, virtual_tokens: int) -> None:
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
     validation = recipe.data.validation
     check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, inputs={
-        "the recipe": recipe.source, "the training data": recipe.data.train,
+        "the recipe": recipe.source,
+        "the training data": recipe.data.train if isinstance(recipe.data.train, Path) else None,
         "the validation data": validation if isinstance(validation, Path) else None,
-        "the base model": model_files(recipe.model.name_or_path), "the adapter to continue": recipe.model.adapter})
+        "the base model": model_files(recipe.model), "the adapter to continue": recipe.model.adapter})
 
 
 def continued_method(recipe: Recipe) -> MethodConfig:

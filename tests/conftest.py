@@ -1,3 +1,10 @@
+import os
+
+# Tests never reach a network: anything that would ask the Hub fails at once instead (the Hub
+# tests build the cache layouts they read). Set before huggingface_hub is imported: it reads
+# the variable once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import torch
 
 # The tests' models are tiny: one thread does their matmuls as fast as two, and avoids the

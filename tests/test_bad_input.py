@@ -124,7 +124,7 @@ def test_unknown_section_and_method_option_get_a_hint(tmp_path, old, new, where,
 def test_an_unknown_key_with_nothing_close_lists_the_keys(tmp_path):
     recipe = write(tmp_path, replace(recipe_text(), "  dtype: float32\n", "  dtype: float32\n  colour: red\n"))
     message = cli(["validate", recipe], None, "model.colour (line 4): unknown key 'colour'",
-                  "expected: one of: name_or_path, dtype, trust_remote_code")
+                  "expected: one of: name_or_path, revision, gguf_file, dtype, trust_remote_code")
     assert "did you mean" not in message
 
 
@@ -224,14 +224,14 @@ def test_row_without_the_fields_its_format_needs_subprocess(tmp_path):
     data.write_text("\n".join(good_rows(3) + [json.dumps({"instruction": "Name a colour.", "input": ""})]) + "\n")
     run_cli(["train", write(tmp_path, recipe_text(train=data)), "--output", tmp_path / "out"], tmp_path / "out",
             f"{data}: row 4: missing field 'output'", 'expected: {"instruction": "...", ',
-            "set data.format to the layout the file uses (now 'alpaca')")
+            "set data.format to the layout the data uses (now 'alpaca')")
 
 
 @pytest.mark.parametrize("fmt, row, problem", [
     ("completion", {"txt": "hello"}, "missing field 'text'"),
     ("alpaca", {"instruction": "Say hi.", "output": ""}, "field 'output' is empty"),
     ("alpaca", {"instruction": ["Say hi."], "output": "hi"}, "field 'instruction' is a list, not text"),
-    ("chat", {"messages": [{"role": "bot", "content": "hi"}]}, "message 1 is not a {role, content} pair"),
+    ("chat", {"messages": [{"role": "bot", "content": "hi"}]}, "message 1 has role 'bot'"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
 ])
 def test_row_problems_name_the_row(tmp_path, fmt, row, problem):

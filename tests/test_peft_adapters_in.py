@@ -27,7 +27,8 @@ import peftctl.model
 from peftctl import pipeline
 from peftctl.plan import plan
 from peftctl.cli import app
-from peftctl.data import read_rows, tokenize_rows
+from peftctl.data import tokenize_rows
+from peftctl.rows import read_rows
 from peftctl.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from peftctl.model import load_model, load_tokenizer
@@ -149,7 +150,7 @@ def test_eval_cli_on_a_peft_adapter(made_by_peft, name, tmp_path):
     assert result.exit_code == 2, result.output
     assert f"'{HUB_NAME}'" in result.output and "--base" in result.output
     result = cli("eval", folder, "--base", tmp_path / "no-model", "--data", VALIDATION)
-    assert result.exit_code == 2 and "--base: " in result.output and "is not a local model" in result.output
+    assert result.exit_code == 2 and "--base: " in result.output and "is not a model: no such file or folder here" in result.output
 
     result = cli("eval", folder, "--base", base, "--data", VALIDATION, "--samples", "1", "--json")
     assert result.exit_code == 0, result.output
