@@ -8,7 +8,8 @@ HF_HUB_OFFLINE=1 keeps everything to the cache. A token (HF_TOKEN, or `hf auth l
 on by huggingface_hub itself for gated and private repos; peftctl never reads, prints or writes it.
 
 A model is fetched in two steps: config and tokenizer first (what the checks before the weights
-load need), then the weights, so a recipe mistake costs seconds, not a download.
+load need), then the weights, so a recipe mistake costs seconds, not a download (a GGUF file
+holds all three: it is fetched whole, first).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class HubFile:
 
 
 def model_patterns(gguf_file: str | None, weights: bool, trust_remote_code: bool) -> list[str]:
-    if gguf_file:  # a GGUF file holds config, tokenizer and weights in one
-        return [gguf_file] if weights else ["config.json"]  # config.json only to say what the repo is
+    if gguf_file:  # a GGUF file holds config, tokenizer and weights in one: it is needed from the start
+        return [gguf_file]
     return SETUP_FILES + (WEIGHT_FILES if weights else []) + (CODE_FILES if trust_remote_code else [])
 
 

@@ -277,3 +277,36 @@ def test_a_local_dataset_folder_reads_its_splits_and_slices(tmp_path):
     with pytest.raises(Exception, match="has no split 'validation'"):
         read_source(folder, spec, key="data.validation", split="validation")
     assert snapshot(folder) == before  # datasets caches elsewhere, never in the user's folder
+
+
+# --- the shipped Hub recipe, and GGUF files in Hub repos ----------------------------------------
+
+
+def test_the_shipped_hub_recipe_trains_from_a_cache_under_its_ids(tmp_path, hf_home):
+    """recipes/hub-qwen-alpaca.yaml as written, its ids standing for tiny stand-ins in the cache."""
+    from peftctl.recipe import load_recipe
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "hub-qwen-alpaca.yaml"
+    spec = load_recipe(shipped)
+    cache_repo(hf_home / "hub", spec.model.name_or_path, save_tiny_llama(tmp_path / "stand-in"))
+    alpaca = [{"instruction": r["question"], "input": "", "output": r["answer"]} for r in QA] * 5
+    cache_repo(hf_home / "hub", spec.data.train, {"data/train-00000-of-00001.jsonl": jsonl(alpaca)}, kind="dataset")
+    result = invoke("train", shipped, "--output", tmp_path / "run", "--set", "train.max_steps=1",
+                    "--set", "data.split=train[:40]", "--set", "model.dtype=float32", "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["train_rows"] + figures["validation_rows"] == 40 and figures["validation_rows"] == 1
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_a_gguf_file_in_a_hub_repo_is_read_from_the_cache(hf_home):
+    from peftctl.model import SMOLLM2, SMOLLM2_GGUF, load_config, resolve_source
+
+    gguf = resolve_source(ModelSpec(name_or_path=SMOLLM2)).folder / SMOLLM2_GGUF
+    cache_repo(hf_home / "hub", "tiny-org/smol-gguf", {SMOLLM2_GGUF: gguf.read_bytes()})
+    spec = ModelSpec(name_or_path="tiny-org/smol-gguf", gguf_file=SMOLLM2_GGUF)
+    assert load_config(spec).num_hidden_layers == 30  # SmolLM2-135M's
+    assert resolve_source(spec).folder.parent.parent.name == "models--tiny-org--smol-gguf"  # read from the cache
+    with pytest.raises(Exception, match="has no file 'other.gguf' in the Hugging Face cache"):
+        resolve_source(ModelSpec(name_or_path="tiny-org/smol-gguf", gguf_file="other.gguf"))
