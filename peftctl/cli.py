@@ -18,12 +18,17 @@ import typer
 import typer.core
 
 from peftctl import jsontext
-from peftctl.console import fmt_loss, key_value_table, print_error, print_interrupted, stdout
+from peftctl.console import fmt_loss, print_error, print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
 # datasets) would interleave with them. Set before any library imports tqdm.
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# typer labels every option in the help by its type, flags too (`--json <bool>`), which reads as
+# if they took a value: a flag is shown bare.
+_type_label = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: "" if self.is_flag else _type_label(self, ctx)
 
 app = typer.Typer(
     add_completion=False,
@@ -32,20 +37,40 @@ app = typer.Typer(
     help="Parameter-efficient fine-tuning of language models from YAML recipes.",
 )
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from peftctl import __version__
+
+        print(f"peftctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                               help="Print peftctl's version and exit.")] = False) -> None:
+    """Parameter-efficient fine-tuning of language models from YAML recipes."""
+
+
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for programs instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for programs instead of a "
+                                       "table; an error too (on stdout, exit 2).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run the Python code a model folder ships (its own architecture). Only for models "
     "whose code you trust; an adapter folder never turns this on.")]
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(json_: bool = False) -> Iterator[None]:
+    """A UserError ends the command with exit 2: its message on stderr, or with --json one JSON
+    object on stdout ({"error", "file", "key", "line", "expected", "fix", "also"}) for programs."""
     try:
         yield
     except UserError as err:
-        print_error(err)
+        if json_:
+            print(jsontext.dumps(err.as_dict()))
+        else:
+            print_error(err)
         raise typer.Exit(2) from None
 
 
@@ -96,15 +121,15 @@ def train(
 ) -> None:
     """Train the recipe's adapter and export it in peft's format."""
     from peftctl import pipeline
-    from peftctl.console import RichReporter
+    from peftctl.console import reporter
     from peftctl.recipe import load_recipe
     from peftctl.train import TrainingInterrupted
 
     quiet_libraries()
     try:
-        with user_errors():
+        with user_errors(json_):
             spec = load_recipe(recipe, set_ or [], output)
-            summary = pipeline.run(spec, None if json_ else RichReporter(), overwrite=overwrite, resume=resume)
+            summary = pipeline.run(spec, None if json_ else reporter(), overwrite=overwrite, resume=resume)
     except TrainingInterrupted as stopped:
         from accelerate import PartialState
 
@@ -149,21 +174,25 @@ def train(
     if json_:
         print(jsontext.dumps(figures))
         return
-    stdout.print(key_value_table("peftctl train", [
+    print_summary("peftctl train", [
         ("trainable / total params", f"{summary.trainable_params:,} / {summary.total_params:,} "
                                      f"({figures['trainable_percent']:.3f}%)"),
         ("rows (train / validation)", f"{summary.train_rows} / {summary.validation_rows}"
                                       + (f" ({summary.dropped_rows} dropped: prompt fills max_seq_len)"
                                          if summary.dropped_rows else "")),
         ("steps", str(result.steps) + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")),
+        ("batches", "packed" if result.packed else "padded" + (f" (packing auto: {result.padding_reason})"
+                                                                 if result.padding_reason else "")),
         *([("processes", f"{result.processes} ({result.distributed})")] if result.processes > 1 else []),
-        ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s)"),
+        ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s of "
+                     "training steps)"),
         ("train loss (last window)", fmt_loss(result.train_loss)),
         ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
+    ], [
         ("adapter", str(summary.adapter_dir)),
         ("metrics", str(summary.output_dir / "metrics.jsonl")),
         ("last checkpoint", str(result.checkpoint)),
-    ]))
+    ])
 
 
 @app.command()
@@ -214,7 +243,8 @@ def merge(
     adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 or "
+                                                 "float16 (default: the base's own).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged-model folder.")] = False,
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
@@ -223,20 +253,22 @@ def merge(
     from peftctl.export import merge_to_folder
 
     quiet_libraries()
-    with user_errors():
-        if dtype not in ("float32", "bfloat16", "float16"):
+    with user_errors(json_):
+        if dtype not in (None, "float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
         figures = merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)
     figures = {"merged_model": str(out), **figures}
     if json_:
         print(jsontext.dumps(figures))
         return
-    stdout.print(key_value_table("peftctl merge", [
-        ("merged model", str(out)),
+    print_summary("peftctl merge", [
         (f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
                               f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
+        ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else "")),
+    ], [
+        ("merged model", str(out)),
         ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
-    ]))
+    ])
 
 
 @app.command("eval")
@@ -253,7 +285,7 @@ def evaluate(
     from peftctl.evaluate import eval_inputs, evaluate_adapter
 
     quiet_libraries()
-    with user_errors():
+    with user_errors(json_):
         adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(target, data, fmt)
         report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
                                   trust_remote_code=trust_remote_code or recipe_trusts)
@@ -276,13 +308,14 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     from peftctl.recipe import load_recipe
 
     quiet_libraries()
-    with user_errors():
+    with user_errors(json_):
         spec = load_recipe(recipe, set_ or [])
         result = make_plan(spec, shards=fsdp)
     if json_:
         print(jsontext.dumps(result.as_dict()))
         return
     stdout.print(plan_table(result))
+    print_summary_lines([("model", str(result.model))])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -46,6 +49,46 @@ class RichReporter:
         self.progress.stop()
 
 
+class PlainReporter:
+    """Training progress as plain lines on stderr, for logs and CI (no terminal to redraw a bar on):
+    the first step, then every 5% of the steps or 30 seconds, whichever comes first, and the last."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+
+    def start(self, total_steps: int) -> None:
+        self.total, self.started, self.last = total_steps, time.monotonic(), None
+        self.stride = max(1, total_steps // 20)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        due = self.last is None or step == self.total or step % self.stride == 0 or now - self.last >= self.every_s
+        if not due:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        self.note(f"train step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {metrics['loss']:.4f}  "
+                  f"lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s  "
+                  f"elapsed {_clock(elapsed)}  eta {_clock(eta)}")
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def reporter():
+    """A live bar on a terminal; plain lines when stderr goes to a file or a CI log."""
+    return RichReporter() if stderr.is_terminal else PlainReporter()
+
+
 def print_error(err: UserError) -> None:
     # The message is printed as-is: never re-wrapped (it is grepped and copied into issues) and
     # never read as markup (recipe values such as [c_attn] would vanish as style tags).
@@ -61,14 +104,21 @@ def print_interrupted(step: int | None, checkpoint, resume_command: str | None) 
                                "resume with:\n  ", (resume_command, "bold")), highlight=False, soft_wrap=True)
 
 
-def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+def print_summary(title: str, rows: list[tuple[str, str]], verbatim: list[tuple[str, str]]) -> None:
+    """A command's figures as a table, then `verbatim` values (paths, commands), each whole on a
+    line of its own: they are copied from here, and a table cell would break them inside a word."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    # Wrap long values (paths) rather than cut them with an ellipsis: they are copied from here.
-    table.add_column(overflow="fold")
+    table.add_column()
     for key, value in rows:
         table.add_row(key, value)
-    return table
+    stdout.print(table)
+    print_summary_lines(verbatim)
+
+
+def print_summary_lines(verbatim: list[tuple[str, str]]) -> None:
+    for key, value in verbatim:
+        stdout.print(Text.assemble((f"{key}: ", "bold"), value), highlight=False, soft_wrap=True)
 
 
 def fmt_loss(value: float | None) -> str:
@@ -120,7 +170,8 @@ def plan_table(plan) -> Table:
     quantized = plan.unquantized is not None
     base = f"{plan.quantization} base" if quantized else f"{plan.weight_dtype} base"
     per_gpu = f", per GPU of FSDP over {plan.shards}" if plan.shards > 1 else ""
-    table = Table(title=f"peftctl plan: {plan.method} on {plan.model} ({base}{per_gpu})", title_justify="left")
+    # The model's name (a path, perhaps) is printed whole below the table, not in its title.
+    table = Table(title=f"peftctl plan: {plan.method} ({base}{per_gpu})", title_justify="left")
     table.add_column("")
     table.add_column(f"{plan.method}, {plan.quantization}" if quantized else plan.method, justify="right")
     memories = [plan.peft]

@@ -16,6 +16,7 @@ Rendered, every error has the same shape, so people and scripts can read it the 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +51,22 @@ class UserError(Exception):
         lines += [f"  also: {other}" for other in self.also]
         return "\n".join(lines)
 
+    def as_dict(self) -> dict[str, object]:
+        """The message for programs (`--json`): the key path and line apart, so nothing is parsed."""
+        key, line = self.where, None
+        if self.where and (found := _KEY_LINE.fullmatch(self.where)):
+            key, line = found["key"], int(found["line"]) if found["line"] else None
+        elif self.where and (found := _LINE_ONLY.match(self.where)):
+            key, line = None, int(found["line"])
+        return {"error": self.problem, "file": self.file, "key": key, "line": line,
+                "expected": self.expected, "fix": self.fix, "also": self.also}
+
     def _changed(self) -> None:
         self.args = (self.render(),)
+
+
+_KEY_LINE = re.compile(r"(?P<key>.+?) \((?:line (?P<line>\d+)|from .*)\)")
+_LINE_ONLY = re.compile(r"line (?P<line>\d+)")
 
 
 # Names people bring from peft and transformers for keys that peftctl spells differently; the

@@ -194,11 +194,12 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     return spec
 
 
-def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str = "float32",
+def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str | None = None,
                     trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fold the adapter into its base and save a plain transformers model folder at `out`.
 
-    The merge runs in fp32. Returns the largest and mean absolute logit difference between the
+    The merge runs in fp32; the weights are saved in `dtype`, by default the base's own precision
+    (`base_precision`), so a merged model is the size its base was. Returns the largest and mean absolute logit difference between the
     merged model and base + adapter on a probe batch, so rounding is shown, not discovered.
     An adapter trained on a quantized base is merged into that base dequantized, and compared
     with the quantized base + adapter (computing in fp32): the model that was trained, not the
@@ -207,7 +208,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     import torch
 
     from peftctl import quantize
-    from peftctl.model import load_model, load_skeleton, load_tokenizer, model_files
+    from peftctl.model import load_config, load_model, load_skeleton, load_tokenizer, model_files
 
     folder = Path(folder)
     config = read_adapter_config(folder)
@@ -217,6 +218,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
         "the adapter": folder, "the base model": model_files(spec)})
     load_adapter(load_skeleton(spec), folder)  # options, targets and shapes, before the weights load
+    dtype = dtype or base_precision(load_config(spec), spec)
     quantized = spec.quantization != "none"
     if not quantized:
         spec = spec.model_copy(update={"dtype": "float32"})
@@ -241,4 +243,19 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
         tokenizer.save_pretrained(staging)
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
     return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
-            "compared_with": reference}
+            "compared_with": reference, "dtype": dtype}
+
+
+def base_precision(config: Any, spec: Any) -> str:
+    """The precision the base's weights are published in (its config's dtype); for a config that
+    does not say (GGUF files, configs built in code), the one the adapter trained it in."""
+    import torch
+
+    from peftctl.model import resolve_dtype
+
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    if found not in (torch.float32, torch.bfloat16, torch.float16):
+        found = resolve_dtype(spec.dtype)
+    return str(found).removeprefix("torch.")

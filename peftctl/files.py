@@ -27,6 +27,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)
     try:
         yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():  # safetensors writes its files private (0600): results get the usual mode
+                path.chmod(0o666 & ~umask)
         for path in staging.iterdir():
             _fsync(path)
         _fsync(staging)  # its entries: the names of the files just synced

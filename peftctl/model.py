@@ -322,6 +322,7 @@ def tiny_gpt2_config() -> GPT2Config:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        dtype="float32",  # the precision its weights are made in (what a merge saves by default)
     )
 
 

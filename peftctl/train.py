@@ -57,12 +57,13 @@ class SilentReporter:
 class TrainResult:
     steps: int
     tokens: int  # real (non-padding) tokens fed to the model
-    seconds: float
+    seconds: float  # wall time of the training steps (forward, backward, optimizer), not validation or checkpoints
     train_loss: float | None  # mean over the last logging window
     val_loss_before: float | None
     val_loss_after: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     packed: bool = False  # whether batches were packed (DataSpec.packing)
+    padding_reason: str | None = None  # why packing 'auto' padded instead
     attention: str | None = None  # the attention kernel it trained with (TrainSpec.attention)
     checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
     resumed_from: int | None = None  # the step of the checkpoint a resumed run continued from
@@ -232,7 +233,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     device = accelerator.device
     restore_attention = _use_attention(model, spec, data)
     attention = getattr(model.config, "_attn_implementation", None)
-    pack_len = _pack_len(loss_model, data, pad_id, device, reporter)
+    pack_len, padding_reason = _pack_len(loss_model, data, pad_id, device)
     compiled = _compile(model) if spec.compile else []
     fingerprint = {**(fingerprint or {}), **loop_fingerprint(spec, processes)}
     checkpoints = out_dir / checkpoint.CHECKPOINTS
@@ -256,8 +257,10 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
                 f.write(jsontext.dumps(entry) + "\n")
 
     # What a checkpoint holds besides the tensors; a resumed run starts from the saved values.
+    # train_s: wall time of the training steps alone (not validation or checkpoints), the one
+    # time tokens/s is measured against, in the progress line, metrics.jsonl and the summary.
     counters = {"tokens": 0, "window_loss": 0.0, "window_tokens": 0, "window_real": 0, "train_loss": None,
-                "elapsed_s": 0.0}
+                "elapsed_s": 0.0, "train_s": 0.0}
     resumed = checkpoint.read(resume) if isinstance(resume, Path) else resume
     last_checkpoint = resumed.path if resumed is not None else None
     if resumed is not None:
@@ -297,11 +300,11 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     micro_batches = _micro_batches(data.train, spec, pad_id, pack_len, start=(first_step - 1) * per_step)
     if resumed is not None:
         _restore_rng(resumed, rank)  # last: nothing before the loop may draw from the restored RNG
-    window_start = time.perf_counter()
-    started = window_start - counters["elapsed_s"]  # elapsed_s and tokens/s count the run before a resume too
+    started = time.perf_counter() - counters["elapsed_s"]  # elapsed_s and tokens/s count the run before a resume too
     loss_model.train()
     with _StopRequests() as stop:
         for step in range(first_step, total_steps + 1):
+            step_started = time.perf_counter()
             group = [next(micro_batches) for _ in range(per_step)]
             step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
             local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device)
@@ -321,16 +324,16 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             optimizer.zero_grad(set_to_none=True)
 
             now = time.perf_counter()
+            counters["train_s"] += now - step_started
             metrics = {"loss": counters["window_loss"] / max(counters["window_tokens"], 1),
                        "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": counters["window_real"] / max(now - window_start, 1e-9)}
+                       "tokens_per_s": (counters["tokens"] + counters["window_real"]) / max(counters["train_s"], 1e-9)}
             reporter.step(step, metrics)
             if step % spec.log_every == 0 or step == total_steps:
                 record({"step": step, **metrics, "grad_norm": grad_norm, "elapsed_s": round(now - started, 3)})
                 counters["train_loss"] = metrics["loss"]
                 counters["tokens"] += counters["window_real"]
                 counters.update(window_loss=0.0, window_tokens=0, window_real=0)
-                window_start = time.perf_counter()
             if spec.eval_every and step % spec.eval_every == 0 and step != total_steps:
                 val = evaluate(step)
                 if val is not None:
@@ -343,7 +346,6 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             if stopping and step < total_steps:
                 reporter.finish()
                 raise TrainingInterrupted(step, last_checkpoint)
-    seconds = time.perf_counter() - started
     reporter.finish()
     return_free_heap()
     loss_model.eval()
@@ -355,8 +357,8 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         module._compiled_call_impl = None  # later use of the model (export, generation) runs eagerly
     if restore_attention is not None:
         model.set_attn_implementation(restore_attention)
-    return TrainResult(total_steps, counters["tokens"], seconds, counters["train_loss"], val_before, val_after,
-                       history, packed=pack_len is not None, attention=attention, checkpoint=last_checkpoint,
+    return TrainResult(total_steps, counters["tokens"], counters["train_s"], counters["train_loss"], val_before, val_after,
+                       history, packed=pack_len is not None, padding_reason=padding_reason, attention=attention, checkpoint=last_checkpoint,
                        resumed_from=resumed.step if resumed is not None else None, processes=processes,
                        distributed=accelerator.distributed_type.value)
 
@@ -608,22 +610,21 @@ def _use_attention(model: nn.Module, spec: TrainSpec, data: TokenizedData) -> st
     return current
 
 
-def _pack_len(loss_model: nn.Module, data: TokenizedData, pad_id: int, device: torch.device,
-              reporter: Reporter) -> int | None:
-    """The longest packed row when batches are packed (DataSpec.packing), else None."""
+def _pack_len(loss_model: nn.Module, data: TokenizedData, pad_id: int, device: torch.device) -> tuple[int | None, str | None]:
+    """The longest packed row when batches are packed (DataSpec.packing), else None; and why
+    'auto' chose padding, if it did (said once, in the run's summary)."""
     if not data.packing or len(data.train) < 2:
-        return None
+        return None, None
     problem = packing_problem(loss_model, data.train, pad_id, device)
     if problem is None:
         # Packed rows carry no attention mask by design: transformers' warning that the input
         # "may be padded" without one would only mislead.
         logging.getLogger("transformers.modeling_utils").addFilter(_drop_padding_warning)
-        return data.max_seq_len or max(len(e.input_ids) for e in data.train)
+        return data.max_seq_len or max(len(e.input_ids) for e in data.train), None
     if data.packing is True:
         raise UserError(f"batches cannot be packed for this model and method: {problem}", where="data.packing",
                         fix="set data.packing: false (or auto, which falls back to padding)")
-    reporter.note(f"data.packing auto: padding batches, not packing them: {problem}")
-    return None
+    return None, problem
 
 
 def _drop_padding_warning(record: logging.LogRecord) -> bool:
@@ -660,7 +661,7 @@ def packing_problem(loss_model: nn.Module, examples: list[Example], pad_id: int,
     finally:
         module.train(was_training)
     if not torch.allclose(packed, changed, rtol=1e-4, atol=1e-4):
-        return "examples packed into one row attend to each other"
+        return "packed examples would attend to each other with this model and method"
     # In fp32 they agree to ~1e-7. In bf16 a different row layout alone moves a SmolLM2 token's loss
     # by ~0.02-0.06 nats on average (rounding, amplified over 30 layers); wrong positions move it more.
     exact = next(p.dtype for p in module.parameters() if not p.requires_grad) == torch.float32
