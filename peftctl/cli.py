@@ -59,6 +59,10 @@ TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run the Python code a model folder ships (its own architecture). Only for models "
     "whose code you trust; an adapter folder never turns this on.")]
 
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 "
+                                                 "or float16 (default: the base model's own).")]
+OverwriteModelOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a model folder peftctl wrote.")]
+
 
 @contextmanager
 def user_errors(json_: bool = False) -> Iterator[None]:
@@ -243,9 +247,8 @@ def merge(
     adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 or "
-                                                 "float16 (default: the base's own).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing merged-model folder.")] = False,
+    dtype: DtypeOpt = None,
+    overwrite: OverwriteModelOpt = False,
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -254,14 +257,10 @@ def merge(
 
     quiet_libraries()
     with user_errors(json_):
-        if dtype not in (None, "float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
+        check_dtype(dtype)
         figures = merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)
     figures = {"merged_model": str(out), **figures}
-    if json_:
-        print(jsontext.dumps(figures))
-        return
-    print_summary("peftctl merge", [
+    print_result(figures, json_, "peftctl merge", [
         (f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
                               f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
         ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else "")),
@@ -269,6 +268,42 @@ def merge(
         ("merged model", str(out)),
         ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
     ])
+
+
+@app.command("export-base")
+def export_base(
+    model: Annotated[str, typer.Argument(help="The model: a builtin (builtin:smollm2-135m), a .gguf file, a folder or a Hub id.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the model.")],
+    dtype: DtypeOpt = None,
+    overwrite: OverwriteModelOpt = False,
+    trust_remote_code: TrustOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Save a base model as a plain transformers folder, for peft and other tools (builtins, GGUF)."""
+    from peftctl.export import export_base as save_base
+
+    quiet_libraries()
+    with user_errors(json_):
+        check_dtype(dtype)
+        figures = save_base(model, out, dtype, trust_remote_code, overwrite)
+    print_result(figures, json_, "peftctl export-base", [("saved as", figures["dtype"])], [
+        ("model folder", str(out)),
+        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
+    ])
+
+
+def print_result(figures: dict, json_: bool, title: str, rows: list[tuple[str, str]],
+                 verbatim: list[tuple[str, str]]) -> None:
+    """A command's figures: one JSON object with --json, else a table and the paths below it."""
+    if json_:
+        print(jsontext.dumps(figures))
+    else:
+        print_summary(title, rows, verbatim)
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
 
 
 @app.command("eval")

@@ -237,13 +237,35 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
             quantize.restore_source_types(merged)
         actual = merged(probe).logits
     difference = (actual - expected).abs()
-    merged.to(getattr(torch, dtype))
-    with writing(out, "the merged model"), atomic_directory(out) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+    save_model_folder(merged.to(getattr(torch, dtype)), tokenizer, out, "the merged model")
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
     return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
             "compared_with": reference, "dtype": dtype}
+
+
+def save_model_folder(model: nn.Module, tokenizer: Any, out: Path, what: str) -> None:
+    """A plain transformers model folder (safetensors weights, config, tokenizer), written atomically."""
+    with writing(out, what), atomic_directory(out) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+
+def export_base(name: str, out: Path, dtype: str | None = None, trust_remote_code: bool = False,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write a base model as a plain transformers folder: what `peft` and other tools load a
+    builtin (or a GGUF file) from, since only peftctl knows those names."""
+    import torch
+
+    from peftctl.model import load_config, load_model, load_tokenizer, model_files
+    from peftctl.recipe import ModelSpec
+
+    spec = ModelSpec(name_or_path=name, trust_remote_code=trust_remote_code)
+    check_replaceable(out, overwrite, "--out", ("config.json",), inputs={"the model": model_files(spec)})
+    dtype = dtype or base_precision(load_config(spec), spec)
+    model = load_model(spec.model_copy(update={"dtype": dtype}))
+    model.config.name_or_path = str(out)
+    save_model_folder(model.to(getattr(torch, dtype)), load_tokenizer(spec), out, "the base model")
+    return {"model": name, "folder": str(out), "dtype": dtype}
 
 
 def base_precision(config: Any, spec: Any) -> str:

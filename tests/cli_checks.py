@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -18,6 +19,13 @@ def assert_refused(result, *phrases: str) -> str:
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
+    if result.stdout.lstrip().startswith("{"):  # --json: the error is one JSON object on stdout
+        error = json.loads(result.stdout)
+        assert error["error"], error
+        message = " ".join(str(value) for value in error.values() if value)
+        for phrase in phrases:
+            assert phrase in message, message
+        return message
     # (Training's progress bar may come first in the captured output.)
     assert sum(line.startswith("error: ") for line in result.output.splitlines()) == 1, result.output
     message = " ".join(result.output.split())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -75,3 +77,45 @@ def test_merge_saves_at_the_bases_precision_and_files_get_the_umasks_mode(tmp_pa
     written = [*(tmp_path / "merged").iterdir(), *(tmp_path / "run" / "adapter").iterdir(),
                *next((tmp_path / "run" / "checkpoints").iterdir()).iterdir()]
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o666 & ~umask)}
+
+
+def readme_peft_snippet() -> tuple[str, str]:
+    """The README's export-base command and the Python that loads the adapter in peft."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- peft-snippet -->")[1].split("<!-- /peft-snippet -->")[0]
+    command = block.split("```bash\n")[1].split("```")[0].strip()
+    return command, block.split("```python\n")[1].split("```")[0]
+
+
+def run_readme_peft_snippet(adapter: Path, base: Path, model: str) -> str:
+    """The README's snippet as written, with the tiny model and these folders in its places."""
+    command, code = readme_peft_snippet()
+    args = command.replace("builtin:smollm2-135m", model).replace("runs/smollm2-base", str(base)).split()
+    assert args[:2] == ["peftctl", "export-base"]
+    result = invoke(*args[1:])
+    assert result.exit_code == 0, result.output
+    code = code.replace("runs/smollm2-base", str(base)).replace("runs/quickstart/adapter", str(adapter))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
+    assert invoke("train", SMOKE, "--output", tmp_path / "run").exit_code == 0
+    printed = run_readme_peft_snippet(tmp_path / "run" / "adapter", tmp_path / "base", "builtin:tiny-gpt2")
+    assert printed.strip()  # a reply was generated and decoded
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.export import load_adapter
+    from peftctl.model import load_model
+    from peftctl.recipe import ModelSpec
+
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42]])
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                           tmp_path / "run" / "adapter")(ids).logits
+        ours = load_adapter(load_model(ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32")),
+                            tmp_path / "run" / "adapter").model(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)

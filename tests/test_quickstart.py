@@ -34,3 +34,9 @@ def test_quickstart_validation_loss_falls(tmp_path):
     assert len(report["generations"]) == 3
     for generation in report["generations"]:
         assert generation["stopped_at_eos"] is True, generation
+
+    # The README's peft snippet, as written, on this adapter and the exported SmolLM2 base.
+    from test_newcomer import run_readme_peft_snippet
+
+    reply = run_readme_peft_snippet(out / "adapter", tmp_path / "smollm2-base", "builtin:smollm2-135m")
+    assert reply.strip(), reply
