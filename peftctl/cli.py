@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,8 @@ def _print_version(asked: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                help="Print peftctl's version and exit.")] = False) -> None:
     """Parameter-efficient fine-tuning of language models from YAML recipes."""
+    if not sys.warnoptions:  # a library's warning that gets through is shown once, not once per step or layer
+        warnings.filterwarnings("once", append=True)
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]

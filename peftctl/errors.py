@@ -106,6 +106,32 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean '{close[0]}'?" if close else None
 
 
+class ErrorGroup:
+    """Independent checks run one after another, their errors reported together: fixing a recipe
+    should not take one run per mistake. Each check's error is attributed like `blame` does."""
+
+    def __init__(self, file: str | Path | None, locate: Callable[[str], str] | None = None):
+        self.file, self.locate, self.found = file, locate, []
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            with blame(self.file, self.locate):
+                yield
+        except UserError as err:
+            if all(err.render() != seen.render() for seen in self.found):
+                self.found.append(err)
+
+    def raise_if_any(self) -> None:
+        if not self.found:
+            return
+        first, *others = self.found
+        for other in others:  # one line each, as `also` lines are
+            first.also.append(" ".join(other.render().split()))
+        first._changed()
+        raise first
+
+
 @contextmanager
 def blame(file: str | Path | None, locate: Callable[[str], str] | None = None) -> Iterator[None]:
     """Attribute UserErrors raised inside to `file` (the recipe) when they name no file themselves.

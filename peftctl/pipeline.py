@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from peftctl import checkpoint, methods
 from peftctl.data import load_data
-from peftctl.errors import UserError, blame
+from peftctl.errors import ErrorGroup, UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
 from peftctl.files import check_replaceable, output_lock, writing
 from peftctl.methods import Method, MethodConfig
@@ -61,15 +61,9 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         check_fsdp(recipe, processes.distributed_type)
     with blame(recipe.source, recipe.locate), ExitStack() as held:
         out = recipe.output.dir
-        if resume is None:
-            check_output_dir(recipe, overwrite)
-        elif overwrite:
-            raise UserError("--resume continues the run in its output folder, which --overwrite would delete first",
-                            where="--resume", fix="drop --overwrite to resume, or drop --resume to start again")
+        tokenizer, data = _first_checks(recipe, overwrite, resume)
         if processes.is_main_process:  # one run at a time in an output folder; the others of a launch join it
             held.enter_context(output_lock(out, "output.dir"))
-        tokenizer = load_tokenizer(recipe.model)
-        data = load_data(recipe.data, tokenizer, recipe.train.seed)
         continued = recipe.model.adapter
         skeleton = load_skeleton(recipe.model)
         method_cfg = continued_method(recipe) if continued is not None else recipe.method
@@ -149,6 +143,26 @@ def check_fsdp_recipe(recipe: Recipe) -> None:
                                 "GPU; or shard a 16-bit base with FSDP")
 
 
+def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) -> tuple[Any, Any]:
+    """The model's tokenizer and the data, after the checks that need neither the other nor any
+    weights: every one of them runs, and all their errors come in one message."""
+    checks = ErrorGroup(recipe.source, recipe.locate)
+    tokenizer = data = None
+    with checks.check():
+        tokenizer = load_tokenizer(recipe.model)  # a Hub model: config and tokenizer files only
+    with checks.check():
+        if resume is None:
+            check_output_dir(recipe, overwrite, tokenizer is not None)
+        elif overwrite:
+            raise UserError("--resume continues the run in its output folder, which --overwrite would delete first",
+                            where="--resume", fix="drop --overwrite to resume, or drop --resume to start again")
+    with checks.check():
+        if tokenizer is not None:
+            data = load_data(recipe.data, tokenizer, recipe.train.seed)
+    checks.raise_if_any()
+    return tokenizer, data
+
+
 def find_checkpoint(out: Path, resume: str | Path) -> Path:
     """The checkpoint `--resume` names: 'latest' is the newest under the output folder."""
     if str(resume) != "latest":
@@ -210,13 +224,14 @@ def check_context(config: Any, data: Any, virtual_tokens: int) -> None:
                         fix=f"set data.max_seq_len: {room} (longer rows are cut to it)")
 
 
-def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
+def check_output_dir(recipe: Recipe, overwrite: bool, model_found: bool = True) -> None:
+    """`model_found`: the base model resolved, so its files are an input to spare."""
     validation = recipe.data.validation
     check_replaceable(recipe.output.dir, overwrite, "output.dir", RUN_MARKERS, inputs={
         "the recipe": recipe.source,
         "the training data": recipe.data.train if isinstance(recipe.data.train, Path) else None,
         "the validation data": validation if isinstance(validation, Path) else None,
-        "the base model": model_files(recipe.model), "the adapter to continue": recipe.model.adapter})
+        "the base model": model_files(recipe.model) if model_found else None, "the adapter to continue": recipe.model.adapter})
 
 
 def continued_method(recipe: Recipe) -> MethodConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cli_checks import invoke
+from cli_checks import assert_refused, invoke
 from hf_folders import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,12 @@ def test_merge_saves_at_the_bases_precision_and_files_get_the_umasks_mode(tmp_pa
     result = invoke("merge", tmp_path / "run" / "adapter", "--out", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     assert "bfloat16 (the base's precision)" in result.stdout
+    # The hint, pasted as printed, loads the merged model.
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("load it with: "))
+    pasted = subprocess.run([sys.executable, "-c", "from transformers import AutoModelForCausalLM\n"
+                             f"print(type({hint.removeprefix('load it with: ')}).__name__)"],
+                            capture_output=True, text=True, timeout=300)
+    assert pasted.stdout.strip() == "LlamaForCausalLM", pasted.stderr[-2000:]
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -119,3 +125,49 @@ def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
         ours = load_adapter(load_model(ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32")),
                             tmp_path / "run" / "adapter").model(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_independent_mistakes_come_in_one_message(tmp_path):
+    """A model that is not there, an output folder in the way and a data file with a bad row:
+    one run names all three (the recipe's own errors already come together)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "no output"}\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(SMOKE.read_text().replace("builtin:tiny-gpt2", "tiny-org/not-cached")
+                      .replace("data/tiny/train.jsonl", str(data)).replace("  validation: data/tiny/validation.jsonl\n", ""))
+    assert_refused(invoke("train", recipe, "--output", tmp_path / "run"),
+                   "model 'tiny-org/not-cached' is not in the Hugging Face cache",
+                   "also: ", "the output folder already exists and is not empty")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    # With the model fixed, the data row's error comes with the output folder's.
+    recipe.write_text(recipe.read_text().replace("tiny-org/not-cached", "builtin:tiny-gpt2"))
+    assert_refused(invoke("train", recipe, "--output", tmp_path / "run"),
+                   "the output folder already exists", f"{data}: row 2: missing field 'output'")
+
+
+def test_peftctls_own_calls_raise_no_deprecation_warnings(tmp_path):
+    """Training, evaluating (with generation) and merging, on GPT-2 and a Llama folder, with the
+    prompt methods that feed the KV cache: transformers deprecates what peftctl must not call."""
+    import warnings
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    runs = []
+    for method in ("prefix_tuning", "p_tuning", "smoke"):
+        text = (ROOT / "recipes" / f"{method}-gpt2.yaml").read_text().replace("data/tiny/", f"{ROOT / 'recipes' / 'data' / 'tiny'}/")
+        runs.append((method, text))
+    llama_prefix = runs[0][1].replace("builtin:tiny-gpt2", str(llama))
+    runs.append(("prefix_tuning-llama", llama_prefix))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, text in runs:
+            recipe = tmp_path / f"{name}.yaml"
+            recipe.write_text(text)
+            out = tmp_path / name
+            assert invoke("train", recipe, "--output", out, "--set", "train.max_steps=2").exit_code == 0
+            assert invoke("eval", out / "adapter", "--samples", "2", "--json").exit_code == 0
+        assert invoke("merge", tmp_path / "smoke" / "adapter", "--out", tmp_path / "merged").exit_code == 0
+    deprecations = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                    if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))]
+    assert not deprecations, deprecations
