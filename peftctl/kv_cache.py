@@ -35,3 +35,15 @@ def passed_cache(kwargs: dict[str, Any]) -> Any:
     """The cache a call passes, under either name, without removing it."""
     new = kwargs.get(NEW_NAME)
     return new if new is not None else kwargs.get(OLD_NAME)
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that runs the decoder layers, as the model's own forward calls it: the base
+    model (LlamaModel, GPT2Model), or the `decoder` inside it where the head's forward skips the
+    base model's (OPTForCausalLM calls `self.model.decoder`): a hook on the base model would miss
+    every `model(...)` and `generate` there."""
+    base = model.base_model
+    inner = getattr(base, "decoder", None)
+    if isinstance(inner, nn.Module) and not getattr(model.config, "is_encoder_decoder", False):
+        return inner
+    return base

@@ -39,7 +39,7 @@ from transformers import (
 from peftctl import hub, quantize
 from peftctl.errors import UserError, one_line
 from peftctl.files import check_path
-from peftctl.kv_cache import passed_cache
+from peftctl.kv_cache import decoder_stack, passed_cache
 from peftctl.recipe import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
@@ -289,7 +289,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "_require_grads_hooks", None):
         model.enable_input_require_grads()
     # Registered after the methods' own hooks, so it sees the cache a method injects.
-    model.base_model.register_forward_pre_hook(_refuse_kv_cache, with_kwargs=True)
+    decoder_stack(model).register_forward_pre_hook(_refuse_kv_cache, with_kwargs=True)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

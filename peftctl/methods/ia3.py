@@ -43,6 +43,14 @@ ARCHITECTURE_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    # peft has no defaults for these; the paper's choice on their layouts (Phi-3 fuses q, k, v).
+    "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+    "olmo2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "granite": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
 }
 
 

@@ -35,7 +35,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftctl.errors import UserError
-from peftctl.kv_cache import cache_keyword, pop_cache
+from peftctl.kv_cache import cache_keyword, decoder_stack, pop_cache
 from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, load_strict, reject_unsupported
 
 # Where the trainable encoder lives in the model, so that moving the model moves it too.
@@ -193,10 +193,11 @@ class _DecoderHooks:
         self.encoder = encoder
         self.n = encoder.embedding.num_embeddings
         self.embed = model.get_input_embeddings()
-        signature = inspect.signature(model.base_model.forward)
+        self.decoder = decoder_stack(model)
+        signature = inspect.signature(self.decoder.forward)
         self.arg_names = [p.name for p in signature.parameters.values()
                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.cache_keyword = cache_keyword(model.base_model)
+        self.cache_keyword = cache_keyword(self.decoder)
 
     def install(self, decoder: nn.Module) -> list:
         return [decoder.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -308,8 +309,12 @@ class _Geometry:
                             where="model.name_or_path",
                             expected="a decoder-only transformer config (num_hidden_layers, hidden_size, "
                                      "num_attention_heads)") from None
-        # Grouped-query attention caches fewer key/value heads than it has query heads.
+        # Grouped-query attention caches fewer key/value heads than it has query heads. Falcon
+        # says so in its own words: the 7B layout shares one (multi-query), the 40B one has num_kv_heads.
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        if config.model_type == "falcon":
+            self.kv_heads = (config.num_kv_heads if config.new_decoder_architecture
+                             else 1 if config.multi_query else self.heads)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
 
     @property
@@ -376,7 +381,7 @@ class _PromptMethod(Method):
         encoder = self.encoder(model, cfg, geometry, factory)
         model.add_module(ENCODER, encoder)
         hooks = self.hooks(model, encoder, geometry)
-        handles = hooks.install(model.base_model)
+        handles = hooks.install(hooks.decoder)
         return Adapter(self, cfg, model, _encoder_params(model),
                        info={"geometry": geometry, "hooks": handles})
 
