@@ -204,12 +204,17 @@ def train(
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Check a recipe and print it with every default filled in."""
+    """Check a recipe, and what its method trains on the model (from its config alone), and print
+    the recipe with every default filled in."""
     from peftctl.recipe import load_recipe
 
+    quiet_libraries()
     with user_errors():
         spec = load_recipe(recipe, set_ or [])
         found = hub_sources(spec)
+        from peftctl.pipeline import describe_targets
+
+        found.append(f"targets: {describe_targets(spec)}")
     # Plain print: rich would wrap long values (paths) at the terminal width and break the YAML.
     print(spec.to_yaml(), end="")
     for line in found:  # stderr: stdout stays the recipe, for programs

@@ -143,6 +143,24 @@ def check_fsdp_recipe(recipe: Recipe) -> None:
                                 "GPU; or shard a 16-bit base with FSDP")
 
 
+def describe_targets(recipe: Recipe) -> str:
+    """For `peftctl validate`: what the recipe's method trains on this model, counted, from a
+    weightless copy (a method that cannot work on the layout is refused here, with its reason)."""
+    import re
+    from collections import Counter
+
+    with blame(recipe.source, recipe.locate):
+        skeleton = load_skeleton(recipe.model)
+        method_cfg = continued_method(recipe) if recipe.model.adapter is not None else recipe.method
+        adapter = methods.apply(skeleton, method_cfg)
+        check_size(adapter)
+    # Layer numbers folded, so 30 layers' q_proj read as one line: "model.layers.N.self_attn.q_proj.lora_A.weight ×30".
+    kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in adapter.params)
+    listed = ", ".join(f"{kind} ×{count}" if count > 1 else kind for kind, count in kinds.items())
+    return (f"method {method_cfg.name}: {adapter.trainable_count():,} trainable parameters in "
+            f"{len(adapter.params)} tensors: {listed}")
+
+
 def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) -> tuple[Any, Any]:
     """The model's tokenizer and the data, after the checks that need neither the other nor any
     weights: every one of them runs, and all their errors come in one message."""

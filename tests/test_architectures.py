@@ -11,6 +11,8 @@ and for the prompt methods `generate` gives the tokens of a cache-free greedy lo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import peft
 import pytest
 import torch
@@ -139,3 +141,28 @@ def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_nothing_else(arc
     adapter = apply(arch, "lora")
     assert adapter.trainable_count() == expected
     assert not any("lm_head" in name for name in adapter.params)
+
+
+def test_validate_lists_the_targets_and_refuses_a_pair_that_cannot_work(tmp_path):
+    """`peftctl validate` applies the method to a weightless copy: it counts what will train, and
+    a method that cannot work on the layout is refused there, with exit 2 and the reason."""
+    import json
+
+    from cli_checks import assert_refused, invoke
+
+    build("opt").config.save_pretrained(tmp_path / "opt")  # a config is all validate reads
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+
+    def recipe(method: dict) -> Path:
+        path = tmp_path / f"{method['name']}.yaml"
+        path.write_text(json.dumps({"model": {"name_or_path": str(tmp_path / "opt")}, "method": method,
+                                    "data": {"train": str(data)}}))
+        return path
+
+    result = invoke("validate", recipe({"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}))
+    assert result.exit_code == 0, result.output
+    assert ("targets: method lora: 2,048 trainable parameters in 8 tensors: "
+            "model.decoder.layers.N.self_attn.v_proj.lora_A.weight ×2") in result.stderr
+    assert_refused(invoke("validate", recipe({"name": "houlsby", "bottleneck_size": 8})),
+                   "method 'houlsby' does not support OPTForCausalLM", BOTTLENECK_REASON)
