@@ -171,3 +171,50 @@ def test_validate_lists_the_targets_and_refuses_a_pair_that_cannot_work(tmp_path
             "model.decoder.layers.N.self_attn.v_proj.lora_A.weight ×2") in result.stderr
     assert_refused(invoke("validate", recipe({"name": "houlsby", "bottleneck_size": 8})),
                    "method 'houlsby' does not support OPTForCausalLM", BOTTLENECK_REASON)
+
+
+# --- LoRA on mixture-of-experts expert weights (peft's target_parameters) -----------------------
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.mark.parametrize("modules", [[], "all-linear"], ids=["experts-only", "experts-and-all-linear"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_lora_on_expert_weights_matches_peft(arch, modules, tmp_path):
+    """One rank-r update per expert on the fused 3-D weights: trains, exports in peft's layout
+    (peft loads it with equal logits; peft's own adapter loads here), merges."""
+    options = {"target_modules": modules, "target_parameters": EXPERTS}
+    adapter = apply(arch, "lora", **options)
+    batch = token_batch(VOCAB)
+    base = batch_logits(build(arch), batch)
+    train_steps(adapter, batch, steps=5)
+    ours = batch_logits(adapter.model, batch)
+    assert real_difference(ours, base, batch["attention_mask"]) > 1e-3
+    assert not any(".gate." in name or "router" in name for name in adapter.params)  # the router stays frozen
+
+    save_adapter(adapter, tmp_path / "ours", base_model=arch)
+    theirs = peft.PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()
+    torch.testing.assert_close(batch_logits(theirs, batch), ours, atol=1e-5, rtol=0)
+    reloaded = load_adapter(build(arch), tmp_path / "ours")
+    merged = reloaded.method.merge(reloaded).eval()
+    torch.testing.assert_close(batch_logits(merged, batch), ours, atol=1e-4, rtol=0)
+
+    if modules == []:  # the same config in peft: the same count, and peft's adapter loads here
+        torch.manual_seed(1)
+        reference = peft.get_peft_model(build(arch), peft.LoraConfig(
+            r=4, lora_alpha=16, target_modules=[], target_parameters=EXPERTS, init_lora_weights=False))
+        assert adapter.trainable_count() == sum(p.numel() for p in reference.parameters() if p.requires_grad)
+        reference.save_pretrained(tmp_path / "peft")
+        expected = batch_logits(reference.eval(), batch)
+        torch.testing.assert_close(batch_logits(load_adapter(build(arch), tmp_path / "peft").model, batch),
+                                   expected, atol=1e-5, rtol=0)
+
+
+def test_expert_weight_mistakes_are_named():
+    with pytest.raises(UserError, match="(?s)target parameter .experts.gate_proj. matches no parameter.*"
+                                        "experts.down_proj, experts.gate_up_proj"):
+        apply("mixtral", "lora", target_parameters=["experts.gate_proj"])
+    with pytest.raises(UserError, match="this one has none"):
+        apply("llama", "lora", target_parameters=["experts.gate_up_proj"])
+    with pytest.raises(UserError, match="DoRA on expert parameters"):
+        apply("mixtral", "dora", target_parameters=EXPERTS)

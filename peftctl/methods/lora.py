@@ -33,6 +33,7 @@ from peftctl.methods.base import (
     suffix_list_from_peft,
     wrapper_params,
 )
+from peftctl.methods.lora_experts import LoraExperts, wrap_expert_parameters
 
 
 class LoraConfig(MethodConfig):
@@ -44,6 +45,13 @@ class LoraConfig(MethodConfig):
         "all-linear",
         description="Linear layers to adapt: module-name suffixes such as [q_proj, v_proj] (GPT-2: [c_attn]), "
         "or 'all-linear' for every linear layer except the output head.",
+    )
+    target_parameters: list[str] | None = Field(
+        None,
+        description="Mixture-of-experts weights to adapt, which are 3-D parameters, not linear layers: name "
+        "suffixes such as [experts.gate_up_proj, experts.down_proj] (Mixtral, Qwen3-MoE). Each expert gets its own "
+        "rank-r update, as peft's target_parameters. The router stays frozen. Combine with target_modules "
+        "(which may then be []) for the attention layers.",
     )
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output unit on top of the LoRA direction.")
@@ -148,7 +156,16 @@ class LoRA(Method):
 
     def apply(self, model: nn.Module, cfg: LoraConfig) -> Adapter:
         freeze(model)
-        targets = match_targets(model, cfg.target_modules)
+        if cfg.target_parameters and cfg.use_dora:
+            raise UserError("DoRA on expert parameters is not supported (nor in peft)", where="method.use_dora",
+                            fix="use plain LoRA or rsLoRA with target_parameters")
+        only_experts = cfg.target_parameters and cfg.target_modules == []
+        targets = {} if only_experts else match_targets(model, cfg.target_modules)
+        experts = wrap_expert_parameters(model, cfg.target_parameters, cfg.r, cfg.alpha, cfg.use_rslora) \
+            if cfg.target_parameters else []
+        if not targets:
+            return Adapter(self, cfg, model, wrapper_params(model, experts),
+                           info={"targets": [], "experts": experts, "fan_in_fan_out": False})
         # B·A cannot have a rank above the layer's smaller side: a larger r only allocates (r = 10^9
         # would ask for hundreds of GB) and is refused before any weight exists.
         shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
@@ -162,8 +179,8 @@ class LoRA(Method):
             model.set_submodule(name, LoraLinear(layer, cfg))
         names = list(targets)
         fan_in_fan_out = any(linear_shape(layer)[2] for layer in targets.values())
-        return Adapter(self, cfg, model, wrapper_params(model, names),
-                       info={"targets": names, "fan_in_fan_out": fan_in_fan_out})
+        return Adapter(self, cfg, model, wrapper_params(model, names + experts),
+                       info={"targets": names, "experts": experts, "fan_in_fan_out": fan_in_fan_out})
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: LoraConfig = adapter.cfg
@@ -174,6 +191,7 @@ class LoRA(Method):
             "lora_dropout": cfg.dropout,
             # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
             "target_modules": module_suffixes(adapter.info["targets"]) if targets == "all-linear" else list(targets),
+            "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
             "use_rslora": cfg.use_rslora,
             "use_dora": cfg.use_dora,
             "fan_in_fan_out": adapter.info["fan_in_fan_out"],
@@ -184,7 +202,7 @@ class LoRA(Method):
         reject_unsupported(
             peft_config,
             {"bias": "none", "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-             "modules_to_save": None, "lora_bias": False, "target_parameters": None,
+             "modules_to_save": None, "lora_bias": False,
              "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None,
              # Variants that change the forward pass (newer peft); init-only options are harmless.
              "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
@@ -197,7 +215,9 @@ class LoRA(Method):
             r=peft_config["r"],
             alpha=peft_config.get("lora_alpha", 8),
             dropout=peft_config.get("lora_dropout", 0.0),
-            target_modules=targets,
+            target_modules=targets if targets is not None else [],
+            target_parameters=suffix_list_from_peft(peft_config.get("target_parameters"), source,
+                                                    "target_parameters") or None,
             use_rslora=peft_config.get("use_rslora", False),
             use_dora=peft_config.get("use_dora", False),
         )
@@ -206,6 +226,12 @@ class LoRA(Method):
         model = adapter.model
         for name in adapter.info["targets"]:
             model.set_submodule(name, model.get_submodule(name).merged_base())
+        for name in adapter.info.get("experts", []):
+            if not name.endswith(".base_layer"):  # the outermost wrapper: unwrap all of its nesting
+                module = model.get_submodule(name)
+                while isinstance(module, LoraExperts):
+                    module = module.merged_base()
+                model.set_submodule(name, module)
         return model
 
 
