@@ -18,7 +18,7 @@ from method_checks import assert_smoke_run, with_random_biases
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from tiny_models import TINY_GPT2, batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from peftctl import methods
 from peftctl.errors import UserError
@@ -193,10 +193,11 @@ def test_bad_options_are_validation_errors():
 
 @pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
 def test_unsupported_architecture_is_named(method):
-    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(UserError, match=r"GPTNeoXForCausalLM \(model_type 'gpt_neox'\)"):
-        methods.apply(neox, config(method))
+    """Mixture-of-experts feed-forward blocks end in no linear layer: refused, named."""
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=64, num_local_experts=2))
+    with pytest.raises(UserError, match=r"MixtralForCausalLM \(model_type 'mixtral'\)"):
+        methods.apply(mixtral, config(method))
 
 
 def test_foreign_config_without_a_size_is_refused():

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftctl.architectures import BIAS_FLAGS
 from peftctl.errors import UserError
 from peftctl.methods.base import (
     LINEAR_TYPES,
@@ -135,10 +136,6 @@ class BitFit(Method):
             model.set_submodule(name, model.get_submodule(name).merged_base())
         declare_created_biases(model, adapter.info["created"])
         return model
-
-
-# Config flags by which Llama-style architectures build a bias on every linear layer of a block.
-BIAS_FLAGS = {"attention_bias": "self_attn", "mlp_bias": "mlp"}
 
 
 @torch.no_grad()

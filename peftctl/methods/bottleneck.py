@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
+from peftctl.architectures import BOTTLENECK_SITES
 from peftctl.errors import UserError
 from peftctl.methods.base import (
     LINEAR_TYPES,
@@ -119,23 +120,14 @@ class BottleneckAdapter(nn.Module):
         return y + self.adapter_up(self.non_linearity(self.adapter_down(h))).to(y.dtype)
 
 
-# Where a decoder layer's blocks end: (block child names, output projection names). GPT-2 names
-# them attn.c_proj / mlp.c_proj, the Llama family (Llama, Mistral, Qwen2, ...) self_attn.o_proj /
-# mlp.down_proj. Other layouts are refused rather than guessed.
-SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "attention": (("self_attn", "attn"), ("o_proj", "c_proj")),
-    "feed-forward": (("mlp",), ("down_proj", "c_proj")),
-}
-
-
 def _output_projection(layer: nn.Module, placement: str) -> str | None:
     """The path inside `layer` of the linear layer that ends the `placement` block, if any."""
-    blocks, projections = SITES[placement]
+    blocks, projections = BOTTLENECK_SITES[placement]  # layouts not in the table are refused, not guessed
     for block in blocks:
         for projection in projections:
-            module = getattr(getattr(layer, block, None), projection, None)
+            module = getattr(getattr(layer, block, None) if block else layer, projection, None)
             if isinstance(module, LINEAR_TYPES):
-                return f"{block}.{projection}"
+                return f"{block}.{projection}" if block else projection
     return None
 
 
@@ -157,8 +149,8 @@ def adapter_sites(model: nn.Module, placements: tuple[str, ...], method: str) ->
         f"method '{method}' does not support {arch}: it cannot find the end of the "
         f"{' and '.join(placements)} block{'s' if len(placements) > 1 else ''} in its decoder layers",
         where="model.name_or_path",
-        expected="a GPT-2 or Llama-family model (decoder layers with attn.c_proj / self_attn.o_proj "
-        "and mlp.c_proj / mlp.down_proj)",
+        expected="a model whose decoder layers end their blocks in linear layers peftctl knows (GPT-2, the "
+        "Llama family, GPT-NeoX, Falcon, OPT; see peftctl/architectures.py)",
         fix="use another method such as lora on this model",
     )
 

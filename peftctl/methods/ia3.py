@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from peftctl.architectures import IA3_DEFAULTS
 from peftctl.errors import UserError
 from peftctl.methods.base import (
     Adapter,
@@ -33,26 +34,6 @@ from peftctl.methods.base import (
     wrapper_params,
 )
 
-# The paper's choice per architecture (keys, values and the feed-forward output layer, whose
-# input is scaled), as peft's defaults for the same model types: model_type → (targets, feedforward).
-ARCHITECTURE_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    # peft has no defaults for these; the paper's choice on their layouts (Phi-3 fuses q, k, v).
-    "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
-    "olmo2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "granite": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-}
-
 
 class IA3Config(MethodConfig):
     name: Literal["ia3"] = Field(description="(IA)³: a learned scaling vector on each targeted linear layer.")
@@ -60,7 +41,7 @@ class IA3Config(MethodConfig):
         None,
         description="Linear layers to scale: module-name suffixes such as [k_proj, v_proj, down_proj] "
         "(GPT-2: [c_attn, mlp.c_proj]), or 'all-linear' for every linear layer except the output head. "
-        f"Omit for the paper's choice on known architectures ({', '.join(ARCHITECTURE_DEFAULTS)}).",
+        f"Omit for the paper's choice on known architectures ({', '.join(IA3_DEFAULTS)}).",
     )
     feedforward_modules: list[str] | None = Field(
         None,
@@ -154,7 +135,7 @@ class IA3(Method):
 
 def architecture_defaults(model: nn.Module) -> tuple[list[str], list[str]] | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return ARCHITECTURE_DEFAULTS.get(model_type)
+    return IA3_DEFAULTS.get(model_type)
 
 
 def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
@@ -169,7 +150,7 @@ def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
         raise UserError(
             f"(IA)³ has no default layers for model type '{model_type}'",
             where="method.target_modules",
-            expected=f"target_modules set, or a model of type {', '.join(ARCHITECTURE_DEFAULTS)}",
+            expected=f"target_modules set, or a model of type {', '.join(IA3_DEFAULTS)}",
             fix="set target_modules (e.g. 'all-linear', or the attention key/value layers and the "
                 "feed-forward output layer) and feedforward_modules (e.g. [down_proj])",
         )

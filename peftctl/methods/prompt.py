@@ -34,6 +34,7 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from peftctl.architectures import key_value_heads
 from peftctl.errors import UserError
 from peftctl.kv_cache import cache_keyword, decoder_stack, pop_cache
 from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, load_strict, reject_unsupported
@@ -309,12 +310,7 @@ class _Geometry:
                             where="model.name_or_path",
                             expected="a decoder-only transformer config (num_hidden_layers, hidden_size, "
                                      "num_attention_heads)") from None
-        # Grouped-query attention caches fewer key/value heads than it has query heads. Falcon
-        # says so in its own words: the 7B layout shares one (multi-query), the 40B one has num_kv_heads.
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        if config.model_type == "falcon":
-            self.kv_heads = (config.num_kv_heads if config.new_decoder_architecture
-                             else 1 if config.multi_query else self.heads)
+        self.kv_heads = key_value_heads(config)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
 
     @property
