@@ -4,13 +4,14 @@ Each model is built from its architecture's own transformers config class (2 lay
 vocabulary 128; no weights downloaded). For every pair, either the method is refused before any
 weights are trained, with its reason (asserted), or: it trains (5 AdamW steps lower the loss),
 its effect is real (logits move by more than 1e-4 on unpadded positions), the exported adapter
-reloads in peftctl with equal logits, peft loads the export with equal logits (fp32, atol 1e-5)
-where peft has the method, a merge equals base + adapter (atol 1e-4) where the method merges,
+reloads in peftctl with equal logits, peft loads the export with every key matched and equal
+logits (fp32, atol 1e-5) where peft has the method and peft's own adapter (non-trivial init) loads here, a merge equals base + adapter (atol 1e-4) where the method merges,
 and for the prompt methods `generate` gives the tokens of a cache-free greedy loop.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import peft
@@ -120,14 +121,38 @@ def test_method_on_architecture(arch, method, tmp_path):
     reloaded = load_adapter(build(arch), tmp_path).model
     torch.testing.assert_close(batch_logits(reloaded, batch), ours, atol=1e-5, rtol=0)
     if adapter.method.peft_type in IN_PEFT:
-        theirs = batch_logits(peft.PeftModel.from_pretrained(build(arch), tmp_path).eval(), batch)
-        theirs = theirs[:, theirs.shape[1] - ours.shape[1]:]  # peft keeps the virtual positions' logits
-        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            theirs = batch_logits(peft.PeftModel.from_pretrained(build(arch), tmp_path).eval(), batch)
+        assert not [str(w.message) for w in caught if "keys" in str(w.message)]  # every key matched
+        torch.testing.assert_close(real_positions(theirs, ours), ours, atol=1e-5, rtol=0)
+        assert_peft_adapter_loads(arch, tmp_path, batch)
     if method in MERGEABLE:
         merged = adapter.method.merge(load_adapter(build(arch), tmp_path)).eval()
         torch.testing.assert_close(batch_logits(merged, batch), ours, atol=1e-4, rtol=0)
     if method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
         assert_generate_is_greedy(reloaded)
+
+
+def real_positions(theirs: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
+    """peft keeps the prompt methods' virtual positions in its logits; ours are the real tokens'."""
+    return theirs[:, theirs.shape[1] - ours.shape[1]:]
+
+
+def assert_peft_adapter_loads(arch: str, exported, batch) -> None:
+    """peft's own adapter, made from the exported config with a non-trivial init (random B for
+    LoRA, random IA3 vectors), loads in peftctl and computes what peft computes."""
+    config = peft.PeftConfig.from_pretrained(exported)
+    config.base_model_name_or_path = None  # the base is the model given here (peft warns otherwise)
+    for option in ("init_lora_weights", "init_ia3_weights"):
+        if hasattr(config, option):
+            setattr(config, option, False)
+    torch.manual_seed(1)
+    foreign = peft.get_peft_model(build(arch), config).eval()
+    foreign.save_pretrained(exported / "peft")
+    expected = batch_logits(foreign, batch)
+    loaded = batch_logits(load_adapter(build(arch), exported / "peft").model, batch)
+    torch.testing.assert_close(loaded, real_positions(expected, loaded), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -171,6 +196,18 @@ def test_validate_lists_the_targets_and_refuses_a_pair_that_cannot_work(tmp_path
             "model.decoder.layers.N.self_attn.v_proj.lora_A.weight ×2") in result.stderr
     assert_refused(invoke("validate", recipe({"name": "houlsby", "bottleneck_size": 8}, "mixtral")),
                    "method 'houlsby' does not support MixtralForCausalLM", BOTTLENECK_REASON)
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch not in ("mixtral", "qwen3_moe")])
+def test_ia3_targets_the_architecture_tables_layers_in_every_block(arch):
+    """IA3 with no target_modules: exactly the table's layers, once in each of the 2 decoder layers."""
+    from peftctl.architectures import IA3_DEFAULTS
+
+    model_type = build(arch).config.model_type
+    targets, _ = IA3_DEFAULTS[model_type]
+    wrapped = [name.rsplit(".", 1)[0] for name in apply(arch, "ia3").params]
+    assert len(wrapped) == 2 * len(targets)
+    assert all(sum(name.endswith("." + target) for name in wrapped) == 2 for target in targets), wrapped
 
 
 # --- LoRA on mixture-of-experts expert weights (peft's target_parameters) -----------------------
@@ -218,3 +255,37 @@ def test_expert_weight_mistakes_are_named():
         apply("llama", "lora", target_parameters=["experts.gate_up_proj"])
     with pytest.raises(UserError, match="DoRA on expert parameters"):
         apply("mixtral", "dora", target_parameters=EXPERTS)
+
+
+# --- the wider sweep (slow): more steps, a bf16 base, a 4-bit base ------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["bfloat16", "4bit"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lora_trains_on_a_bf16_and_a_4bit_base(arch, base, tmp_path):
+    """LoRA on all linear layers, 30 steps, on the base as users load it: 16-bit or quantized
+    (bitsandbytes 4-bit NF4 on CPU). The loss falls and the export reloads with equal logits."""
+    from peftctl import quantize
+    from peftctl.recipe import ModelSpec
+
+    def base_model() -> torch.nn.Module:
+        model = build(arch)
+        if base == "4bit":
+            quantize.quantize(model, ModelSpec(name_or_path=arch, dtype="float32", quantization="4bit"))
+        return model.to(torch.bfloat16) if base == "bfloat16" else model
+
+    torch.manual_seed(0)
+    adapter = methods.apply(base_model(), METHODS["lora"].Config(name="lora", r=4))
+    batch = token_batch(VOCAB)
+    loss = CausalLMLoss(adapter.model)
+    with torch.no_grad():
+        before = float(torch.div(*loss(**batch)))
+    train_steps(adapter, batch, steps=30, lr=5e-3)
+    with torch.no_grad():
+        after = float(torch.div(*loss(**batch)))
+    assert after < before - 0.1, (before, after)
+    save_adapter(adapter, tmp_path, base_model=arch)
+    ours = batch_logits(adapter.model, batch)
+    torch.testing.assert_close(batch_logits(load_adapter(base_model(), tmp_path).model, batch), ours,
+                               atol=1e-5, rtol=0)  # the same computation on the same weights
