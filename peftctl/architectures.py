@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# The model types tests/test_architectures.py runs every method on. Others get the generic rules
+# (and `peftctl validate` says so).
+TESTED = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt_neox",
+          "opt", "falcon", "gpt2", "mixtral", "qwen3_moe")
+
 # (IA)³: the layers whose activations are rescaled (keys, values and the feed-forward output, the
 # paper's choice), and which of them are feed-forward (their input is scaled, not their output):
 # model_type → (targets, feedforward). peft's defaults where peft has them; Phi-3, OLMo 2 and

@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from peftctl import checkpoint, methods
+from peftctl.architectures import TESTED
 from peftctl.data import load_data
 from peftctl.errors import ErrorGroup, UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter, save_adapter
@@ -157,8 +158,11 @@ def describe_targets(recipe: Recipe) -> str:
     # Layer numbers folded, so 30 layers' q_proj read as one line: "model.layers.N.self_attn.q_proj.lora_A.weight ×30".
     kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in adapter.params)
     listed = ", ".join(f"{kind} ×{count}" if count > 1 else kind for kind, count in kinds.items())
+    model_type = getattr(skeleton.config, "model_type", None)
+    untested = "" if model_type in TESTED else (
+        f" (model_type '{model_type}' is not among the architectures peftctl's contract suite tests: generic rules)")
     return (f"method {method_cfg.name}: {adapter.trainable_count():,} trainable parameters in "
-            f"{len(adapter.params)} tensors: {listed}")
+            f"{len(adapter.params)} tensors: {listed}{untested}")
 
 
 def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) -> tuple[Any, Any]:

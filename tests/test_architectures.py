@@ -194,6 +194,13 @@ def test_validate_lists_the_targets_and_refuses_a_pair_that_cannot_work(tmp_path
     assert result.exit_code == 0, result.output
     assert ("targets: method lora: 2,048 trainable parameters in 8 tensors: "
             "model.decoder.layers.N.self_attn.v_proj.lora_A.weight ×2") in result.stderr
+    assert "generic rules" not in result.stderr
+    # A layout the suite does not test is said to get the generic rules.
+    T.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4).save_pretrained(tmp_path / "bloom")
+    result = invoke("validate", recipe({"name": "lora", "r": 4}, "bloom"))
+    assert result.exit_code == 0, result.output
+    assert "model_type 'bloom' is not among the architectures peftctl's contract suite tests: generic rules" \
+        in " ".join(result.stderr.split())
     assert_refused(invoke("validate", recipe({"name": "houlsby", "bottleneck_size": 8}, "mixtral")),
                    "method 'houlsby' does not support MixtralForCausalLM", BOTTLENECK_REASON)
 
@@ -255,6 +262,31 @@ def test_expert_weight_mistakes_are_named():
         apply("llama", "lora", target_parameters=["experts.gate_up_proj"])
     with pytest.raises(UserError, match="DoRA on expert parameters"):
         apply("mixtral", "dora", target_parameters=EXPERTS)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_qlora_on_architecture(arch, tmp_path):
+    """QLoRA: LoRA on a 4-bit (NF4, bitsandbytes) base: trains, reloads, and peft loads the export
+    onto the same quantized base with equal logits."""
+    from peftctl import quantize
+    from peftctl.recipe import ModelSpec
+
+    def quantized() -> torch.nn.Module:
+        model = build(arch)
+        quantize.quantize(model, ModelSpec(name_or_path=arch, dtype="float32", quantization="4bit"))
+        return model
+
+    torch.manual_seed(0)
+    adapter = methods.apply(quantized(), METHODS["lora"].Config(name="lora", r=4))
+    batch = token_batch(VOCAB)
+    base = batch_logits(quantized(), batch)
+    train_steps(adapter, batch, steps=5)
+    ours = batch_logits(adapter.model, batch)
+    assert real_difference(ours, base, batch["attention_mask"]) > 1e-4
+    save_adapter(adapter, tmp_path, base_model=arch)
+    torch.testing.assert_close(batch_logits(load_adapter(quantized(), tmp_path).model, batch), ours, atol=1e-5, rtol=0)
+    theirs = batch_logits(peft.PeftModel.from_pretrained(quantized(), tmp_path).eval(), batch)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
 # --- the wider sweep (slow): more steps, a bf16 base, a 4-bit base ------------------------------
