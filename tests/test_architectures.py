@@ -217,6 +217,22 @@ def test_ia3_targets_the_architecture_tables_layers_in_every_block(arch):
     assert all(sum(name.endswith("." + target) for name in wrapped) == 2 for target in targets), wrapped
 
 
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch not in NO_BIASES])
+def test_bitfit_trains_exactly_the_models_biases(arch):
+    biases = {name for name, _ in build(arch).named_parameters() if name.endswith(".bias")}
+    assert set(apply(arch, "bitfit").params) == biases
+
+
+@pytest.mark.parametrize(("method", "per_layer"), [("houlsby", 2), ("pfeiffer", 1)])
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if (arch, "houlsby") not in REFUSED])
+def test_bottlenecks_sit_after_each_blocks_output_projection(arch, method, per_layer):
+    """Houlsby: after attention and feed-forward in each of the 2 decoder layers; Pfeiffer: after
+    the feed-forward block only."""
+    adapter = apply(arch, method)
+    sites = {name.rsplit(".adapter_down", 1)[0] for name in adapter.params if ".adapter_down." in name}
+    assert len(sites) == 2 * per_layer, sites
+
+
 # --- LoRA on mixture-of-experts expert weights (peft's target_parameters) -----------------------
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -321,3 +337,15 @@ def test_lora_trains_on_a_bf16_and_a_4bit_base(arch, base, tmp_path):
     ours = batch_logits(adapter.model, batch)
     torch.testing.assert_close(batch_logits(load_adapter(base_model(), tmp_path).model, batch), ours,
                                atol=1e-5, rtol=0)  # the same computation on the same weights
+
+
+def test_a_named_router_trains_too_and_matches_peft(tmp_path):
+    """The router is frozen unless named: a 2-D `gate.weight` in target_parameters is one 'expert'."""
+    adapter = apply("mixtral", "lora", target_modules=[], target_parameters=["gate.weight", *EXPERTS])
+    assert any(".mlp.gate.lora_A" in name for name in adapter.params)
+    batch = token_batch(VOCAB)
+    train_steps(adapter, batch, steps=5)
+    ours = batch_logits(adapter.model, batch)
+    save_adapter(adapter, tmp_path, base_model="mixtral")
+    theirs = batch_logits(peft.PeftModel.from_pretrained(build("mixtral"), tmp_path).eval(), batch)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)

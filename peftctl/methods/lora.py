@@ -50,7 +50,7 @@ class LoraConfig(MethodConfig):
         None,
         description="Mixture-of-experts weights to adapt, which are 3-D parameters, not linear layers: name "
         "suffixes such as [experts.gate_up_proj, experts.down_proj] (Mixtral, Qwen3-MoE). Each expert gets its own "
-        "rank-r update, as peft's target_parameters. The router stays frozen. Combine with target_modules "
+        "rank-r update, as peft's target_parameters. The router stays frozen unless named (gate.weight). Combine with target_modules "
         "(which may then be []) for the attention layers.",
     )
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")

@@ -27,7 +27,8 @@ class LoraExperts(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.param_name = param_name
-        experts, out_features, in_features = self.weight().shape
+        shape = self.weight().shape  # [E, out, in]; a 2-D weight (a router's) is one expert
+        experts, out_features, in_features = shape if len(shape) == 3 else (1, *shape)
         self.num_experts = experts
         factory = {"device": self.weight().device, "dtype": torch.float32}
         self.lora_A = nn.Linear(in_features, r * experts, bias=False, **factory)
@@ -47,7 +48,7 @@ class LoraExperts(nn.Module):
         """ΔW [E, out, in] = s · B_e A_e for every expert e."""
         a = self.lora_A.weight.reshape(self.num_experts, -1, self.lora_A.weight.shape[-1])  # e r i
         b = self.lora_B.weight.reshape(self.lora_B.weight.shape[0], -1, self.num_experts)  # o r e
-        return torch.einsum("ore,eri->eoi", b, a) * self.scaling
+        return (torch.einsum("ore,eri->eoi", b, a) * self.scaling).reshape(self.weight().shape)
 
     def forward(self, *args, **kwargs):
         weight = self.weight()
@@ -80,10 +81,10 @@ def expert_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[st
                             else "a model with fused expert weights (this one has none)")
         for name in hits:
             owner, _, param_name = name.rpartition(".")
-            if model.get_parameter(name).dim() != 3:
-                raise UserError(f"target parameter '{name}' is not a 3-D expert weight [experts, out, in]",
-                                where="method.target_parameters",
-                                fix="adapt linear layers with target_modules; target_parameters is for fused experts")
+            if model.get_parameter(name).dim() not in (2, 3):
+                raise UserError(f"target parameter '{name}' is not a weight matrix [out, in] or expert weights "
+                                "[experts, out, in]", where="method.target_parameters",
+                                fix="name a weight, such as experts.gate_up_proj or a router's gate.weight")
             found.setdefault(owner, []).append(param_name)
     # The owning module's own order, as peft nests the wrappers.
     return {owner: [n for n, _ in model.get_submodule(owner).named_parameters(recurse=False) if n in names]
