@@ -199,8 +199,9 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     """Fold the adapter into its base and save a plain transformers model folder at `out`.
 
     The merge runs in fp32; the weights are saved in `dtype`, by default the base's own precision
-    (`base_precision`), so a merged model is the size its base was. Returns the largest and mean absolute logit difference between the
-    merged model and base + adapter on a probe batch, so rounding is shown, not discovered.
+    (`base_precision`), so a merged model is the size its base was. Returns the largest and mean
+    absolute logit difference between the merged model and base + adapter on a probe batch, so
+    rounding is shown, not discovered.
     An adapter trained on a quantized base is merged into that base dequantized, and compared
     with the quantized base + adapter (computing in fp32): the model that was trained, not the
     unquantized original, which differs from it by the quantization error.
@@ -208,7 +209,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     import torch
 
     from peftctl import quantize
-    from peftctl.model import load_config, load_model, load_skeleton, load_tokenizer, model_files
+    from peftctl.model import load_model, load_skeleton, load_tokenizer, model_files
 
     folder = Path(folder)
     config = read_adapter_config(folder)
@@ -217,8 +218,9 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     spec = base_model_spec(folder, base, trust_remote_code)
     check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
         "the adapter": folder, "the base model": model_files(spec)})
-    load_adapter(load_skeleton(spec), folder)  # options, targets and shapes, before the weights load
-    dtype = dtype or base_precision(load_config(spec), spec)
+    skeleton = load_skeleton(spec)
+    load_adapter(skeleton, folder)  # options, targets and shapes, before the weights load
+    dtype = dtype or base_precision(skeleton.config, spec)
     quantized = spec.quantization != "none"
     if not quantized:
         spec = spec.model_copy(update={"dtype": "float32"})

@@ -112,15 +112,18 @@ def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
 
 # Hub snapshots already resolved in this process (each resolution asks the Hub for news).
 _FETCHED: dict[tuple, ModelSource] = {}
+_LISTED: dict[tuple, list | None] = {}  # the Hub's listing of a repo's weights (None: not asked)
 
 
 def _hub_source(spec: ModelSpec, weights: bool) -> ModelSource:
     ref = hub.RepoRef(spec.name_or_path, spec.revision)
-    key = (ref, spec.gguf_file, weights, spec.trust_remote_code, hub.cache_dir(), hub.offline())
+    repo = (ref, spec.gguf_file, hub.cache_dir(), hub.offline())
+    key = (*repo, weights, spec.trust_remote_code)
     if key not in _FETCHED:
-        listed = hub.check_model_weights(ref, spec.gguf_file)  # online: before anything is downloaded
+        if repo not in _LISTED:  # online: before anything is downloaded; once for both steps
+            _LISTED[repo] = hub.check_model_weights(ref, spec.gguf_file)
         folder = hub.download(ref, hub.model_patterns(spec.gguf_file, weights, spec.trust_remote_code))
-        if listed is None:  # offline or unreachable: what the cache holds decides
+        if _LISTED[repo] is None:  # offline or unreachable: what the cache holds decides
             hub.check_cached_weights(ref, folder, spec.gguf_file)
         _FETCHED[key] = ModelSource(folder, gguf_file=spec.gguf_file)
     return _FETCHED[key]

@@ -69,10 +69,7 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         skeleton = load_skeleton(recipe.model)
         method_cfg = continued_method(recipe) if continued is not None else recipe.method
         check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
-        if continued is not None:
-            load_adapter(skeleton, continued)  # targets and shapes before weights load
-        else:
-            check_size(methods.apply(skeleton, recipe.method))  # target and size errors before weights load
+        on_skeleton(recipe, skeleton, method_cfg)  # target, shape and size errors before weights load
         if recipe.train.gradient_checkpointing and methods.get(method_cfg.name).feeds_kv_cache:
             raise prefilled_cache_refusal()  # as the model would at the first step, before weights load
         fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
@@ -153,8 +150,7 @@ def describe_targets(recipe: Recipe) -> str:
     with blame(recipe.source, recipe.locate):
         skeleton = load_skeleton(recipe.model)
         method_cfg = continued_method(recipe) if recipe.model.adapter is not None else recipe.method
-        adapter = methods.apply(skeleton, method_cfg)
-        check_size(adapter)
+        adapter = on_skeleton(recipe, skeleton, method_cfg)
     # Layer numbers folded, so 30 layers' q_proj read as one line: "model.layers.N.self_attn.q_proj.lora_A.weight ×30".
     kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in adapter.params)
     listed = ", ".join(f"{kind} ×{count}" if count > 1 else kind for kind, count in kinds.items())
@@ -163,6 +159,16 @@ def describe_targets(recipe: Recipe) -> str:
         f" (model_type '{model_type}' is not among the architectures peftctl's contract suite tests: generic rules)")
     return (f"method {method_cfg.name}: {adapter.trainable_count():,} trainable parameters in "
             f"{len(adapter.params)} tensors: {listed}{untested}")
+
+
+def on_skeleton(recipe: Recipe, skeleton: Any, method_cfg: MethodConfig) -> methods.Adapter:
+    """The recipe's method on the weightless `skeleton`: the adapter to continue loaded (its
+    targets and shapes checked), or a new one applied and sized."""
+    if recipe.model.adapter is not None:
+        return load_adapter(skeleton, recipe.model.adapter)
+    adapter = methods.apply(skeleton, method_cfg)
+    check_size(adapter)
+    return adapter
 
 
 def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) -> tuple[Any, Any]:

@@ -166,6 +166,14 @@ class DataSpec(Section):
         "tokens to a row, do not), else pad. true: the same, but an error if the check fails. false: always pad.",
     )
 
+    @field_validator("train", "validation")
+    @classmethod
+    def _file_names_are_paths(cls, value: Any) -> Any:
+        """A name with a data file's suffix (data/train.jsonl) is a path, never a Hub id."""
+        if isinstance(value, str) and Path(value).suffix.lower() in DATA_SUFFIXES:
+            return Path(value)
+        return value
+
     @field_validator("validation")
     @classmethod
     def _fraction_in_range(cls, value: float | str | Path | None) -> float | str | Path | None:
@@ -429,27 +437,27 @@ def _parse_value(value: str) -> Any:
 def _resolve_paths(recipe: Recipe, path: Path) -> None:
     base = path.resolve().parent
     data = recipe.data
-    data.train = data_source(data.train, base)
+    data.train = _data_source(data.train, base)
     if isinstance(data.validation, (str, Path)):
-        data.validation = data_source(data.validation, base)
+        data.validation = _data_source(data.validation, base)
     if recipe.model.adapter is not None:
         recipe.model.adapter = base / recipe.model.adapter.expanduser()
     if recipe.output.dir is None:
         recipe.output.dir = Path("runs") / path.stem
 
 
-def data_source(value: str | Path, base: Path = Path()) -> str | Path:
+def _data_source(value: str | Path, base: Path) -> str | Path:
     """A local file or folder (a Path, resolved from `base`, the recipe's folder) when one exists
-    or the name looks like a file; otherwise a Hub dataset id (a str)."""
-    text = str(value)
-    local = base / Path(text).expanduser()
+    or the name is not a Hub id; otherwise a Hub dataset id (a str). A file name is a Path already
+    (DataSpec._file_names_are_paths)."""
+    if isinstance(value, Path):
+        return base / value.expanduser()
+    local = base / Path(value).expanduser()
     try:
         exists = local.exists()
     except OSError:  # a name too long to exist: check_path reports it
         exists = True
-    if exists or not is_hub_id(text) or Path(text).suffix.lower() in DATA_SUFFIXES:
-        return local
-    return text
+    return local if exists or not is_hub_id(value) else value
 
 
 def _check_data_files(recipe: Recipe, path: Path, locate) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from peftctl import hub
 from peftctl.errors import UserError, did_you_mean, one_line
-from peftctl.recipe import DATA_SUFFIXES, FORMAT_FIELDS, ROLES, DataSpec, data_source
+from peftctl.recipe import DATA_SUFFIXES, FORMAT_FIELDS, ROLES, DataSpec
 
 _LAYOUTS = {
     "alpaca": '{"instruction": "...", "input": "... (optional)", "output": "..."}',
@@ -32,7 +32,6 @@ def read_source(source: str | Path, spec: DataSpec, key: str = "data.train", spl
     named the source, for messages.
     """
     split = split or spec.split
-    source = data_source(source)
     if isinstance(source, Path) and not source.is_dir():
         rows, places = _read_file(source, key)
         label = str(source)

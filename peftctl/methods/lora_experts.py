@@ -37,12 +37,16 @@ class LoraExperts(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
 
-    def weight(self) -> torch.Tensor:
-        """The wrapped parameter, through any wrappers nested inside this one."""
-        module = self.base_layer
+    def _owner(self) -> tuple[nn.Module, str]:
+        """The module that holds the wrapped parameter (inside any wrappers nested in this one),
+        and the parameter's path from `base_layer`."""
+        module, path = self.base_layer, self.param_name
         while isinstance(module, LoraExperts):
-            module = module.base_layer
-        return getattr(module, self.param_name)
+            module, path = module.base_layer, f"base_layer.{path}"
+        return module, path
+
+    def weight(self) -> torch.Tensor:
+        return getattr(self._owner()[0], self.param_name)
 
     def delta(self) -> torch.Tensor:
         """ΔW [E, out, in] = s · B_e A_e for every expert e."""
@@ -51,12 +55,9 @@ class LoraExperts(nn.Module):
         return (torch.einsum("ore,eri->eoi", b, a) * self.scaling).reshape(self.weight().shape)
 
     def forward(self, *args, **kwargs):
-        weight = self.weight()
+        owner, path = self._owner()
+        weight = getattr(owner, self.param_name)
         effective = weight + self.delta().to(weight.dtype)
-        path = self.param_name
-        module = self.base_layer
-        while isinstance(module, LoraExperts):  # the parameter lives in the innermost module
-            path, module = f"base_layer.{path}", module.base_layer
         return functional_call(self.base_layer, {path: effective}, args, kwargs, strict=False)
 
     @torch.no_grad()
