@@ -4,7 +4,7 @@ A checkpoint is a folder `<output>/checkpoints/step-N` holding
   * `adapter.safetensors`, `optimizer.safetensors`, `rng.safetensors`: every tensor (the
     trainable parameters by their name in the model, the optimizer's per-parameter state, the
     RNG states as uint8 tensors), in safetensors only: loading a checkpoint never runs pickled
-    code (no torch.load);
+    code (no torch.load); `method.safetensors` where the method keeps state of its own;
   * `state.json`: everything else (step, data position, scheduler, counters, the metrics so far)
     with the fingerprint of what must not change between the run that wrote it and the run that
     resumes from it, and a sha256 of each tensor file, so a damaged file is named, not loaded.
@@ -33,6 +33,8 @@ from peftctl.files import atomic_directory, check_path, writing
 CHECKPOINTS = "checkpoints"  # the folder of an output dir that holds them
 STATE_FILE = "state.json"
 TENSOR_FILES = ("adapter", "optimizer", "rng")  # each stored as <name>.safetensors
+# Written only when there is something to keep: a method's own loop state (Method.loop_state).
+OPTIONAL_TENSOR_FILES = ("method",)
 FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -72,7 +74,7 @@ def write(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], st
     target = Path(root) / f"step-{step}"
     with writing(target, f"checkpoint step-{step}", keep=latest(root)), atomic_directory(target) as staging:
         checksums = {}
-        for name in TENSOR_FILES:
+        for name in (*TENSOR_FILES, *(n for n in OPTIONAL_TENSOR_FILES if tensors.get(n))):
             path = staging / f"{name}.safetensors"
             save_file({key: t.detach().to("cpu").contiguous() for key, t in tensors[name].items()}, path,
                       metadata={"format": "pt"})
@@ -129,8 +131,9 @@ def read(path: Path) -> Checkpoint:
         raise _corrupt(state_file, "the file's contents differ from what was written (checksum mismatch)")
     if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
         raise _corrupt(state_file, f"its step is {state.get('step')!r}, not a step number")
-    tensors = {}
-    for name in TENSOR_FILES:
+    optional = [n for n in OPTIONAL_TENSOR_FILES if f"{n}.safetensors" in state["checksums"]]
+    tensors = {name: {} for name in OPTIONAL_TENSOR_FILES}
+    for name in (*TENSOR_FILES, *optional):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise _corrupt(file, "the file is missing")
@@ -159,7 +162,7 @@ def check_compatible(checkpoint: Checkpoint, fingerprint: dict[str, Any]) -> Non
 
 def load_into(targets: dict[str, torch.Tensor], checkpoint: Checkpoint, name: str) -> None:
     """Copy the checkpoint's `name` tensors into `targets`: all keys and shapes must match exactly."""
-    from peftctl.methods.base import load_strict
+    from peftctl.state_dicts import load_strict
 
     load_strict(targets, checkpoint.tensors[name], str(checkpoint.path / f"{name}.safetensors"),
                 whose="checkpoint", headline="the checkpoint does not match this run",

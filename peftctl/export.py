@@ -104,7 +104,7 @@ def load_adapter(model: nn.Module, folder: Path) -> Adapter:
         # The options come from the adapter's config, not from a recipe: say so, and that the
         # likely cause is a base model other than the one the adapter was made for.
         if err.file is None:
-            err.file, err.where = str(folder / CONFIG_FILE), (err.where or "").removeprefix("method.") or None
+            err.file = str(folder / CONFIG_FILE)
             err.fix = "use the base model the adapter was trained on (see its base_model_name_or_path)"
             err._changed()
         raise

@@ -39,6 +39,7 @@ from transformers import (
 from peftctl import hub, quantize
 from peftctl.errors import UserError, one_line
 from peftctl.files import check_path
+from peftctl.layers import resolve_dtype
 from peftctl.kv_cache import decoder_stack, passed_cache
 from peftctl.recipe import ModelSpec
 
@@ -176,15 +177,6 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
             where="model.name_or_path",
             expected="a Hugging Face model folder with config.json, tokenizer files and safetensors weights, or a .gguf file",
         ) from None
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' is bf16 where the hardware multiplies it natively, fp16 on older GPUs, else fp32."""
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:

@@ -304,7 +304,7 @@ def continued_method(recipe: Recipe) -> MethodConfig:
 def _exported(recipe: Recipe, method: Method, cfg: MethodConfig) -> dict:
     """The adapter_config.json fields `cfg` resolves to on the recipe's model (no weights load)."""
     return {key: _canonical(value) for key, value in
-            method.peft_config(method.apply(load_skeleton(recipe.model), cfg)).items()}
+            method.peft_config(methods.apply(load_skeleton(recipe.model), cfg)).items()}
 
 
 def _canonical(value):

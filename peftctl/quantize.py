@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftctl.errors import UserError, one_line
-from peftctl.methods.base import dense_weight, linear_layers, linear_shape
+from peftctl.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
 
 if TYPE_CHECKING:
     from peftctl.recipe import ModelSpec
@@ -70,9 +69,9 @@ def check_quantization(spec: ModelSpec) -> None:
     """Quantize and run one small layer, so a build that cannot do it fails before the weights load."""
     bnb = import_bitsandbytes()
     try:
-        probe = quantized_layer(nn.Linear(BLOCKSIZE, BLOCKSIZE, dtype=_dtype(spec.dtype)), spec)
+        probe = quantized_layer(nn.Linear(BLOCKSIZE, BLOCKSIZE, dtype=resolve_dtype(spec.dtype)), spec)
         with torch.no_grad():
-            probe(torch.ones(2, BLOCKSIZE, dtype=_dtype(spec.dtype)))
+            probe(torch.ones(2, BLOCKSIZE, dtype=resolve_dtype(spec.dtype)))
     except Exception as err:
         raise UserError(
             f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {spec.quantization} layers on this "
@@ -112,7 +111,7 @@ def quantized_layer(layer: nn.Module, spec: ModelSpec) -> nn.Module:
     has_bias = layer.bias is not None
     if spec.quantization == "4bit":
         compute = spec.dtype if spec.compute_dtype == "auto" else spec.compute_dtype
-        quantized = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=_dtype(compute),
+        quantized = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=resolve_dtype(compute),
                                       compress_statistics=spec.double_quant, quant_type=spec.quant_type,
                                       quant_storage=torch.uint8, device="meta")
         quantized.weight = bnb.nn.Params4bit(
@@ -157,31 +156,6 @@ def _int8_state_follows_weight(layer: nn.Module, args: tuple) -> None:
             holder.CB = weight.data
         if holder.SCB is not None and holder.SCB.device != weight.device:
             holder.SCB = holder.SCB.to(weight.device)
-
-
-def quantized_kind(layer: nn.Module) -> str | None:
-    """'4bit' or '8bit' for a bitsandbytes layer, else None (without importing bitsandbytes)."""
-    bnb = sys.modules.get("bitsandbytes")  # not imported: no layer can be one of its
-    if bnb is None:
-        return None
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return "4bit"
-    if isinstance(layer, bnb.nn.Linear8bitLt):
-        return "8bit"
-    return None
-
-
-def dequantized_weight(layer: nn.Module) -> torch.Tensor | None:
-    """A quantized layer's weight as a dense [out, in] tensor; None for a layer that is not quantized."""
-    kind = quantized_kind(layer)
-    if kind is None:
-        return None
-    functional = sys.modules["bitsandbytes"].functional
-    if kind == "4bit":
-        return functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    # The first forward moves the row scales from the weight into the layer's matmul state.
-    scales = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-    return functional.int8_vectorwise_dequant(layer.weight.data, scales)
 
 
 @torch.no_grad()
@@ -275,9 +249,3 @@ def describe(spec: ModelSpec) -> str:
     if spec.quantization == "4bit":
         return f"4bit {spec.quant_type}" + (", double quant" if spec.double_quant else "")
     return spec.quantization
-
-
-def _dtype(name: str) -> torch.dtype:
-    from peftctl.model import resolve_dtype
-
-    return resolve_dtype(name)

@@ -221,7 +221,8 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
     accelerator = Accelerator(mixed_precision=_mixed_precision(model))
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     reporter = (reporter if main else None) or SilentReporter()
-    optimizer = torch.optim.AdamW(adapter.params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
+    groups = param_groups(adapter, spec.lr)
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     per_step = spec.grad_accum * processes  # micro-batches in one optimizer step, over all processes
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / spec.batch_size) / per_step)
     total_steps = spec.max_steps or spec.epochs * steps_per_epoch
@@ -287,7 +288,8 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         # Whole tensors: under FSDP2 every process joins the gathering, the main one writes.
         tensors = {"adapter": {name: whole(p.detach()) for name, p in adapter.params.items()},
                    "optimizer": {key: whole(t) for key, t in _optimizer_tensors(optimizer, adapter.params).items()},
-                   "rng": _rng_tensors(accelerator)}  # all processes: gathers each one's RNG
+                   "rng": _rng_tensors(accelerator),  # all processes: gathers each one's RNG
+                   "method": adapter.method.loop_state(adapter)}
         state = {"step": step, "micro_batches": step * per_step, **_data_position(step * per_step, len(data.train), spec.batch_size),
                  "scheduler": scheduler.state_dict(), "python_random": random.getstate(),
                  "counters": {**counters, "elapsed_s": time.perf_counter() - started},
@@ -307,7 +309,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
             step_started = time.perf_counter()
             group = [next(micro_batches) for _ in range(per_step)]
             step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-            local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device)
+            local_loss, local_real = _backward(accelerator, loss_model, group, step_tokens, device, adapter)
             step_loss, step_real = _over_processes(accelerator, local_loss, local_real)
             if not math.isfinite(step_loss):
                 raise diverged(step, "training loss", step_loss)
@@ -321,12 +323,13 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
                     raise diverged(step, "gradient norm", grad_norm)
             optimizer.step()
             scheduler.step()
+            adapter.method.after_step(adapter, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
 
             now = time.perf_counter()
             counters["train_s"] += now - step_started
             metrics = {"loss": counters["window_loss"] / max(counters["window_tokens"], 1),
-                       "lr": scheduler.get_last_lr()[0],
+                       "lr": spec.lr * schedule(scheduler.last_epoch),
                        "tokens_per_s": (counters["tokens"] + counters["window_real"]) / max(counters["train_s"], 1e-9)}
             reporter.step(step, metrics)
             if step % spec.log_every == 0 or step == total_steps:
@@ -401,12 +404,13 @@ class _StopRequests:
 
 
 def _backward(accelerator: Any, loss_model: nn.Module, group: list[dict[str, torch.Tensor]], step_tokens: int,
-              device: torch.device) -> tuple[float, int]:
+              device: torch.device, adapter: Adapter) -> tuple[float, int]:
     """Forward and backward this process's share of a step's micro-batches; its loss sum and real tokens.
 
     Every process reads the same stream; process r of P takes micro-batches r, r + P, ... DDP and
     FSDP average gradients over processes: scaled by P, the sum is the token-weighted mean over
-    the whole step, as in one process. Gradients sync on the last micro-batch only.
+    the whole step, as in one process. Gradients sync on the last micro-batch only. A method's
+    extra loss term counts once per step: each micro-batch carries its share.
     """
     processes = accelerator.num_processes
     mine = group[accelerator.process_index::processes]
@@ -417,7 +421,11 @@ def _backward(accelerator: Any, loss_model: nn.Module, group: list[dict[str, tor
         with sync:
             with accelerator.autocast():
                 loss_sum, _ = loss_model(**batch)
-            accelerator.backward(loss_sum * processes / step_tokens)
+                objective = loss_sum * processes / step_tokens
+                extra = adapter.method.extra_loss(adapter)
+                if extra is not None:
+                    objective = objective + extra / len(mine)
+            accelerator.backward(objective)
         loss += float(loss_sum.detach())
         real += int(batch["attention_mask"].sum())
     return loss, real
@@ -490,15 +498,29 @@ def _restore_optimizer(saved: checkpoint.Checkpoint, adapter: Adapter, optimizer
     targets = {f"{kind}/{name}": torch.zeros(() if kind == "step" else p.shape, dtype=torch.float32 if kind == "step" else p.dtype)
                for name, p in adapter.params.items() for kind in ADAMW_STATE}
     checkpoint.load_into(targets, saved, "optimizer")
-    # The optimizer indexes parameters by position: the order of adapter.params, as it was built.
+    # The optimizer indexes parameters by position, group after group, as param_groups built them.
+    in_order = [name for group in param_groups(adapter, lr) for name in group["names"]]
     per_param = {i: {kind: targets[f"{kind}/{name}"] if kind == "step" else shard_like(targets[f"{kind}/{name}"], p)
                      for kind in ADAMW_STATE}
-                 for i, (name, p) in enumerate(adapter.params.items())}
+                 for i, (name, p) in enumerate((name, adapter.params[name]) for name in in_order)}
     optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
     scheduler.load_state_dict(saved.state["scheduler"])
-    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    scheduler.base_lrs = [lr * group["lr_scale"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
-        group["lr"] = lr * schedule(scheduler.last_epoch)
+        group["lr"] = lr * group["lr_scale"] * schedule(scheduler.last_epoch)
+    method_state = adapter.method.loop_state(adapter)
+    if method_state:
+        adapter.method.restore_loop_state(adapter, saved.tensors["method"], str(saved.path / "method.safetensors"))
+
+
+def param_groups(adapter: Adapter, lr: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: one per learning-rate multiplier the method asks for (usually one)."""
+    scales = adapter.method.lr_scales(adapter)
+    by_scale: dict[float, list[str]] = {}
+    for name in adapter.params:
+        by_scale.setdefault(float(scales.get(name, 1.0)), []).append(name)
+    return [{"params": [adapter.params[n] for n in names], "names": names, "lr": lr * scale, "lr_scale": scale}
+            for scale, names in by_scale.items()]
 
 
 def _rng_tensors(accelerator: Any) -> dict[str, torch.Tensor]:

@@ -181,7 +181,7 @@ def test_reduction_factor_above_the_hidden_size_names_it():
         adapted("gpt2", "pfeiffer", reduction_factor=HIDDEN + 1)
     assert err.value.where == "method.reduction_factor"
     _, adapter, _ = adapted("gpt2", "pfeiffer", reduction_factor=HIDDEN)  # one unit is allowed
-    assert adapter.info["bottleneck_size"] == 1
+    assert adapter.applied.bottleneck_size == 1
 
 
 def test_bad_options_are_validation_errors():

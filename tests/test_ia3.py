@@ -153,7 +153,7 @@ def test_merge_matches_unmerged_and_peft(case, tmp_path):
     merged = METHOD.merge(adapter)
 
     assert not any(isinstance(m, IA3Linear) for m in merged.modules())
-    assert {type(merged.get_submodule(n)) for n in adapter.info["targets"]} == layer_types
+    assert {type(merged.get_submodule(n)) for n in adapter.applied.targets} == layer_types
     torch.testing.assert_close(batch_logits(merged, batch), unmerged, atol=ATOL, rtol=0)
     # peft's merge of the same adapter: the same weights, biases included (GPT-2's Conv1D has them).
     theirs = peft.PeftModel.from_pretrained(factory(), tmp_path).merge_and_unload().state_dict()
@@ -166,7 +166,7 @@ def test_merge_matches_unmerged_and_peft(case, tmp_path):
 def test_bf16_base_trains_fp32_vectors():
     model = tiny_llama().to(torch.bfloat16)
     adapter = peftctl.methods.apply(model, IA3Config(name="ia3"))  # Llama's default: k, v, down (input)
-    assert adapter.info["feedforward"] == [n for n in adapter.info["targets"] if n.endswith("down_proj")]
+    assert adapter.applied.feedforward == [n for n in adapter.applied.targets if n.endswith("down_proj")]
     assert all(p.dtype == torch.float32 for p in adapter.params.values())
     batch = token_batch(model.config.vocab_size)
     assert batch_logits(model, batch).dtype == torch.bfloat16

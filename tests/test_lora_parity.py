@@ -266,7 +266,7 @@ def test_merge_keeps_logits(model_key, variant):
 
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    merged_types = {type(merged.get_submodule(n)) for n in adapter.info["targets"]}
+    merged_types = {type(merged.get_submodule(n)) for n in adapter.applied.targets}
     assert merged_types == layer_types  # Conv1D stays Conv1D, Linear stays Linear
     merged_logits = batch_logits(merged, batch)
     assert real_difference(unmerged, base, batch["attention_mask"]) > NON_TRIVIAL

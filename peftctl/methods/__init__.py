@@ -50,8 +50,18 @@ def by_peft_type(peft_type: str, source: str) -> Method:
 
 
 def apply(model, cfg: MethodConfig) -> Adapter:
-    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter."""
-    return get(cfg.name).apply(model, cfg)
+    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter.
+
+    A method names its own options in its errors (`r`); here they become recipe keys (`method.r`).
+    """
+    try:
+        return get(cfg.name).apply(model, cfg)
+    except UserError as err:
+        option = (err.where or "").split(".")[0].split(" ")[0]
+        if option in type(cfg).model_fields:
+            err.where = f"method.{err.where}"
+            err._changed()
+        raise
 
 
 __all__ = ["Adapter", "METHODS", "Method", "MethodConfig", "apply", "by_peft_type", "get"]

@@ -1,34 +1,53 @@
-"""The interface every PEFT method implements, and the helpers methods share.
+"""The contract every PEFT method implements, and the helpers methods share.
 
 A method is one file in this folder holding three things:
   * its recipe options, a pydantic model derived from `MethodConfig` with a `name` literal;
-  * its layers (plain `nn.Module`s);
+  * its layers (plain `nn.Module`s that keep what they wrap as `base_layer`);
   * a `Method` subclass that injects or selects the trainable parameters (`apply`), describes
     them in `peft`'s on-disk format (`peft_config`, `export_state` / `import_state`) and, where
     the maths allows, folds them into the base weights (`merge`).
-The training loop, the pipeline and the CLI only see `Adapter`, which is what `apply` returns.
+Most methods replace chosen layers by their own: they derive from `WrappingMethod`, which owns
+freezing, replacing, collecting the trainable parameters and merging, so such a method only
+says which layers (`select`) and what each becomes (`wrap`).
+The training loop, the pipeline and the CLI only see `Adapter`, which is what `apply` returns;
+a method that needs more from the loop (parameter groups, an extra loss term, work after each
+step, state a checkpoint must keep) overrides the hooks below, which the loop always calls.
+Errors a method raises name its own options (`target_modules`); the registry adds `method.`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftctl.errors import UserError
+from peftctl.layers import linear_layers, linear_shape
+from peftctl.state_dicts import load_strict
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.
 PEFT_KEY_PREFIX = "base_model.model."
+AllLinear = Literal["all-linear"]
 
 
 class MethodConfig(BaseModel):
     """Options shared by every method; each method adds its own fields and a `name` literal."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Applied:
+    """What `apply` did, as the method's merge and export need it: the modules it replaced.
+
+    Methods that record more derive from this (typed fields, not a dict of string keys).
+    """
+
+    targets: list[str]
+    fan_in_fan_out: bool = False  # a replaced layer is GPT-2's Conv1D (weight stored [in, out])
 
 
 class Method:
@@ -38,10 +57,15 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     # The `peft_type` written to adapter_config.json (peft's own name where peft has the method).
     peft_type: ClassVar[str]
+    # Whether the installed peft reads and writes this peft_type: the test suite's oracle then.
+    in_peft: ClassVar[bool] = True
     # Why the method cannot be folded into the base weights; None when it can.
     merge_refusal: ClassVar[str | None] = None
     # Whether it feeds the model a prefilled KV cache, which gradient checkpointing drops.
     feeds_kv_cache: ClassVar[bool] = False
+    # Small, valid option sets (without `name`), by a label: what the cross-method tests run.
+    # Each should make a non-trivial adapter on a tiny model; the first is the method's plain form.
+    examples: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
         """Freeze `model`, add or select this method's parameters in place, return them."""
@@ -76,6 +100,27 @@ class Method:
                 fix="serve the base model with the adapter loaded instead (peftctl eval, or peft)",
             )
 
+    # --- hooks the training loop calls; the defaults do nothing --------------------------------
+
+    def lr_scales(self, adapter: Adapter) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (absent: 1); the loop makes one group per value."""
+        return {}
+
+    def extra_loss(self, adapter: Adapter) -> torch.Tensor | None:
+        """A term added to each optimizer step's loss (e.g. a regulariser on the adapter weights)."""
+        return None
+
+    def after_step(self, adapter: Adapter, step: int, total_steps: int) -> None:
+        """Called after each optimizer step, before the gradients are cleared."""
+
+    def loop_state(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """Tensors besides the weights that a checkpoint must keep for an exact resume."""
+        return {}
+
+    def restore_loop_state(self, adapter: Adapter, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load what `loop_state` saved (the same keys and shapes)."""
+        load_strict(self.loop_state(adapter), state, source, whose="checkpoint")
+
 
 @dataclass
 class Adapter:
@@ -86,8 +131,8 @@ class Adapter:
     model: nn.Module
     # Trainable parameters by their name in `model`: the only tensors AdamW sees.
     params: dict[str, nn.Parameter]
-    # Method-specific facts the exporter needs (e.g. the resolved target module names).
-    info: dict[str, Any] = field(default_factory=dict)
+    # What the method recorded while applying itself (its own `Applied` subclass).
+    applied: Any = None
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -99,85 +144,53 @@ class Adapter:
         self.method.import_state(self, state, source)
 
 
-def load_strict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,
-                whose: str = "adapter", headline: str = "adapter weights do not match the model",
-                wanted: str = "an adapter trained on this base model with the same method options",
-                fix: str = "check the adapter's base model and its adapter_config.json") -> None:
-    """Copy `state` into `expected` only if keys and shapes match exactly; else name the first mismatch.
+class WrappingMethod(Method):
+    """A method that replaces chosen modules by its own layer (the shape of peft's BaseTuner).
 
-    `whose` names where `state` comes from (an adapter, a checkpoint) in the messages.
+    The subclass says which modules (`select`, default: the linear layers `target_modules`
+    names) and what each becomes (`wrap`); this class freezes the model, replaces them, collects
+    the trainable parameters (everything on a wrapper but its `base_layer`) and merges by asking
+    each wrapper for `merged_base()`, the wrapped module with the update folded in.
     """
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        key = missing[0] if missing else unexpected[0]
-        kind = f"is missing from the {whose}" if missing else f"is in the {whose} but not in this model"
-        raise UserError(f"{headline}: key '{key}' {kind} ({len(missing)} missing, {len(unexpected)} unexpected)",
-                        file=source, expected=wanted, fix=fix)
-    for key, target in expected.items():
-        value = state[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise UserError(f"{whose} weight '{key}' has shape {tuple(value.shape)}, "
-                            f"the model needs {tuple(target.shape)}", file=source, expected=wanted, fix=fix)
-        if target.is_floating_point():
-            # Integers would be cast to whole-number weights, NaN would poison every output: both
-            # load "fine" and give a useless model, so they are refused here.
-            if not value.is_floating_point():
-                raise UserError(f"{whose} weight '{key}' is {str(value.dtype).removeprefix('torch.')}, not floating "
-                                "point", file=source, expected=wanted, fix=fix)
-            if not torch.isfinite(value).all():
-                raise UserError(f"{whose} weight '{key}' holds NaN or infinite values", file=source,
-                                expected="finite weights", fix="use an adapter saved from a run that did not diverge")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key].to(target.dtype))
+
+    def select(self, model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Module]:
+        return match_targets(model, cfg.target_modules)
+
+    def wrap(self, module: nn.Module, cfg: MethodConfig, name: str, applied: Applied) -> nn.Module:
+        raise NotImplementedError
+
+    def record(self, model: nn.Module, cfg: MethodConfig, selected: dict[str, nn.Module]) -> Applied:
+        """What merge and export need to know, read from the model before anything is replaced."""
+        return Applied(list(selected), any(linear_shape(m)[2] for m in selected.values()))
+
+    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
+        freeze(model)
+        selected = self.select(model, cfg)
+        applied = self.record(model, cfg, selected)
+        for name, module in selected.items():
+            model.set_submodule(name, self.wrap(module, cfg, name, applied))
+        return Adapter(self, cfg, model, wrapper_params(model, self.wrapped(applied)), applied)
+
+    def wrapped(self, applied: Applied) -> list[str]:
+        """The names of every wrapper holding trainable parameters, in a fixed order."""
+        return applied.targets
+
+    def merge(self, adapter: Adapter) -> nn.Module:
+        self.check_mergeable()
+        model = adapter.model
+        for name in adapter.applied.targets:
+            model.set_submodule(name, model.get_submodule(name).merged_base())
+        return model
 
 
 # --- helpers shared by methods ------------------------------------------------------------------
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-AllLinear = Literal["all-linear"]
-
 
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer an adapter may target, without the output head (as peft's all-linear)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, LINEAR_TYPES) and module is not head
-    }
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out): GPT-2's Conv1D stores its weight as [in, out]."""
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape
-        return in_features, out_features, True
-    return layer.in_features, layer.out_features, False
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a plain [out, in] tensor, whatever its storage layout.
-
-    A 4-bit or 8-bit layer (`model.quantization`) is dequantized: a new tensor each call, so
-    writing to it does not change the layer.
-    """
-    from peftctl.quantize import dequantized_weight  # peftctl.quantize imports this module
-
-    weight = dequantized_weight(layer)
-    if weight is not None:
-        return weight
-    _, _, fan_in_fan_out = linear_shape(layer)
-    return layer.weight.T if fan_in_fan_out else layer.weight
-
-
-def match_targets(model: nn.Module, targets: list[str] | str, key: str = "method.target_modules") -> dict[str, nn.Module]:
+def match_targets(model: nn.Module, targets: list[str] | str, key: str = "target_modules") -> dict[str, nn.Module]:
     """The linear layers named by `targets`: module-name suffixes (as peft) or 'all-linear'.
 
     Every listed suffix must match at least one layer, so a typo is an error, not a silent no-op.

@@ -16,6 +16,7 @@ base layer's own fused bias add.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -25,18 +26,15 @@ from transformers.pytorch_utils import Conv1D
 
 from peftctl.architectures import BIAS_FLAGS
 from peftctl.errors import UserError
+from peftctl.layers import LINEAR_TYPES, linear_layers, linear_shape
 from peftctl.methods.base import (
-    LINEAR_TYPES,
     Adapter,
     AllLinear,
-    Method,
+    Applied,
     MethodConfig,
-    freeze,
-    linear_layers,
-    linear_shape,
+    WrappingMethod,
     match_targets,
     module_suffixes,
-    wrapper_params,
 )
 
 # Layers whose bias is added last, along the output's last dimension, which is what the wrapper
@@ -94,25 +92,33 @@ class TrainedBias(nn.Module):
         return layer
 
 
-class BitFit(Method):
+@dataclass
+class BitFitApplied(Applied):
+    created: list[str] = field(default_factory=list)  # targets that had no bias before
+
+
+class BitFit(WrappingMethod):
     name = "bitfit"
     Config = BitFitConfig
     peft_type = "BITFIT"
+    in_peft = False
+    examples = {"bitfit": {}}
 
-    def apply(self, model: nn.Module, cfg: BitFitConfig) -> Adapter:
-        freeze(model)
-        layers = bias_layers(model, cfg)
-        created = [name for name, layer in layers.items() if layer.bias is None]
-        for name, layer in layers.items():
-            model.set_submodule(name, TrainedBias(layer))
-        names = list(layers)
-        return Adapter(self, cfg, model, wrapper_params(model, names), info={"targets": names, "created": created})
+    def select(self, model: nn.Module, cfg: BitFitConfig) -> dict[str, nn.Module]:
+        return bias_layers(model, cfg)
+
+    def record(self, model: nn.Module, cfg: BitFitConfig, selected: dict[str, nn.Module]) -> BitFitApplied:
+        # LayerNorms are among the targets: no linear layout to record.
+        return BitFitApplied(list(selected), created=[name for name, layer in selected.items() if layer.bias is None])
+
+    def wrap(self, module: nn.Module, cfg: BitFitConfig, name: str, applied: BitFitApplied) -> nn.Module:
+        return TrainedBias(module)
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: BitFitConfig = adapter.cfg
         targets = cfg.target_modules
         if targets == "all-linear":
-            targets = module_suffixes(adapter.info["targets"])
+            targets = module_suffixes(adapter.applied.targets)
         return {"target_modules": targets, "create_missing_biases": cfg.create_missing_biases}
 
     def config_from_peft(self, peft_config: dict[str, Any], source: str) -> BitFitConfig:
@@ -131,10 +137,8 @@ class BitFit(Method):
             ) from None
 
     def merge(self, adapter: Adapter) -> nn.Module:
-        model = adapter.model
-        for name in adapter.info["targets"]:
-            model.set_submodule(name, model.get_submodule(name).merged_base())
-        declare_created_biases(model, adapter.info["created"])
+        model = super().merge(adapter)
+        declare_created_biases(model, adapter.applied.created)
         return model
 
 
@@ -165,14 +169,14 @@ def bias_layers(model: nn.Module, cfg: BitFitConfig) -> dict[str, nn.Module]:
         return every_bias_layer(model, cfg.create_missing_biases)
     if not cfg.target_modules:
         raise UserError("target_modules is empty, so BitFit would train nothing",
-                        where="method.target_modules", fix="list layers, omit the key, or use 'all-linear'")
+                        where="target_modules", fix="list layers, omit the key, or use 'all-linear'")
     layers = match_targets(model, cfg.target_modules)
     missing = [name for name, layer in layers.items() if layer.bias is None]
     if missing and not cfg.create_missing_biases:
         raise UserError(
             f"{len(missing)} of the {len(layers)} targeted layers have no bias (e.g. '{missing[0]}'), "
             "so BitFit has nothing to train there",
-            where="method.target_modules",
+            where="target_modules",
             expected="linear layers that have a bias",
             fix="set method.create_missing_biases: true to give them zero-initialised biases to train, "
                 "or target layers that have biases",
@@ -189,7 +193,7 @@ def every_bias_layer(model: nn.Module, create_missing: bool) -> dict[str, nn.Mod
         raise UserError(
             f"BitFit cannot train the bias of '{name}' ({type(module).__name__}): only linear and LayerNorm "
             f"biases are supported ({len(unsupported)} such layers)",
-            where="method.target_modules",
+            where="target_modules",
             expected="target_modules naming linear layers",
             fix="list the linear layers whose biases to train, or 'all-linear'",
         )
@@ -199,7 +203,7 @@ def every_bias_layer(model: nn.Module, create_missing: bool) -> dict[str, nn.Mod
     if not layers:
         raise UserError(
             "this model has no bias terms, so BitFit has nothing to train",
-            where="method.create_missing_biases",
+            where="create_missing_biases",
             expected="a model with biases (GPT-2 has them; Llama and SmolLM2 have none)",
             fix="set method.create_missing_biases: true to give every linear layer a zero-initialised bias to train",
         )

@@ -25,6 +25,7 @@ into the base weights. peft has no bottleneck adapters: exports use peftctl's ow
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -33,15 +34,8 @@ from torch import nn
 
 from peftctl.architectures import BOTTLENECK_SITES
 from peftctl.errors import UserError
-from peftctl.methods.base import (
-    LINEAR_TYPES,
-    Adapter,
-    Method,
-    MethodConfig,
-    freeze,
-    linear_shape,
-    wrapper_params,
-)
+from peftctl.layers import LINEAR_TYPES, linear_shape
+from peftctl.methods.base import Adapter, Applied, MethodConfig, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -155,39 +149,45 @@ def adapter_sites(model: nn.Module, placements: tuple[str, ...], method: str) ->
     )
 
 
-class Bottleneck(Method):
+@dataclass
+class BottleneckApplied(Applied):
+    bottleneck_size: int = 0  # resolved from reduction_factor where that was given
+
+
+class Bottleneck(WrappingMethod):
     """Bottleneck adapters on the output of the blocks named in `placements`."""
 
     Config: ClassVar[type[BottleneckConfig]]
     placements: ClassVar[tuple[str, ...]]
+    in_peft = False
     merge_refusal = (
         "a bottleneck adapter has a non-linearity between its down and up projections, so it is "
         "not a linear map that could be folded into the base weights"
     )
 
-    def apply(self, model: nn.Module, cfg: BottleneckConfig) -> Adapter:
-        freeze(model)
-        sites = adapter_sites(model, self.placements, self.name)
-        hidden = linear_shape(next(iter(sites.values())))[1]
+    def select(self, model: nn.Module, cfg: BottleneckConfig) -> dict[str, nn.Module]:
+        return adapter_sites(model, self.placements, self.name)
+
+    def record(self, model: nn.Module, cfg: BottleneckConfig, selected: dict[str, nn.Module]) -> BottleneckApplied:
+        hidden = linear_shape(next(iter(selected.values())))[1]
         size = cfg.bottleneck(hidden)
         if size < 1:
             raise UserError(
                 f"reduction_factor {cfg.reduction_factor:g} leaves no bottleneck units: "
                 f"the model's hidden size is {hidden}",
-                where="method.reduction_factor",
+                where="reduction_factor",
                 expected=f"a reduction factor of at most {hidden}",
                 fix="lower reduction_factor, or set bottleneck_size instead",
             )
-        for name, layer in sites.items():
-            model.set_submodule(name, BottleneckAdapter(layer, size, cfg))
-        names = list(sites)
-        return Adapter(self, cfg, model, wrapper_params(model, names),
-                       info={"targets": names, "bottleneck_size": size})
+        return BottleneckApplied(list(selected), bottleneck_size=size)
+
+    def wrap(self, module: nn.Module, cfg: BottleneckConfig, name: str, applied: BottleneckApplied) -> nn.Module:
+        return BottleneckAdapter(module, applied.bottleneck_size, cfg)
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: BottleneckConfig = adapter.cfg
         # The resolved size, not the factor: it is what the weights' shapes depend on.
-        return {"bottleneck_size": adapter.info["bottleneck_size"], "non_linearity": cfg.non_linearity,
+        return {"bottleneck_size": adapter.applied.bottleneck_size, "non_linearity": cfg.non_linearity,
                 "dropout": cfg.dropout}
 
     def config_from_peft(self, peft_config: dict[str, Any], source: str) -> BottleneckConfig:
@@ -212,6 +212,7 @@ class Houlsby(Bottleneck):
     Config = HoulsbyConfig
     peft_type = "HOULSBY"
     placements = ("attention", "feed-forward")
+    examples = {"houlsby": {"bottleneck_size": 8}}
 
 
 class Pfeiffer(Bottleneck):
@@ -219,6 +220,7 @@ class Pfeiffer(Bottleneck):
     Config = PfeifferConfig
     peft_type = "PFEIFFER"
     placements = ("feed-forward",)
+    examples = {"pfeiffer": {"bottleneck_size": 8}}
 
 
 METHODS_IN_MODULE = (Houlsby(), Pfeiffer())

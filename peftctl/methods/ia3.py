@@ -12,6 +12,7 @@ of the scaled output) or columns (input; the bias is untouched).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,18 +21,16 @@ from torch import nn
 
 from peftctl.architectures import IA3_DEFAULTS
 from peftctl.errors import UserError
+from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,
     AllLinear,
-    Method,
+    Applied,
     MethodConfig,
-    dense_weight,
-    freeze,
-    linear_shape,
+    WrappingMethod,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
-    wrapper_params,
 )
 
 
@@ -83,38 +82,41 @@ class IA3Linear(nn.Module):
         return layer
 
 
-class IA3(Method):
+@dataclass
+class IA3Applied(Applied):
+    feedforward: list[str] = field(default_factory=list)  # the targets whose input is scaled
+    module_names: list[str] = field(default_factory=list)  # every module name as peft will see it (no wrappers), for export
+
+
+class IA3(WrappingMethod):
     name = "ia3"
     Config = IA3Config
     peft_type = "IA3"
+    examples = {"ia3": {}}
 
-    def apply(self, model: nn.Module, cfg: IA3Config) -> Adapter:
-        freeze(model)
-        targets = match_targets(model, resolved_targets(model, cfg))
-        feedforward = feedforward_layers(model, cfg, targets)
-        # The module names peft will see (no wrappers yet), to write target lists it resolves alike.
-        module_names = [n for n, _ in model.named_modules()]
-        for name, layer in targets.items():
-            model.set_submodule(name, IA3Linear(layer, name in feedforward))
-        names = list(targets)
-        return Adapter(self, cfg, model, wrapper_params(model, names), info={
-            "targets": names,
-            "feedforward": [n for n in names if n in feedforward],
-            "fan_in_fan_out": any(linear_shape(layer)[2] for layer in targets.values()),
-            "module_names": module_names,
-        })
+    def select(self, model: nn.Module, cfg: IA3Config) -> dict[str, nn.Module]:
+        return match_targets(model, resolved_targets(model, cfg))
+
+    def record(self, model: nn.Module, cfg: IA3Config, selected: dict[str, nn.Module]) -> IA3Applied:
+        applied = super().record(model, cfg, selected)
+        feedforward = feedforward_layers(model, cfg, selected)
+        return IA3Applied(applied.targets, applied.fan_in_fan_out, [n for n in selected if n in feedforward],
+                          [n for n, _ in model.named_modules()])
+
+    def wrap(self, module: nn.Module, cfg: IA3Config, name: str, applied: IA3Applied) -> nn.Module:
+        return IA3Linear(module, name in applied.feedforward)
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         # Written as resolved name lists, never null or 'all-linear', so the adapter means the same
         # layers to any peft version and does not depend on our architecture table.
-        info = adapter.info
-        feedforward = set(info["feedforward"])
-        others = {n for n in info["targets"] if n not in feedforward}
-        feedforward_names = peft_names(feedforward, info["module_names"], info["targets"])
+        applied: IA3Applied = adapter.applied
+        feedforward = set(applied.feedforward)
+        others = {n for n in applied.targets if n not in feedforward}
+        feedforward_names = peft_names(feedforward, applied.module_names, applied.targets)
         return {
-            "target_modules": sorted(set(peft_names(others, info["module_names"])) | set(feedforward_names)),
+            "target_modules": sorted(set(peft_names(others, applied.module_names)) | set(feedforward_names)),
             "feedforward_modules": feedforward_names,
-            "fan_in_fan_out": info["fan_in_fan_out"],
+            "fan_in_fan_out": applied.fan_in_fan_out,
         }
 
     def config_from_peft(self, peft_config: dict[str, Any], source: str) -> IA3Config:
@@ -126,12 +128,6 @@ class IA3(Method):
                 peft_config.get("feedforward_modules"), source, key="feedforward_modules"),
         )
 
-    def merge(self, adapter: Adapter) -> nn.Module:
-        model = adapter.model
-        for name in adapter.info["targets"]:
-            model.set_submodule(name, model.get_submodule(name).merged_base())
-        return model
-
 
 def architecture_defaults(model: nn.Module) -> tuple[list[str], list[str]] | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -142,14 +138,14 @@ def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
     if cfg.target_modules is not None:
         if not cfg.target_modules:
             raise UserError("target_modules is empty, so (IA)³ would train nothing",
-                            where="method.target_modules", fix="list layers, omit the key, or use 'all-linear'")
+                            where="target_modules", fix="list layers, omit the key, or use 'all-linear'")
         return cfg.target_modules
     defaults = architecture_defaults(model)
     if defaults is None:
         model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
         raise UserError(
             f"(IA)³ has no default layers for model type '{model_type}'",
-            where="method.target_modules",
+            where="target_modules",
             expected=f"target_modules set, or a model of type {', '.join(IA3_DEFAULTS)}",
             fix="set target_modules (e.g. 'all-linear', or the attention key/value layers and the "
                 "feed-forward output layer) and feedforward_modules (e.g. [down_proj])",
@@ -162,13 +158,13 @@ def feedforward_layers(model: nn.Module, cfg: IA3Config, targets: dict[str, nn.M
     if cfg.feedforward_modules is None:
         defaults = architecture_defaults(model)
         return set(match_targets(model, defaults[1])) & set(targets) if defaults else set()
-    chosen = match_targets(model, cfg.feedforward_modules, key="method.feedforward_modules")
+    chosen = match_targets(model, cfg.feedforward_modules, key="feedforward_modules")
     untargeted = sorted(set(chosen) - set(targets))
     if untargeted:
         raise UserError(
             f"feedforward module '{untargeted[0]}' is not among the target modules "
             f"({len(untargeted)} such layers)",
-            where="method.feedforward_modules",
+            where="feedforward_modules",
             expected="a subset of the layers target_modules selects",
             fix="add the layers to target_modules, or name them more precisely (e.g. mlp.c_proj, not c_proj)",
         )

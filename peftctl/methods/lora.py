@@ -11,6 +11,7 @@ y = m / ||W + s·B A||_row · (W + s·B A) x, the norm treated as a constant in 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -19,19 +20,17 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.errors import UserError
+from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,
     AllLinear,
-    Method,
+    Applied,
     MethodConfig,
-    dense_weight,
-    freeze,
-    linear_shape,
+    WrappingMethod,
     match_targets,
     module_suffixes,
     reject_unsupported,
     suffix_list_from_peft,
-    wrapper_params,
 )
 from peftctl.methods.lora_experts import LoraExperts, wrap_expert_parameters
 
@@ -149,23 +148,24 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
 
-class LoRA(Method):
+@dataclass
+class LoraApplied(Applied):
+    experts: list[str] = field(default_factory=list)  # wrappers of expert parameters (lora_experts)
+
+
+class LoRA(WrappingMethod):
     name = "lora"
     Config = LoraConfig
     peft_type = "LORA"
+    examples = {"lora": {"r": 4}, "rslora": {"r": 4, "use_rslora": True}, "dora": {"r": 4, "use_dora": True}}
 
-    def apply(self, model: nn.Module, cfg: LoraConfig) -> Adapter:
-        freeze(model)
+    def select(self, model: nn.Module, cfg: LoraConfig) -> dict[str, nn.Module]:
         if cfg.target_parameters and cfg.use_dora:
-            raise UserError("DoRA on expert parameters is not supported (nor in peft)", where="method.use_dora",
+            raise UserError("DoRA on expert parameters is not supported (nor in peft)", where="use_dora",
                             fix="use plain LoRA or rsLoRA with target_parameters")
-        only_experts = cfg.target_parameters and cfg.target_modules == []
-        targets = {} if only_experts else match_targets(model, cfg.target_modules)
-        experts = wrap_expert_parameters(model, cfg.target_parameters, cfg.r, cfg.alpha, cfg.use_rslora) \
-            if cfg.target_parameters else []
-        if not targets:
-            return Adapter(self, cfg, model, wrapper_params(model, experts),
-                           info={"targets": [], "experts": experts, "fan_in_fan_out": False})
+        if cfg.target_parameters and cfg.target_modules == []:
+            return {}
+        targets = match_targets(model, cfg.target_modules)
         # B·A cannot have a rank above the layer's smaller side: a larger r only allocates (r = 10^9
         # would ask for hundreds of GB) and is refused before any weight exists.
         shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
@@ -173,14 +173,22 @@ class LoRA(Method):
         rank_limit = min(shapes[narrowest])
         if cfg.r > rank_limit:
             raise UserError(f"r = {cfg.r} is larger than the rank of the target layer {narrowest} "
-                            f"({' × '.join(map(str, shapes[narrowest]))})", where="method.r",
+                            f"({' × '.join(map(str, shapes[narrowest]))})", where="r",
                             expected=f"r ≤ {rank_limit}", fix="use a smaller r (8-64 is usual)")
-        for name, layer in targets.items():
-            model.set_submodule(name, LoraLinear(layer, cfg))
-        names = list(targets)
-        fan_in_fan_out = any(linear_shape(layer)[2] for layer in targets.values())
-        return Adapter(self, cfg, model, wrapper_params(model, names + experts),
-                       info={"targets": names, "experts": experts, "fan_in_fan_out": fan_in_fan_out})
+        return targets
+
+    def record(self, model: nn.Module, cfg: LoraConfig, selected: dict[str, nn.Module]) -> LoraApplied:
+        applied = super().record(model, cfg, selected)
+        # Expert weights are 3-D parameters, not layers to replace: they are wrapped here, in place.
+        experts = wrap_expert_parameters(model, cfg.target_parameters, cfg.r, cfg.alpha, cfg.use_rslora) \
+            if cfg.target_parameters else []
+        return LoraApplied(applied.targets, applied.fan_in_fan_out, experts)
+
+    def wrap(self, module: nn.Module, cfg: LoraConfig, name: str, applied: LoraApplied) -> nn.Module:
+        return LoraLinear(module, cfg)
+
+    def wrapped(self, applied: LoraApplied) -> list[str]:
+        return applied.targets + applied.experts
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: LoraConfig = adapter.cfg
@@ -190,11 +198,11 @@ class LoRA(Method):
             "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
             "lora_dropout": cfg.dropout,
             # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.info["targets"]) if targets == "all-linear" else list(targets),
+            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
             "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
             "use_rslora": cfg.use_rslora,
             "use_dora": cfg.use_dora,
-            "fan_in_fan_out": adapter.info["fan_in_fan_out"],
+            "fan_in_fan_out": adapter.applied.fan_in_fan_out,
             "bias": "none",
         }
 
@@ -223,10 +231,8 @@ class LoRA(Method):
         )
 
     def merge(self, adapter: Adapter) -> nn.Module:
-        model = adapter.model
-        for name in adapter.info["targets"]:
-            model.set_submodule(name, model.get_submodule(name).merged_base())
-        for name in adapter.info.get("experts", []):
+        model = super().merge(adapter)
+        for name in adapter.applied.experts:
             if not name.endswith(".base_layer"):  # the outermost wrapper: unwrap all of its nesting
                 module = model.get_submodule(name)
                 while isinstance(module, LoraExperts):

@@ -77,14 +77,14 @@ def expert_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[st
         if not hits:
             fused = sorted({".".join(name.split(".")[-2:]) for name, p in model.named_parameters() if p.dim() == 3})
             raise UserError(f"target parameter '{target}' matches no parameter of this model",
-                            where="method.target_parameters",
+                            where="target_parameters",
                             expected=f"one of its 3-D expert weights: {', '.join(fused)}" if fused
                             else "a model with fused expert weights (this one has none)")
         for name in hits:
             owner, _, param_name = name.rpartition(".")
             if model.get_parameter(name).dim() not in (2, 3):
                 raise UserError(f"target parameter '{name}' is not a weight matrix [out, in] or expert weights "
-                                "[experts, out, in]", where="method.target_parameters",
+                                "[experts, out, in]", where="target_parameters",
                                 fix="name a weight, such as experts.gate_up_proj or a router's gate.weight")
             found.setdefault(owner, []).append(param_name)
     # The owning module's own order, as peft nests the wrappers.

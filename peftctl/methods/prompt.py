@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,7 +38,8 @@ from transformers.cache_utils import DynamicLayer
 from peftctl.architectures import key_value_heads
 from peftctl.errors import UserError
 from peftctl.kv_cache import cache_keyword, decoder_stack, pop_cache
-from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, load_strict, reject_unsupported
+from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, reject_unsupported
+from peftctl.state_dicts import load_strict
 
 # Where the trainable encoder lives in the model, so that moving the model moves it too.
 ENCODER = "prompt_encoder"
@@ -324,14 +326,14 @@ def _check_cache_layout(model: nn.Module, geometry: _Geometry) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise UserError("prefix tuning in peftctl supports decoder-only models; this one is encoder-decoder",
-                        where="method.name", fix="use prompt_tuning or p_tuning, or another method")
+                        where="name", fix="use prompt_tuning or p_tuning, or another method")
     layers = DynamicCache(config=config).layers
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd or len(layers) != geometry.num_layers:
         kinds = ", ".join(odd) or f"{len(layers)} cache layers for {geometry.num_layers} transformer layers"
         raise UserError(
             f"prefix tuning cannot feed this model's KV cache ({config.model_type}: {kinds})",
-            where="method.name",
+            where="name",
             expected="a model whose every layer caches full-attention keys and values (Llama, GPT-2, ...)",
             fix="use prompt_tuning or p_tuning, or another method",
         )
@@ -342,7 +344,7 @@ def _tokenizer_of(model: nn.Module):
 
     if not model.config.name_or_path:
         raise UserError("init_text needs the model's tokenizer, and this model was not loaded by peftctl",
-                        where="method.init_text", fix="omit init_text for a random start")
+                        where="init_text", fix="omit init_text for a random start")
     return tokenizer_of(model)
 
 
@@ -350,7 +352,7 @@ def _text_embeddings(model: nn.Module, text: str, n: int) -> torch.Tensor:
     """The input embeddings of `text`'s tokens, repeated or cut to n rows (peft's TEXT init)."""
     ids = _tokenizer_of(model)(text)["input_ids"]
     if not ids:
-        raise UserError("init_text has no tokens", where="method.init_text")
+        raise UserError("init_text has no tokens", where="init_text")
     ids = (ids * math.ceil(n / len(ids)))[:n]
     embed = model.get_input_embeddings()
     with torch.no_grad():
@@ -358,6 +360,12 @@ def _text_embeddings(model: nn.Module, text: str, n: int) -> torch.Tensor:
 
 
 # --- the methods --------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptApplied:
+    geometry: _Geometry  # the model's widths, as the export describes them
+    hooks: list  # the decoder hook handles that feed it the virtual tokens
 
 
 class _PromptMethod(Method):
@@ -369,7 +377,7 @@ class _PromptMethod(Method):
     def apply(self, model: nn.Module, cfg: _VirtualTokensConfig) -> Adapter:
         freeze(model)
         if hasattr(model, ENCODER):
-            raise UserError("this model already has a prompt method applied", where="method.name",
+            raise UserError("this model already has a prompt method applied", where="name",
                             fix="apply one prompt method to a freshly loaded model")
         geometry = _Geometry(model)
         # Trainable weights are fp32 on the model's device, whatever the base precision.
@@ -378,8 +386,7 @@ class _PromptMethod(Method):
         model.add_module(ENCODER, encoder)
         hooks = self.hooks(model, encoder, geometry)
         handles = hooks.install(hooks.decoder)
-        return Adapter(self, cfg, model, _encoder_params(model),
-                       info={"geometry": geometry, "hooks": handles})
+        return Adapter(self, cfg, model, _encoder_params(model), PromptApplied(geometry, handles))
 
     def encoder(self, model: nn.Module, cfg: Any, geometry: _Geometry, factory: dict) -> PromptEncoder:
         raise NotImplementedError
@@ -392,7 +399,7 @@ class _PromptMethod(Method):
         return geometry.hidden, geometry.heads
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
-        geometry: _Geometry = adapter.info["geometry"]
+        geometry = adapter.applied.geometry
         token_dim, heads = self.token_shape(geometry)
         return {
             "num_virtual_tokens": adapter.cfg.num_virtual_tokens,
@@ -434,6 +441,7 @@ class PromptTuning(_PromptMethod):
     name = "prompt_tuning"
     Config = PromptTuningConfig
     peft_type = "PROMPT_TUNING"
+    examples = {"prompt_tuning": {"num_virtual_tokens": 4}}
 
     def encoder(self, model, cfg: PromptTuningConfig, geometry, factory) -> PromptEncoder:
         embedding = nn.Embedding(cfg.num_virtual_tokens, geometry.hidden, **factory)
@@ -451,6 +459,7 @@ class PTuning(_PromptMethod):
     name = "p_tuning"
     Config = PTuningConfig
     peft_type = "P_TUNING"
+    examples = {"p_tuning": {"num_virtual_tokens": 4}}
 
     def encoder(self, model, cfg: PTuningConfig, geometry, factory) -> PromptEncoder:
         width, hidden = geometry.hidden, cfg.encoder_hidden_size or geometry.hidden
@@ -484,6 +493,7 @@ class PrefixTuning(_PromptMethod):
     name = "prefix_tuning"
     Config = PrefixTuningConfig
     peft_type = "PREFIX_TUNING"
+    examples = {"prefix_tuning": {"num_virtual_tokens": 4}}
     feeds_kv_cache = True
 
     def apply(self, model: nn.Module, cfg: PrefixTuningConfig) -> Adapter:
