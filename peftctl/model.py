@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import struct
 from collections.abc import Iterator
@@ -198,14 +199,28 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# Configs read from GGUF files, by (path, size, mtime): transformers parses the whole metadata
+# (the tokenizer's vocabulary too) to build one, seconds each time a command checks a recipe.
+_GGUF_CONFIGS: dict[tuple[str, int, int], PretrainedConfig] = {}
+
+
 def load_config(spec: ModelSpec) -> PretrainedConfig:
     source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
         return tiny_gpt2_config()
+    key = None
+    if source.gguf_file:
+        stat = (Path(source.folder) / source.gguf_file).stat()
+        key = (str(Path(source.folder) / source.gguf_file), stat.st_size, stat.st_mtime_ns)
+        if key in _GGUF_CONFIGS:
+            return copy.deepcopy(_GGUF_CONFIGS[key])
     with _reading(spec, "model config"):
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
         )
+    if key is not None:
+        _GGUF_CONFIGS[key] = copy.deepcopy(config)
+    return config
 
 
 def load_skeleton(spec: ModelSpec) -> nn.Module:

@@ -248,11 +248,6 @@ def test_bad_adapter_config_is_a_user_error():
 
 # --- 4. the recipe --------------------------------------------------------------------------------
 
-def test_recipe_smoke_run_lowers_the_loss(tmp_path):
-    summary = assert_smoke_run("recipes/bitfit-gpt2.yaml", tmp_path)
-    assert summary.trainable_params == CASES["gpt2-every-bias"][2]
-
-
 @pytest.mark.slow
 def test_smollm2_recipe_starts(tmp_path):
     summary = assert_smoke_run("recipes/bitfit-smollm2.yaml", tmp_path, check_loss=False,
