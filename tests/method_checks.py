@@ -9,9 +9,34 @@ import torch
 from torch import nn
 
 from peftctl import pipeline
+from peftctl.methods import METHODS
 from peftctl.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every registered method's examples (Method.examples), by label, with the method's name: the
+# cross-method tests run these, so a method is covered everywhere by registering it.
+EXAMPLES: dict[str, dict] = {label: {"name": method.name, **options}
+                             for method in METHODS.values() for label, options in method.examples.items()}
+
+
+def example_config(label: str, **overrides):
+    """The recipe options of example `label` (with `overrides`), as the method's config."""
+    options = {**EXAMPLES[label], **overrides}
+    return METHODS[options["name"]].Config(**options)
+
+
+# The tiny Llamas have no biases: BitFit's example needs its answer to that.
+LLAMA_OVERRIDES = {"bitfit": {"create_missing_biases": True}}
+
+
+def on_llama(label: str):
+    """Example `label`'s options for a bias-free Llama."""
+    return example_config(label, **LLAMA_OVERRIDES.get(label, {}))
+
+
+def examples_where(keep) -> list[str]:
+    """The example labels whose method passes `keep(method)`."""
+    return [label for label, options in EXAMPLES.items() if keep(METHODS[options["name"]])]
 
 
 def assert_smoke_run(recipe: str, tmp_path: Path, overrides: list[str] = (), check_loss: bool = True,

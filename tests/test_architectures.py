@@ -24,6 +24,7 @@ from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import METHODS
 from peftctl.train import CausalLMLoss
+from method_checks import EXAMPLES, examples_where
 from test_prompt import assert_generate_is_greedy
 from tiny_models import batch_logits, real_difference, token_batch, train_steps
 
@@ -51,9 +52,7 @@ ARCHITECTURES = {
 }
 GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
               "max_position_embeddings": "n_positions"}
-# Every registered method's examples (Method.examples): a new method is covered by registering it.
-METHOD_OPTIONS = {label: {"name": method.name, **options}
-                  for method in METHODS.values() for label, options in method.examples.items()}
+METHOD_OPTIONS = EXAMPLES  # every registered method's examples: a new method is covered by registering it
 NO_BIASES = {"llama", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "granite", "mixtral", "qwen3_moe"}
 BOTTLENECK_REASON = "cannot find the end of the"
 # Pairs that cannot work, and the words of the refusal that says why.
@@ -63,7 +62,7 @@ REFUSED = {
     **{(arch, method): BOTTLENECK_REASON for arch in ("mixtral", "qwen3_moe") for method in ("houlsby", "pfeiffer")},
     **{(arch, "ia3"): "has no default layers" for arch in ("mixtral", "qwen3_moe")},
 }
-MERGEABLE = {label for label, options in METHOD_OPTIONS.items() if METHODS[options["name"]].merge_refusal is None}
+MERGEABLE = set(examples_where(lambda method: method.merge_refusal is None))
 
 
 def build(arch: str) -> torch.nn.Module:

@@ -37,6 +37,7 @@ from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_model
 from peftctl.recipe import ModelSpec
 from hf_folders import BYTE_VOCAB, save_tiny_llama
+from method_checks import examples_where, on_llama
 from tiny_models import token_batch, train_steps
 
 ATOL = 1e-4
@@ -44,9 +45,11 @@ NON_TRIVIAL = 1e-3
 PROBE = torch.randint(3, BYTE_VOCAB - 1, (2, 16), generator=torch.Generator().manual_seed(3))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
-# name: (base, method options). DoRA and IA3 on GPT-2 exercise Conv1D's transposed weights; BitFit
+# label: (base, method options). DoRA and IA3 on GPT-2 exercise Conv1D's transposed weights; BitFit
 # on a Llama creates biases the architecture has none of, which the merged config must declare.
+# Every other mergeable method's example runs on the tiny Llama.
 CASES = {
+    **{label: ("llama", on_llama(label)) for label in examples_where(lambda method: method.merge_refusal is None)},
     "lora": ("llama", LoraConfig(name="lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
     "dora": ("builtin:tiny-gpt2", LoraConfig(name="lora", r=4, alpha=8, target_modules=["c_attn", "c_fc"],
                                              use_dora=True)),
@@ -54,8 +57,8 @@ CASES = {
     "ia3": ("builtin:tiny-gpt2", IA3Config(name="ia3")),
     "bitfit": ("llama", BitFitConfig(name="bitfit", create_missing_biases=True)),
 }
-# Methods that merge_refusal keeps out, one per reason (bottleneck non-linearity, virtual tokens).
-UNMERGEABLE = ("houlsby", "pfeiffer", "prompt_tuning", "p_tuning", "prefix_tuning")
+# Every method merge_refusal keeps out (bottleneck non-linearity, virtual tokens, ...).
+UNMERGEABLE = [method.name for method in METHODS.values() if method.merge_refusal]
 
 
 def merge(*args: str):
@@ -74,8 +77,10 @@ def merged(tmp_path_factory):
     cases = {}
     for name, (base, cfg) in CASES.items():
         spec = ModelSpec(name_or_path=str(llama) if base == "llama" else base, dtype="float32")
+        base = load_model(spec)
         with torch.no_grad():
-            base_logits = load_model(spec)(PROBE).logits
+            base_logits = base(PROBE).logits
+        base_keys = set(base.state_dict())
         torch.manual_seed(0)
         adapter = methods.apply(load_model(spec), cfg)
         train_steps(adapter, token_batch(BYTE_VOCAB), steps=5)
@@ -84,7 +89,7 @@ def merged(tmp_path_factory):
         save_adapter(adapter, root / name / "adapter", spec.name_or_path)
         result = merge(root / name / "adapter", "--out", root / name / "merged", "--json")
         assert result.exit_code == 0, result.output
-        cases[name] = {"dir": root / name, "base": base_logits, "expected": expected,
+        cases[name] = {"dir": root / name, "base": base_logits, "base_keys": base_keys, "expected": expected,
                        "figures": json.loads(result.stdout)}
     script = (
         "import sys, torch\n"
@@ -123,12 +128,16 @@ def test_merged_folder_loads_in_plain_transformers_with_the_adapters_logits(merg
 
 
 def test_merged_weights_are_plain(merged):
-    """No adapter tensors or wrapper names in the folder; BitFit's new biases are declared."""
+    """The base model's tensor names and nothing else (BitFit: its new biases), whatever the method;
+    BitFit's new biases are declared in the config."""
     for name, case in merged.items():
         with safe_open(case["dir"] / "merged" / "model.safetensors", "pt") as f:
-            keys = list(f.keys())
+            keys = set(f.keys())
             assert {f.get_tensor(k).dtype for k in keys} == {torch.float32}
-        assert not [k for k in keys if re.search(r"lora_|ia3_|base_layer|magnitude", k)], name
+        tied = {k for k in case["base_keys"] - keys if k.endswith("lm_head.weight")}  # saved once, with the embeddings
+        assert case["base_keys"] - keys == tied, name
+        added = keys - case["base_keys"]
+        assert all(k.endswith(".bias") for k in added) and (not added or name == "bitfit"), (name, sorted(added)[:3])
     config = json.loads((merged["bitfit"]["dir"] / "merged" / "config.json").read_text())
     assert config["attention_bias"] is True and config["mlp_bias"] is True
 

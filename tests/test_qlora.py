@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 from typer.testing import CliRunner
 
-from method_checks import ROOT, assert_smoke_run
+from method_checks import EXAMPLES, ROOT, assert_smoke_run, examples_where, on_llama
 from peftctl import methods, quantize
 from peftctl.cli import app
 from peftctl.errors import UserError
@@ -177,14 +177,10 @@ def test_adapter_trained_on_quantized_base_loads_in_peft_with_the_same_logits(qu
                                atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("ia3", {}), ("houlsby", {"bottleneck_size": 8}), ("pfeiffer", {"bottleneck_size": 8}),
-    ("bitfit", {"create_missing_biases": True}), ("prompt_tuning", {"num_virtual_tokens": 4}),
-    ("p_tuning", {"num_virtual_tokens": 4}), ("prefix_tuning", {"num_virtual_tokens": 4}),
-])
-def test_every_other_method_trains_on_a_4bit_base(name, options, llama_dir):
+@pytest.mark.parametrize("label", [label for label in EXAMPLES if label != "lora"])
+def test_every_other_method_trains_on_a_4bit_base(label, llama_dir):
     model = load_model(spec(llama_dir))
-    adapter = methods.apply(model, method_cfg(name, **options))
+    adapter = methods.apply(model, on_llama(label))
     before = {k: p.detach().clone() for k, p in adapter.params.items()}
     batch = token_batch(128)
     loss_model = CausalLMLoss(model)
@@ -199,11 +195,8 @@ def test_every_other_method_trains_on_a_4bit_base(name, options, llama_dir):
 
 # --- gradient checkpointing ------------------------------------------------------------------------
 
-CHECKPOINTED_METHODS = [
-    ("lora", {"r": 4, "target_modules": "all-linear"}), ("lora", {"r": 4, "use_dora": True}), ("ia3", {}),
-    ("houlsby", {"bottleneck_size": 8}), ("bitfit", {"create_missing_biases": True}),
-    ("prompt_tuning", {"num_virtual_tokens": 4}), ("p_tuning", {"num_virtual_tokens": 4}),
-]
+# Prefix tuning feeds a prefilled KV cache, which checkpointed layers drop: it is refused instead.
+CHECKPOINTED_METHODS = examples_where(lambda method: not method.feeds_kv_cache)
 
 
 def loss_and_grads(model: nn.Module, cfg, checkpointing: bool, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -220,11 +213,11 @@ def loss_and_grads(model: nn.Module, cfg, checkpointing: bool, batch) -> tuple[f
     return float(loss_sum.detach() / n), {k: p.grad for k, p in adapter.params.items()}
 
 
-@pytest.mark.parametrize("name, options", CHECKPOINTED_METHODS + [("lora-4bit", {"r": 4})])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, options, llama_dir):
+@pytest.mark.parametrize("label", CHECKPOINTED_METHODS + ["lora-4bit"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(label, llama_dir):
     batch = token_batch(128)
-    quantized = name.endswith("-4bit")
-    cfg = method_cfg(name.removesuffix("-4bit"), **options)
+    quantized = label.endswith("-4bit")
+    cfg = on_llama(label.removesuffix("-4bit"))
     runs = [loss_and_grads(load_model(spec(llama_dir)) if quantized else tiny_llama(), cfg, checkpointing, batch)
             for checkpointing in (False, True)]
     (loss, grads), (loss_ckpt, grads_ckpt) = runs
@@ -315,12 +308,11 @@ def test_merge_of_a_4bit_adapter_prints_its_difference_to_the_4bit_base(tmp_path
     assert real_difference(batch_logits(unquantized, batch), expected, batch["attention_mask"]) > 1e-3
 
 
-@pytest.mark.parametrize("quantization, name, options", [
-    ("4bit", "lora", {"r": 4, "use_dora": True}), ("4bit", "ia3", {}), ("4bit", "bitfit", {}),
-    ("8bit", "lora", {"r": 4}),
-])
-def test_merge_figures_are_small_for_every_mergeable_method(quantization, name, options, tmp_path):
-    adapter_dir = trained_gpt2_adapter(tmp_path / "adapter", quantization, name, **options)
+@pytest.mark.parametrize("quantization, label", [("4bit", label) for label in
+                                                examples_where(lambda method: method.merge_refusal is None)]
+                         + [("8bit", "lora")])
+def test_merge_figures_are_small_for_every_mergeable_method(quantization, label, tmp_path):
+    adapter_dir = trained_gpt2_adapter(tmp_path / "adapter", quantization, **EXAMPLES[label])
     figures = merge_to_folder(adapter_dir, tmp_path / "merged")
     assert figures["compared_with"].startswith(quantization)
     # 8-bit: the int8 matmul also quantizes activations, which the merged fp32 model does not.
