@@ -242,6 +242,19 @@ def test_starts_equal_to_the_base_and_applies_on_a_weightless_model():
                                                for key in next(iter(METHOD.layers(adapter).values())).allocator_state()}
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_bf16_base_trains_fp32_factors_under_autocast(dropout):
+    """The loop's 16-bit path: bf16 base, autocast, with and without dropout; the regulariser stays fp32."""
+    model = tiny_llama().to(torch.bfloat16)
+    adapter = methods.apply(model, our_config(["q_proj", "v_proj"], lora_dropout=dropout))
+    assert all(p.dtype == torch.float32 for p in adapter.params.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert METHOD.extra_loss(adapter).dtype == torch.float32
+        train_with_hooks(adapter, token_batch(128))
+    assert pruned(METHOD.rank_pattern(adapter))
+    assert all(p.abs().max() > 0 for n, p in adapter.params.items() if n.endswith("lora_E"))
+
+
 # --- 4. the real loop: exact resume, the recipes ----------------------------------------------------
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
