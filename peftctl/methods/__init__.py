@@ -1,13 +1,14 @@
 """The registry of PEFT methods: recipe `method.name` → the `Method` that implements it.
 
-Adding a method means adding its file to this folder and its line below; nothing else changes.
+Adding a method means adding its file to this folder and its name to MODULES; nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from peftctl.errors import UserError, did_you_mean
-from peftctl.methods import adalora, bitfit, bottleneck, ia3, lora, prompt
-from peftctl.methods.base import Adapter, Method, MethodConfig
+from peftctl.methods.base import Adapter, Method, MethodConfig, options_named
 
 METHODS: dict[str, Method] = {}
 
@@ -18,9 +19,11 @@ def register(method: Method) -> None:
     METHODS[method.name] = method
 
 
-# A module registers its `METHOD`, or each of its `METHODS_IN_MODULE` when it holds variants of
-# one method under separate names (bottleneck: houlsby, pfeiffer; prompt: its three methods).
-for _module in (lora, bottleneck, ia3, bitfit, prompt, adalora):
+# The method modules of this folder, in the order recipes' docs and error messages list them. A
+# module registers its `METHOD`, or each of its `METHODS_IN_MODULE` when it holds variants of one
+# method under separate names (bottleneck: houlsby, pfeiffer; prompt: its three methods).
+MODULES = ("lora", "bottleneck", "ia3", "bitfit", "prompt", "adalora")
+for _module in map(lambda name: importlib.import_module(f"peftctl.methods.{name}"), MODULES):
     for _method in getattr(_module, "METHODS_IN_MODULE", None) or (_module.METHOD,):
         register(_method)
 
@@ -50,18 +53,9 @@ def by_peft_type(peft_type: str, source: str) -> Method:
 
 
 def apply(model, cfg: MethodConfig) -> Adapter:
-    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter.
-
-    A method names its own options in its errors (`r`); here they become recipe keys (`method.r`).
-    """
-    try:
+    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter."""
+    with options_named(cfg):
         return get(cfg.name).apply(model, cfg)
-    except UserError as err:
-        option = (err.where or "").split(".")[0].split(" ")[0]
-        if option in type(cfg).model_fields:
-            err.where = f"method.{err.where}"
-            err._changed()
-        raise
 
 
 __all__ = ["Adapter", "METHODS", "Method", "MethodConfig", "apply", "by_peft_type", "get"]

@@ -17,6 +17,8 @@ Errors a method raises name its own options (`target_modules`); the registry add
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -137,11 +139,43 @@ class Adapter:
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    # The loop calls the method's hooks through these, so its errors name recipe keys.
+    def lr_scales(self) -> dict[str, float]:
+        with options_named(self.cfg):
+            return self.method.lr_scales(self)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        with options_named(self.cfg):
+            return self.method.extra_loss(self)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        with options_named(self.cfg):
+            self.method.after_step(self, step, total_steps)
+
+    def loop_state(self) -> dict[str, torch.Tensor]:
+        return self.method.loop_state(self)
+
+    def restore_loop_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        self.method.restore_loop_state(self, state, source)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.method.export_state(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         self.method.import_state(self, state, source)
+
+
+@contextmanager
+def options_named(cfg: MethodConfig) -> Iterator[None]:
+    """A method names its own options in its errors (`r`); here they become recipe keys (`method.r`)."""
+    try:
+        yield
+    except UserError as err:
+        option = (err.where or "").split(".")[0].split(" ")[0]
+        if option in type(cfg).model_fields:
+            err.where = f"method.{err.where}"
+            err._changed()
+        raise
 
 
 class WrappingMethod(Method):
