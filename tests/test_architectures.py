@@ -5,7 +5,7 @@ vocabulary 128; no weights downloaded). For every pair, either the method is ref
 weights are trained, with its reason (asserted), or: it trains (5 AdamW steps lower the loss),
 its effect is real (logits move by more than 1e-4 on unpadded positions), the exported adapter
 reloads in peftctl with equal logits, peft loads the export with every key matched and equal
-logits (fp32, atol 1e-5) where peft has the method and peft's own adapter (non-trivial init) loads here, a merge equals base + adapter (atol 1e-4) where the method merges,
+logits (fp32, atol 1e-5) where peft has the method (where peft cannot load a pair, PEFT_REFUSES, its refusal is asserted) and peft's own adapter (non-trivial init) loads here, a merge equals base + adapter (atol 1e-4) where the method merges,
 and for the prompt methods `generate` gives the tokens of a cache-free greedy loop.
 """
 

@@ -1,17 +1,17 @@
 """OFT, Orthogonal Finetuning (Qiu et al., 2023), as peft implements it since 0.18.
 
-Each targeted linear layer's input is rotated before the frozen layer sees it: y = W (R x) + b,
-with R block-diagonal, one orthogonal [b, b] block per `b` input features (or one block shared by
-all, `block_share`). Each block is the Cayley transform of a skew-symmetric Q = U - Uᵀ, where
-U holds the trained upper-triangular entries: peft's `oft_R.weight`, [blocks, b·(b-1)/2]. The
-entries start at zero, so R = I and training starts from the base model exactly.
+Each targeted linear layer's input is rotated before the frozen layer sees it: y = W x' + b with
+x' = x·R (x a row vector), R block-diagonal, one orthogonal [b, b] block per `b` input features
+(or one block shared by all, `block_share`). Each block is the Cayley transform of a
+skew-symmetric Q = U - Uᵀ, U holding the trained upper-triangular entries: peft's
+`oft_R.weight`, [blocks, b·(b-1)/2]. The entries start at zero, so R = I and training starts
+from the base model exactly.
 
-As peft: with `use_cayley_neumann` (its default) R is the truncated Neumann series
-I + 2Q + 2Q² + … + 2Q^(n-2) + Q^(n-1) of (I + Q)(I - Q)⁻¹, n = `num_cayley_neumann_terms`; without it, the
-exact (I - Q)(I + Q)⁻¹ (a matrix solve; note it is the transpose of what the series
-approximates, in peft too). Inputs are rotated as row vectors, x·R per block. Rotating the
-input is the same as rotating the weight's columns, so a merge folds R into W: y = W (x R_bd)
-row-wise means W'ᵀ = R_bd Wᵀ, peft's merge.
+As peft: with `use_cayley_neumann` (its default) R is the truncated Neumann series of
+(I + Q)(I - Q)⁻¹, I + 2Q + 2Q² + … + 2Q^(n-2) + Q^(n-1) for n = `num_cayley_neumann_terms` ≥ 4
+(peft computes n = 3 as n = 4); without it, the exact (I - Q)(I + Q)⁻¹ by a matrix solve, which
+is the transpose of what the series approximates (in peft too). Rotating the input rotates the
+weight's columns, so a merge folds R into W: W'ᵀ = R Wᵀ, peft's merge.
 
 peft's OFT takes nn.Linear layers only: on GPT-2 (Conv1D layers) peftctl trains, saves and
 merges OFT the same way, but peft 0.21 refuses to load such an adapter.
