@@ -5,7 +5,7 @@ vocabulary 128; no weights downloaded). For every pair, either the method is ref
 weights are trained, with its reason (asserted), or: it trains (5 AdamW steps lower the loss),
 its effect is real (logits move by more than 1e-4 on unpadded positions), the exported adapter
 reloads in peftctl with equal logits, peft loads the export with every key matched and equal
-logits (fp32, atol 1e-5) where peft has the method and peft's own adapter (non-trivial init) loads here, a merge equals base + adapter (atol 1e-4) where the method merges,
+logits (fp32, atol 1e-5) where peft has the method (where peft cannot load a pair, PEFT_REFUSES, its refusal is asserted) and peft's own adapter (non-trivial init) loads here, a merge equals base + adapter (atol 1e-4) where the method merges,
 and for the prompt methods `generate` gives the tokens of a cache-free greedy loop.
 """
 
@@ -62,6 +62,9 @@ REFUSED = {
     **{(arch, method): BOTTLENECK_REASON for arch in ("mixtral", "qwen3_moe") for method in ("houlsby", "pfeiffer")},
     **{(arch, "ia3"): "has no default layers" for arch in ("mixtral", "qwen3_moe")},
 }
+# Pairs peftctl trains but the installed peft cannot load (its OFT takes nn.Linear layers only),
+# and the words of peft's refusal: asserted, so a peft that learns them shows up here.
+PEFT_REFUSES = {("gpt2", "oft"): "Conv1D"}
 MERGEABLE = set(examples_where(lambda method: method.merge_refusal is None))
 
 
@@ -109,7 +112,10 @@ def test_method_on_architecture(arch, method, tmp_path):
     save_adapter(adapter, tmp_path, base_model=arch)
     reloaded = load_adapter(build(arch), tmp_path).model
     torch.testing.assert_close(batch_logits(reloaded, batch), ours, atol=1e-5, rtol=0)
-    if adapter.method.in_peft:
+    if (arch, method) in PEFT_REFUSES:
+        with pytest.raises(TypeError, match=PEFT_REFUSES[arch, method]):
+            peft.PeftModel.from_pretrained(build(arch), tmp_path)
+    elif adapter.method.in_peft:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             theirs = batch_logits(peft.PeftModel.from_pretrained(build(arch), tmp_path).eval(), batch)
@@ -129,10 +135,10 @@ def real_positions(theirs: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
 
 def assert_peft_adapter_loads(arch: str, exported, batch) -> None:
     """peft's own adapter, made from the exported config with a non-trivial init (random B for
-    LoRA, random IA3 vectors), loads in peftctl and computes what peft computes."""
+    LoRA, random IA3 vectors, random VeRA λ and OFT entries), loads in peftctl and computes what peft computes."""
     config = peft.PeftConfig.from_pretrained(exported)
     config.base_model_name_or_path = None  # the base is the model given here (peft warns otherwise)
-    for option in ("init_lora_weights", "init_ia3_weights"):
+    for option in ("init_lora_weights", "init_ia3_weights", "init_weights"):
         if hasattr(config, option):
             setattr(config, option, False)
     torch.manual_seed(1)
