@@ -191,6 +191,20 @@ def test_base_changing_inits_refuse_what_cannot_be_exact():
     assert err.where == "method.init" and "target_parameters" in err.problem
 
 
+def test_gaussian_init_reaches_expert_weights():
+    """target_parameters' A stacks r rows per expert; peft's std is still 1/r there."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+    adapter = peftctl.methods.apply(mixtral, LoraConfig(name="lora", r=R, init="gaussian", target_modules=[],
+                                                        target_parameters=["experts.down_proj"]))
+    a = next(p for n, p in adapter.params.items() if n.endswith("lora_A.weight"))
+    assert a.shape[0] == 4 * R and abs(float(a.detach().std()) - 1 / R) < 0.1 / R
+    assert all(not p.any() for n, p in adapter.params.items() if n.endswith("lora_B.weight"))
+
+
 @pytest.mark.parametrize(("value", "fan_in_fan_out", "phrase"), [
     ("corda", False, "cannot redo"), ("pissa_niter_4", False, "cannot redo"), ("loftq", False, "cannot redo"),
     ("olora", True, "Conv1D")])
