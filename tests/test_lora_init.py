@@ -236,3 +236,34 @@ def test_pissa_recipe_smoke_run(tmp_path):
 @pytest.mark.slow
 def test_pissa_smollm2_recipe_trains(tmp_path):
     assert_smoke_run("recipes/pissa-smollm2.yaml", tmp_path, ["train.max_steps=10"], peft_loads=True)
+
+
+def test_pissa_with_loraplus_resumes_exactly(tmp_path):
+    """A resumed run redoes the decomposition on the fresh base (W_res, A₀, B₀ are not in the
+    checkpoint) and rebuilds LoRA+'s two groups: it ends where the uninterrupted run ends."""
+    from peftctl.data import load_data
+    from peftctl.model import load_tokenizer
+    from peftctl.recipe import DataSpec, TrainSpec
+    from peftctl.train import TrainingInterrupted, train
+    from test_checkpoint import ROOT, SPEC, TINY_GPT2, StopAt
+
+    tokenizer = load_tokenizer(TINY_GPT2)
+    data = load_data(DataSpec(train=ROOT / "recipes/data/tiny/train.jsonl"), tokenizer, seed=0)
+    spec = TrainSpec(**{**SPEC, "lr": 1e-3, "eval_every": None}, save_every=3)
+
+    def fresh():
+        torch.manual_seed(0)
+        return peftctl.methods.apply(tiny_gpt2(), LoraConfig(name="lora", r=R, target_modules=["c_attn"],
+                                                             init="pissa", loraplus_lr_ratio=16))
+
+    for run in ("whole", "cut"):
+        (tmp_path / run).mkdir()
+    whole = fresh()
+    train(whole, data, spec, tmp_path / "whole", tokenizer.pad_token_id)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(fresh(), data, spec, tmp_path / "cut", tokenizer.pad_token_id, StopAt(4))
+    resumed = fresh()
+    train(resumed, data, spec, tmp_path / "cut", tokenizer.pad_token_id, resume=stopped.value.checkpoint)
+    expected = whole.state_dict()
+    for key, tensor in resumed.state_dict().items():
+        torch.testing.assert_close(tensor, expected[key], atol=1e-6, rtol=0)
