@@ -6,6 +6,7 @@ s = alpha / r, or alpha / sqrt(r) for rsLoRA, which keeps the update's scale sta
 DoRA splits the updated weight into a direction and a learned magnitude m per output unit:
 y = m / ||W + s·B A||_row · (W + s·B A) x, the norm treated as a constant in the backward pass
 (the DoRA paper, section 4.3).
+How A and B start (PiSSA, OLoRA, ...) and LoRA+'s learning rates are in lora_init.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.errors import UserError
-from peftctl.layers import dense_weight, linear_shape
+from peftctl.layers import dense_weight, linear_shape, quantized_kind
 from peftctl.methods.base import (
+    PEFT_KEY_PREFIX,
     Adapter,
     AllLinear,
     Applied,
@@ -33,6 +35,14 @@ from peftctl.methods.base import (
     suffix_list_from_peft,
 )
 from peftctl.methods.lora_experts import LoraExperts, wrap_expert_parameters
+from peftctl.methods.lora_init import (
+    BASE_CHANGING,
+    exported_rank_options,
+    exported_state,
+    init_from_peft,
+    initialise,
+    loraplus_scales,
+)
 
 
 class LoraConfig(MethodConfig):
@@ -54,6 +64,18 @@ class LoraConfig(MethodConfig):
     )
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output unit on top of the LoRA direction.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="How A and B start (peft's init_lora_weights). default: A Kaiming-uniform, B zero; gaussian: A "
+        "normal with std 1/r, B zero; pissa: the top-r singular vectors of each weight (PiSSA), olora: its QR "
+        "factors (OLoRA), both moved out of the frozen weight so the model starts unchanged. A PiSSA/OLoRA adapter "
+        "is exported as a plain LoRA of rank 2r for the unmodified base, as peft converts it.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0,
+        description="LoRA+: the B matrices (and DoRA's magnitudes) learn this many times the learning rate "
+        "(16 is typical); null: one learning rate. A training setting: the saved adapter is a plain LoRA.",
+    )
 
 
 class LowRankUpdate(torch.autograd.Function):
@@ -94,9 +116,8 @@ class LoraLinear(nn.Module):
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.r, out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
         self.scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        initialise(self, cfg.init, cfg.r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_magnitude_vector: nn.Parameter | None = None
         if cfg.use_dora:
@@ -157,15 +178,21 @@ class LoRA(WrappingMethod):
     name = "lora"
     Config = LoraConfig
     peft_type = "LORA"
-    examples = {"lora": {"r": 4}, "rslora": {"r": 4, "use_rslora": True}, "dora": {"r": 4, "use_dora": True}}
+    examples = {"lora": {"r": 4}, "rslora": {"r": 4, "use_rslora": True}, "dora": {"r": 4, "use_dora": True},
+                "gaussian": {"r": 4, "init": "gaussian"}, "pissa": {"r": 4, "init": "pissa"},
+                "olora": {"r": 4, "init": "olora", "use_rslora": True},
+                "loraplus": {"r": 4, "loraplus_lr_ratio": 16}, "loraplus_dora": {"r": 4, "use_dora": True,
+                                                                                "loraplus_lr_ratio": 16}}
 
     def select(self, model: nn.Module, cfg: LoraConfig) -> dict[str, nn.Module]:
         if cfg.target_parameters and cfg.use_dora:
             raise UserError("DoRA on expert parameters is not supported (nor in peft)", where="use_dora",
                             fix="use plain LoRA or rsLoRA with target_parameters")
         if cfg.target_parameters and cfg.target_modules == []:
+            check_base_changing_init(model, cfg, {})
             return {}
         targets = match_targets(model, cfg.target_modules)
+        check_base_changing_init(model, cfg, targets)
         # B·A cannot have a rank above the layer's smaller side: a larger r only allocates (r = 10^9
         # would ask for hundreds of GB) and is refused before any weight exists.
         shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
@@ -182,6 +209,8 @@ class LoRA(WrappingMethod):
         # Expert weights are 3-D parameters, not layers to replace: they are wrapped here, in place.
         experts = wrap_expert_parameters(model, cfg.target_parameters, cfg.r, cfg.alpha, cfg.use_rslora) \
             if cfg.target_parameters else []
+        for name in experts if cfg.init == "gaussian" else ():
+            initialise(model.get_submodule(name), cfg.init, cfg.r)
         return LoraApplied(applied.targets, applied.fan_in_fan_out, experts)
 
     def wrap(self, module: nn.Module, cfg: LoraConfig, name: str, applied: LoraApplied) -> nn.Module:
@@ -194,8 +223,7 @@ class LoRA(WrappingMethod):
         cfg: LoraConfig = adapter.cfg
         targets = cfg.target_modules
         return {
-            "r": cfg.r,
-            "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
+            **exported_rank_options(cfg),
             "lora_dropout": cfg.dropout,
             # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
             "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
@@ -228,7 +256,18 @@ class LoRA(WrappingMethod):
                                                     "target_parameters") or None,
             use_rslora=peft_config.get("use_rslora", False),
             use_dora=peft_config.get("use_dora", False),
+            init=init_from_peft(peft_config, source),
         )
+
+    def export_state(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        state = super().export_state(adapter)
+        if adapter.cfg.init not in BASE_CHANGING:
+            return state
+        layers = {name: adapter.model.get_submodule(name) for name in adapter.applied.targets}
+        return exported_state(state, layers, PEFT_KEY_PREFIX)
+
+    def lr_scales(self, adapter: Adapter) -> dict[str, float]:
+        return loraplus_scales(adapter.params, adapter.cfg.loraplus_lr_ratio)
 
     def merge(self, adapter: Adapter) -> nn.Module:
         model = super().merge(adapter)
@@ -239,6 +278,28 @@ class LoRA(WrappingMethod):
                     module = module.merged_base()
                 model.set_submodule(name, module)
         return model
+
+
+def check_base_changing_init(model: nn.Module, cfg: LoraConfig, targets: dict[str, nn.Module]) -> None:
+    """Refuse PiSSA / OLoRA where the residual weight or the rank-2r conversion cannot be exact."""
+    if cfg.init not in BASE_CHANGING:
+        return
+    spec = getattr(model, "peftctl_spec", None)  # the skeleton is not quantized yet; its recipe says
+    quantized = (spec is not None and spec.quantization != "none") or any(map(quantized_kind, targets.values()))
+    fix = "use init: default (or gaussian)"
+    if quantized:
+        # peft refuses PiSSA on a 4-bit weight; re-quantizing W_res (its OLoRA) changes what the model computes.
+        raise UserError(f"init: {cfg.init} needs the base weights in 16 or 32 bits, to subtract their principal "
+                        "part exactly; this base is quantized", where="init",
+                        fix=f"train on an unquantized base (model.quantization: none), or {fix}")
+    if cfg.target_parameters:
+        raise UserError(f"init: {cfg.init} is not supported on expert parameters (target_parameters), nor in peft",
+                        where="init", fix=f"{fix}, or drop target_parameters")
+    if cfg.use_dora:
+        # peft's conversion to a plain LoRA drops DoRA's magnitudes, so its exports would not load as trained.
+        raise UserError(f"init: {cfg.init} cannot be combined with DoRA: its export to a plain LoRA of the "
+                        "unmodified base (peft's conversion) has no place for the magnitudes", where="init",
+                        fix=f"{fix}, or use_dora: false")
 
 
 METHOD = LoRA()
