@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +19,7 @@ import typer
 import typer.core
 
 from peftctl import jsontext
-from peftctl.console import fmt_loss, print_error, print_interrupted, print_summary, print_summary_lines, stdout
+from peftctl.console import print_error, print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
@@ -156,50 +156,13 @@ def train(
         leave_process_group()
     if not summary.main_process:
         return
-    result = summary.result
-    figures = {
-        "adapter_dir": str(summary.adapter_dir),
-        "trainable_params": summary.trainable_params,
-        "total_params": summary.total_params,
-        "trainable_percent": 100 * summary.trainable_params / summary.total_params,
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from,
-        "packed": result.packed,
-        "processes": result.processes,
-        "distributed": result.distributed,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "train_rows": summary.train_rows,
-        "validation_rows": summary.validation_rows,
-        "dropped_rows": summary.dropped_rows,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 2),
-        "tokens_per_s": round(result.tokens_per_second, 1),
-        "train_loss": result.train_loss,
-        "val_loss_before": result.val_loss_before,
-        "val_loss_after": result.val_loss_after,
-    }
+    from peftctl.console import print_train_summary, train_figures
+
+    figures = train_figures(summary)
     if json_:
         print(jsontext.dumps(figures))
-        return
-    print_summary("peftctl train", [
-        ("trainable / total params", f"{summary.trainable_params:,} / {summary.total_params:,} "
-                                     f"({figures['trainable_percent']:.3f}%)"),
-        ("rows (train / validation)", f"{summary.train_rows} / {summary.validation_rows}"
-                                      + (f" ({summary.dropped_rows} dropped: prompt fills max_seq_len)"
-                                         if summary.dropped_rows else "")),
-        ("steps", str(result.steps) + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")),
-        ("batches", "packed" if result.packed else "padded" + (f" (packing auto: {result.padding_reason})"
-                                                                 if result.padding_reason else "")),
-        *([("processes", f"{result.processes} ({result.distributed})")] if result.processes > 1 else []),
-        ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s of "
-                     "training steps)"),
-        ("train loss (last window)", fmt_loss(result.train_loss)),
-        ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
-    ], [
-        ("adapter", str(summary.adapter_dir)),
-        ("metrics", str(summary.output_dir / "metrics.jsonl")),
-        ("last checkpoint", str(result.checkpoint)),
-    ])
+    else:
+        print_train_summary(summary, figures)
 
 
 @app.command()
@@ -207,39 +170,16 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe, and what its method trains on the model (from its config alone), and print
     the recipe with every default filled in."""
     from peftctl.recipe import load_recipe
+    from peftctl.validate import findings
 
     quiet_libraries()
     with user_errors():
         spec = load_recipe(recipe, set_ or [])
-        found = hub_sources(spec)
-        from peftctl.pipeline import describe_targets
-
-        found.append(f"targets: {describe_targets(spec)}")
+        found = findings(spec)
     # Plain print: rich would wrap long values (paths) at the terminal width and break the YAML.
     print(spec.to_yaml(), end="")
     for line in found:  # stderr: stdout stays the recipe, for programs
         print(line, file=sys.stderr)
-
-
-def hub_sources(spec) -> list[str]:
-    """Where the recipe's Hub model and datasets are (cache) or what training would fetch; nothing
-    is downloaded. Local models and data are not looked at here (training reads them first)."""
-    from peftctl.errors import blame
-    from peftctl.hub import is_hub_id
-
-    data = spec.data
-    hub_named = [value for value in (spec.model.name_or_path, data.train, data.validation)
-                 if isinstance(value, str) and is_hub_id(value)]
-    if not hub_named:
-        return []
-    from peftctl.model import describe_hub_source as describe_model
-    from peftctl.rows import describe_hub_source as describe_data
-
-    with blame(spec.source, spec.locate):
-        found = [describe_model(spec.model), describe_data(data.train, data, "data.train")]
-        if data.validation != data.train:
-            found.append(describe_data(data.validation, data, "data.validation"))
-    return [f"source: {line}" for line in found if line]
 
 
 @app.command()
@@ -263,19 +203,15 @@ def merge(
     """Fold an adapter into its base model and save a plain transformers model folder."""
     from peftctl.export import merge_to_folder
 
-    quiet_libraries()
-    with user_errors(json_):
-        check_dtype(dtype)
-        figures = merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)
-    figures = {"merged_model": str(out), **figures}
-    print_result(figures, json_, "peftctl merge", [
-        (f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
-                              f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
-        ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else "")),
-    ], [
-        ("merged model", str(out)),
-        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
-    ])
+    def merged() -> dict:
+        return {"merged_model": str(out), **merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)}
+
+    def rows(figures: dict) -> list[tuple[str, str]]:
+        return [(f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
+                 f"mean {figures['mean_abs_logit_diff']:.2e} (fp32 merge, probe batch)"),
+                ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else ""))]
+
+    write_model_folder("peftctl merge", merged, rows, ("merged model", out), dtype, json_)
 
 
 @app.command("export-base")
@@ -290,23 +226,27 @@ def export_base(
     """Save a base model as a plain transformers folder, for peft and other tools (builtins, GGUF)."""
     from peftctl.export import export_base as save_base
 
+    write_model_folder("peftctl export-base", lambda: save_base(model, out, dtype, trust_remote_code, overwrite),
+                       lambda figures: [("saved as", figures["dtype"])], ("model folder", out), dtype, json_)
+
+
+def write_model_folder(title: str, write: Callable[[], dict], rows: Callable[[dict], list[tuple[str, str]]],
+                       folder: tuple[str, Path], dtype: str | None, json_: bool) -> None:
+    """The shape `merge` and `export-base` share: check --dtype, `write` the model folder (it
+    checks the output, loads, and writes atomically), then print its figures: one JSON object
+    with --json, else `rows` as a table and below it the folder and how to load it."""
     quiet_libraries()
     with user_errors(json_):
         check_dtype(dtype)
-        figures = save_base(model, out, dtype, trust_remote_code, overwrite)
-    print_result(figures, json_, "peftctl export-base", [("saved as", figures["dtype"])], [
-        ("model folder", str(out)),
-        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
-    ])
-
-
-def print_result(figures: dict, json_: bool, title: str, rows: list[tuple[str, str]],
-                 verbatim: list[tuple[str, str]]) -> None:
-    """A command's figures: one JSON object with --json, else a table and the paths below it."""
+        figures = write()
     if json_:
         print(jsontext.dumps(figures))
-    else:
-        print_summary(title, rows, verbatim)
+        return
+    label, out = folder
+    print_summary(title, rows(figures), [
+        (label, str(out)),
+        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
+    ])
 
 
 def check_dtype(dtype: str | None) -> None:

@@ -125,6 +125,56 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def train_figures(summary) -> dict:
+    """`peftctl train`'s figures (its --json object) from the pipeline's RunSummary."""
+    result = summary.result
+    return {
+        "adapter_dir": str(summary.adapter_dir),
+        "trainable_params": summary.trainable_params,
+        "total_params": summary.total_params,
+        "trainable_percent": 100 * summary.trainable_params / summary.total_params,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "packed": result.packed,
+        "processes": result.processes,
+        "distributed": result.distributed,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "train_rows": summary.train_rows,
+        "validation_rows": summary.validation_rows,
+        "dropped_rows": summary.dropped_rows,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_second, 1),
+        "train_loss": result.train_loss,
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+    }
+
+
+def print_train_summary(summary, figures: dict) -> None:
+    """`peftctl train`'s table, then the paths it wrote."""
+    result = summary.result
+    print_summary("peftctl train", [
+        ("trainable / total params", f"{summary.trainable_params:,} / {summary.total_params:,} "
+                                     f"({figures['trainable_percent']:.3f}%)"),
+        ("rows (train / validation)", f"{summary.train_rows} / {summary.validation_rows}"
+                                      + (f" ({summary.dropped_rows} dropped: prompt fills max_seq_len)"
+                                         if summary.dropped_rows else "")),
+        ("steps", str(result.steps) + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")),
+        ("batches", "packed" if result.packed else "padded" + (f" (packing auto: {result.padding_reason})"
+                                                                 if result.padding_reason else "")),
+        *([("processes", f"{result.processes} ({result.distributed})")] if result.processes > 1 else []),
+        ("tokens/s", f"{result.tokens_per_second:,.0f} ({result.tokens:,} tokens in {result.seconds:.1f} s of "
+                     "training steps)"),
+        ("train loss (last window)", fmt_loss(result.train_loss)),
+        ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
+    ], [
+        ("adapter", str(summary.adapter_dir)),
+        ("metrics", str(summary.output_dir / "metrics.jsonl")),
+        ("last checkpoint", str(result.checkpoint)),
+    ])
+
+
 def print_eval(report) -> None:
     """What was evaluated (paths whole, on lines of their own: they are copied from here), the
     figures side by side (base, adapter, change), then the sampled generations."""

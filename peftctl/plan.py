@@ -30,8 +30,9 @@ import torch
 from peftctl import methods, quantize
 from peftctl.errors import blame
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
-from peftctl.pipeline import check_fsdp_recipe, continued_method
 from peftctl.recipe import Recipe
+from peftctl.sharding import check_fsdp_recipe
+from peftctl.skeleton import method_options
 from peftctl.train import HeadCrossEntropy
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
@@ -134,8 +135,7 @@ def _plan(recipe: Recipe, shards: int) -> Plan:
     n_base = sum(p.numel() for p in model.parameters())
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
     # A continued adapter (model.adapter) brings its own options; the recipe may name only the method.
-    method_cfg = recipe.method if spec.adapter is None else continued_method(recipe)
-    adapter = methods.apply(model, method_cfg)
+    adapter = methods.apply(model, method_options(recipe))
     # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
     n_norm = sum(p.numel() for norm in quantize.norm_layers(model).values() for p in norm.parameters(recurse=False))
     n_trainable = adapter.trainable_count()

@@ -2,16 +2,16 @@
 
 A recipe is a YAML file with five sections (model, method, data, train, output). These pydantic
 models are the single source of truth for its keys, defaults, validation, the JSON schema
-(`peftctl schema`) and the README's reference. Unknown keys are errors, never ignored.
+(`peftctl schema`) and the README's reference (recipe_docs.py). Unknown keys are errors, never
+ignored; reading the YAML is recipe_yaml.py, explaining a validation error recipe_errors.py.
 Relative data paths are resolved against the recipe file's folder, so a recipe and its data
 travel together; `output.dir` is relative to the directory you run peftctl from.
 """
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
@@ -20,6 +20,8 @@ from peftctl.errors import UserError, blame, did_you_mean
 from peftctl.files import check_path
 from peftctl.hub import is_hub_id
 from peftctl.methods import METHODS
+from peftctl.recipe_errors import explain
+from peftctl.recipe_yaml import locate, read_recipe_yaml
 
 
 ROLES = ("system", "user", "assistant")
@@ -27,6 +29,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 # The fields each data format reads from a row, which `data.columns` may rename.
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
                  "chat": ("messages", "role", "content")}
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 class Section(BaseModel):
@@ -283,13 +286,10 @@ class Recipe(Section):
 
     def locate(self, key: str) -> str:
         """`key` with where it was set: 'train.lr (line 12)' or 'train.lr (from --set train.lr=1)'."""
-        return _locate(key, self._text, self._origins)
+        return locate(key, self._text, self._origins)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None) -> Recipe:
@@ -298,140 +298,21 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | P
     Data files are checked to exist here, so `peftctl validate` catches a wrong path too.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError("recipe file not found" if not path.exists() else "the recipe path is a folder, not a file",
-                        file=path, expected="a YAML recipe file", fix="check the path")
+    read = read_recipe_yaml(path, overrides, output_dir)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("the recipe is not UTF-8 text", file=path, expected="a YAML recipe file") from None
-    raw = _parse_yaml(text, path)
-    # Which key paths the command line set, so errors point there instead of into the file.
-    origins: dict[str, str] = {}
-    for override in overrides:
-        origins[_apply_override(raw, override, path)] = f"--set {override}"
-    if output_dir is not None:
-        if not isinstance(raw.get("output"), dict):
-            raw["output"] = {}
-        raw["output"]["dir"] = str(output_dir)
-        origins["output.dir"] = "--output"
-
-    def locate(key: str) -> str:
-        return _locate(key, text, origins)
-
-    try:
-        recipe = Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(read.raw)
     except ValidationError as err:
-        raise _explain(err, raw, path, locate) from None
-    recipe._source, recipe._text, recipe._origins = path, text, origins
+        raise explain(err, read.raw, path, read.locate, Recipe) from None
+    recipe._source, recipe._text, recipe._origins = path, read.text, read.origins
     _resolve_paths(recipe, path)
-    with blame(path, locate):
+    with blame(path, recipe.locate):
         for key, value in (("model.name_or_path", recipe.model.name_or_path), ("model.adapter", recipe.model.adapter),
                            ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
                            ("output.dir", recipe.output.dir)):
             if isinstance(value, (str, Path)):
                 check_path(value, key)
-    _check_data_files(recipe, path, locate)
+    _check_data_files(recipe, path)
     return recipe
-
-
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    pass
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, (str, int, float, bool, type(None))):
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain name, not a {type(key).__name__}", key_node.start_mark)
-            if key in seen:
-                raise _DuplicateKey(
-                    None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-# A recipe is a few dozen values; aliases (*name) can make a short file stand for billions, which
-# validating or printing would then walk.
-MAX_VALUES = 100_000
-
-
-def _count_values(value: Any, budget: int) -> int:
-    """How many values `value` holds, counting each alias use again; stops once over `budget`."""
-    stack, seen = [value], 0
-    while stack and seen <= budget:
-        item = stack.pop()
-        seen += 1
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return seen
-
-
-def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except RecursionError:
-        raise UserError("the YAML is nested too deeply to be a recipe", file=path,
-                        expected="a YAML mapping with sections model, method, data, train, output") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        problem = getattr(err, "problem", None) or str(err)
-        context = getattr(err, "context", None)
-        if isinstance(err, _DuplicateKey):
-            raise UserError(problem, file=path, where=where, fix="keep one of the two") from None
-        raise UserError(f"YAML syntax error: {problem}" + (f" ({context})" if context else ""),
-                        file=path, where=where, expected="valid YAML: `key: value` lines, nested by indentation",
-                        fix="fix the YAML at that position (indentation, colons, brackets, quotes)") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"the recipe is {'empty' if raw is None else 'not a mapping of sections'}", file=path,
-                        expected="a YAML mapping with sections model, method, data, train, output")
-    if _count_values(raw, MAX_VALUES) > MAX_VALUES:
-        raise UserError(f"the recipe expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
-                        "lists inside lists?)", file=path, expected="a recipe: a few dozen values",
-                        fix="write the values out instead of through nested aliases (*name)")
-    # A section whose keys are all commented out reads as null: treat it as an empty section.
-    return {key: {} if value is None else value for key, value in raw.items()}
-
-
-def _apply_override(raw: dict[str, Any], override: str, path: Path) -> str:
-    """Set `key.path=value` in the raw recipe (the value read as YAML); returns the key path."""
-    key, sep, value = override.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not sep or not all(parts):
-        raise UserError("an override must look like key.path=value", file=path, where=f"--set {override}",
-                        expected="a dotted key path, '=', a value; e.g. --set train.lr=1e-4 or --set method.r=16")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        if node.get(part) is None:
-            node[part] = {}
-        if not isinstance(node[part], dict):
-            section = ".".join(parts[: depth + 1])
-            raise UserError(f"'{section}' is a value, not a section, so it has no key '{parts[depth + 1]}'",
-                            file=path, where=f"{key} (from --set {override})",
-                            expected=f"a key path that ends at a value, e.g. --set {section}=VALUE")
-        node = node[part]
-    node[parts[-1]] = _parse_value(value)
-    return key
-
-
-def _parse_value(value: str) -> Any:
-    """An override's value as YAML (numbers, booleans, lists, null); text that is not YAML stays text."""
-    if not value:
-        return None
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
 
 
 def _resolve_paths(recipe: Recipe, path: Path) -> None:
@@ -460,7 +341,8 @@ def _data_source(value: str | Path, base: Path) -> str | Path:
     return local if exists or not is_hub_id(value) else value
 
 
-def _check_data_files(recipe: Recipe, path: Path, locate) -> None:
+def _check_data_files(recipe: Recipe, path: Path) -> None:
+    locate = recipe.locate
     for key, file in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation)):
         if not isinstance(file, Path):
             continue
@@ -471,198 +353,3 @@ def _check_data_files(recipe: Recipe, path: Path, locate) -> None:
         if file.is_file() and file.suffix.lower() not in DATA_SUFFIXES:
             raise UserError(f"unsupported data file type '{file.suffix}': {file}", file=path, where=locate(key),
                             expected=f"a {', '.join(DATA_SUFFIXES)} file")
-
-
-# --- turning pydantic's errors into ones a person can act on ----------------------------------
-
-# What a valid value looks like, by pydantic error type; formatted with the error's context.
-_EXPECTED = {
-    "int_parsing": "an integer",
-    "int_type": "an integer",
-    "int_from_float": "an integer",
-    "float_parsing": "a number",
-    "float_type": "a number",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-    "path_type": "a file path",
-    "literal_error": "one of {expected}",
-    "greater_than": "a number greater than {gt}",
-    "greater_than_equal": "a number of at least {ge}",
-    "less_than": "a number less than {lt}",
-    "less_than_equal": "a number of at most {le}",
-}
-
-
-def _explain(err: ValidationError, raw: dict[str, Any], path: Path, locate) -> UserError:
-    # One entry per key path: a union reports each alternative it tried for the same value.
-    found: dict[str, tuple[str, list[str]]] = {}
-    for error in err.errors():
-        key, problem, expected = _describe(error, raw)
-        _, expects = found.setdefault(key, (problem, []))
-        if expected and expected not in expects:
-            expects.append(expected)
-    (key, (problem, expects)), *others = found.items()
-    also = [f"{locate(k)}: {p}" + (f" (expected {' or '.join(e)})" if e else "") for k, (p, e) in others]
-    return UserError(problem, file=path, where=locate(key), expected=" or ".join(expects) or None, also=also)
-
-
-def _describe(error: dict[str, Any], raw: dict[str, Any]) -> tuple[str, str, str | None]:
-    """(key path, problem, what was expected) for one pydantic error."""
-    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    loc, item = _data_path(error["loc"], raw, missing=kind == "missing")
-    key = ".".join(loc)
-    methods = ", ".join(METHODS)
-    if kind == "extra_forbidden":
-        known = _known_keys(loc[:-1], raw)
-        hint = did_you_mean(loc[-1], known)
-        return key, f"unknown key '{loc[-1]}'" + (f" ({hint})" if hint else ""), \
-            f"one of: {', '.join(known)}" if known else None
-    if kind == "union_tag_not_found":
-        return key + ".name", "required key is missing (it picks the method)", f"one of: {methods}"
-    if kind == "union_tag_invalid" or (key == "method.name" and kind == "literal_error"):
-        name = ctx.get("tag", value)
-        hint = did_you_mean(str(name), METHODS)
-        return "method.name", f"unknown method '{name}'" + (f" ({hint})" if hint else ""), f"one of: {methods}"
-    if kind == "missing":
-        field = _field_at(loc, raw)
-        return key, "required key is missing", field.description if field else None
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        known = _known_keys(loc, raw)
-        return key, f"expected a section of keys, got {value!r}", \
-            f"a mapping with keys: {', '.join(known)}" if known else "a mapping of keys"
-    if kind == "value_error":
-        return key, str(ctx.get("error", error["msg"])), None
-    template = _EXPECTED.get(kind)
-    expected = template.format(**ctx) if template else error["msg"]
-    if kind == "literal_error" and "," not in expected and " or " not in expected:
-        expected = expected.removeprefix("one of ")
-    field = _field_at(loc, raw)
-    if field is not None and int in (field.annotation, *get_args(field.annotation)):
-        expected = expected.replace("a number", "an integer")
-    return key, f"invalid value {value!r}" + (f" (item {item} of the list)" if item else ""), expected
-
-
-def _data_path(loc: tuple, raw: dict[str, Any], missing: bool) -> tuple[list[str], int | None]:
-    """The error's location as keys of the user's YAML, and the 1-based list item if any.
-
-    pydantic puts the union member it tried into the location (method.lora.r,
-    target_modules.list[str]); those parts are not in the data, so following the data drops them.
-    """
-    keys: list[str] = []
-    item = None
-    node: Any = raw
-    for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            keys.append(str(part))
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            item, node = part + 1, node[part]
-        elif missing and i == len(loc) - 1:
-            keys.append(str(part))
-    return keys, item
-
-
-def _section_model(loc: list[str], raw: dict[str, Any]) -> type[BaseModel] | None:
-    """The pydantic model of the section at `loc` (the chosen method's for `method`)."""
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        if model is Recipe and part == "method":
-            section = raw.get("method")
-            method = METHODS.get(str(section.get("name"))) if isinstance(section, dict) else None
-            if method is None:
-                return None
-            model = method.Config
-            continue
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _known_keys(loc: list[str], raw: dict[str, Any]) -> list[str]:
-    """The keys allowed at `loc`, to suggest the closest one for a misspelt key."""
-    model = _section_model(loc, raw)
-    if model is None:
-        return ["name"] if loc == ["method"] else []
-    return list(model.model_fields)
-
-
-def _field_at(loc: list[str], raw: dict[str, Any]):
-    model = _section_model(loc[:-1], raw) if loc else None
-    return model.model_fields.get(loc[-1]) if model else None
-
-
-def _locate(key: str, text: str | None, origins: dict[str, str]) -> str:
-    for path, origin in origins.items():
-        if key == path or key.startswith(path + ".") or path.startswith(key + "."):
-            return f"{key} (from {origin})"
-    line = _line_of(text, key.split(".")) if text else None
-    return f"{key} (line {line})" if line else key
-
-
-def _line_of(text: str, keys: list[str]) -> int | None:
-    """1-based line of the key path `keys` in the YAML text; None when it is not there."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            return None
-        for key_node, value_node in node.value:
-            if key_node.value == key:
-                line, node = key_node.start_mark.line + 1, value_node
-                break
-        else:
-            return None
-    return line
-
-
-# --- the recipe reference in the README is generated from these models -------------------------
-
-
-def markdown_reference() -> str:
-    """The recipe reference as Markdown tables, one per section and one per method."""
-    parts = []
-    for section, field in Recipe.model_fields.items():
-        if section == "method":
-            for method in METHODS.values():
-                parts.append(_markdown_table(f"`method` — `name: {method.name}`", method.Config))
-        else:
-            parts.append(_markdown_table(f"`{section}` — {field.description}", field.annotation))
-    return "\n".join(parts)
-
-
-def _markdown_table(title: str, model: type[BaseModel]) -> str:
-    lines = [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, field in model.model_fields.items():
-        if key == "name":
-            continue
-        default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
-        kind = _type_name(field.annotation)
-        lines.append(f"| `{key}` | {kind} | {default} | {field.description} |")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_value(value: Any) -> str:
-    if isinstance(value, BaseModel):
-        return "{}"
-    return yaml.safe_dump(value if not isinstance(value, Path) else str(value), default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
-
-
-def _type_name(annotation: Any) -> str:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        return " \\| ".join(_type_name(arg) for arg in args)
-    if origin is Literal:
-        return " \\| ".join(f"'{arg}'" for arg in args)
-    if origin is list:
-        return f"list[{_type_name(args[0])}]"
-    if annotation is type(None):
-        return "null"
-    return {Path: "path"}.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from peftctl import pipeline
+from peftctl import pipeline, sharding
 from peftctl.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +171,6 @@ def test_fsdp_launches_peftctl_cannot_serve_are_refused(monkeypatch, version, se
 
     monkeypatch.setenv("FSDP_VERSION", version)
     with pytest.raises(UserError, match=expected):
-        pipeline.check_fsdp(load_recipe(SMOKE, sets), DistributedType.MULTI_GPU)
+        sharding.check_fsdp(load_recipe(SMOKE, sets), DistributedType.MULTI_GPU)
     monkeypatch.setenv("FSDP_VERSION", "2")
-    pipeline.check_fsdp(load_recipe(SMOKE), DistributedType.MULTI_GPU)  # what GPUs with FSDP2 run
+    sharding.check_fsdp(load_recipe(SMOKE), DistributedType.MULTI_GPU)  # what GPUs with FSDP2 run

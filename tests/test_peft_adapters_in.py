@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import peftctl.model
-from peftctl import pipeline
+from peftctl import pipeline, skeleton
 from peftctl.plan import plan
 from peftctl.cli import app
 from peftctl.data import tokenize_rows
@@ -243,7 +243,7 @@ def test_method_options_must_agree_with_the_adapter(made_by_peft, tmp_path):
     lora = adapters["lora"][0]
 
     def options(method: dict):
-        return pipeline.continued_method(load_recipe(write_recipe(tmp_path, base, str(lora), method, tmp_path / "o")))
+        return skeleton.continued_method(load_recipe(write_recipe(tmp_path, base, str(lora), method, tmp_path / "o")))
 
     # The same options in another order or spelling agree, and what is left out is the adapter's.
     cfg = options({"name": "lora", "r": 4, "alpha": 8.0, "target_modules": ["v_proj", "q_proj"]})
@@ -267,7 +267,7 @@ def test_method_options_must_agree_with_the_adapter(made_by_peft, tmp_path):
     (every / CONFIG_FILE).write_text(json.dumps({**config, "target_modules": projections}))
     recipe = load_recipe(write_recipe(tmp_path, base, str(every), {"name": "lora", "target_modules": "all-linear"},
                                       tmp_path / "o"))
-    assert sorted(pipeline.continued_method(recipe).target_modules) == sorted(projections)
+    assert sorted(skeleton.continued_method(recipe).target_modules) == sorted(projections)
 
 
 def test_continuing_errors_exit_2_through_the_cli(made_by_peft, tmp_path):

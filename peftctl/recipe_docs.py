@@ -1,0 +1,57 @@
+"""The recipe reference in the README, generated from the recipe's models
+(scripts/update_readme_reference.py writes it; tests/test_readme.py checks it is current).
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel
+
+from peftctl.methods import METHODS
+from peftctl.recipe import Recipe
+
+
+def markdown_reference() -> str:
+    """The recipe reference as Markdown tables, one per section and one per method."""
+    parts = []
+    for section, field in Recipe.model_fields.items():
+        if section == "method":
+            for method in METHODS.values():
+                parts.append(_markdown_table(f"`method` — `name: {method.name}`", method.Config))
+        else:
+            parts.append(_markdown_table(f"`{section}` — {field.description}", field.annotation))
+    return "\n".join(parts)
+
+
+def _markdown_table(title: str, model: type[BaseModel]) -> str:
+    lines = [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, field in model.model_fields.items():
+        if key == "name":
+            continue
+        default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+        kind = _type_name(field.annotation)
+        lines.append(f"| `{key}` | {kind} | {default} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return "{}"
+    return yaml.safe_dump(value if not isinstance(value, Path) else str(value), default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " \\| ".join(_type_name(arg) for arg in args)
+    if origin is Literal:
+        return " \\| ".join(f"'{arg}'" for arg in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if annotation is type(None):
+        return "null"
+    return {Path: "path"}.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -1,0 +1,34 @@
+"""What `peftctl validate` finds beyond the recipe itself, without loading a weight or the data:
+where the Hub model and datasets are (or what training would fetch), and what the method trains
+on the model, from the same weightless step training starts with (skeleton.py).
+"""
+
+from __future__ import annotations
+
+from peftctl.errors import blame
+from peftctl.hub import is_hub_id
+from peftctl.recipe import Recipe
+from peftctl.skeleton import describe_targets, method_on_skeleton
+
+
+def findings(spec: Recipe) -> list[str]:
+    """One line each: `source: ...` for every Hub model or dataset, then `targets: ...`."""
+    return [*hub_sources(spec), f"targets: {describe_targets(method_on_skeleton(spec))}"]
+
+
+def hub_sources(spec: Recipe) -> list[str]:
+    """Where the recipe's Hub model and datasets are (cache) or what training would fetch; nothing
+    is downloaded. Local models and data are not looked at here (training reads them first)."""
+    data = spec.data
+    hub_named = [value for value in (spec.model.name_or_path, data.train, data.validation)
+                 if isinstance(value, str) and is_hub_id(value)]
+    if not hub_named:
+        return []
+    from peftctl.model import describe_hub_source as describe_model
+    from peftctl.rows import describe_hub_source as describe_data
+
+    with blame(spec.source, spec.locate):
+        found = [describe_model(spec.model), describe_data(data.train, data, "data.train")]
+        if data.validation != data.train:
+            found.append(describe_data(data.validation, data, "data.validation"))
+    return [f"source: {line}" for line in found if line]
