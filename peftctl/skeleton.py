@@ -111,7 +111,8 @@ def continued_method(recipe: Recipe) -> MethodConfig:
     `method.name` must be the adapter's method. Options the recipe writes must equal the
     adapter's, as the weights' shapes and meaning depend on them; options it leaves out are the
     adapter's. Values spelt differently that select the same thing ('all-linear' and the list
-    of layers it resolves to) agree: both configs are compared as they would be exported.
+    of layers it resolves to) agree: both configs are compared as they would be exported, so
+    options that only steer training (`MethodConfig.training_only`, e.g. LoRA+'s ratio) are the recipe's.
     """
     folder = recipe.model.adapter
     if not (folder / CONFIG_FILE).is_file():
@@ -126,6 +127,9 @@ def continued_method(recipe: Recipe) -> MethodConfig:
                         f"'{method.name}'", where="method.name", expected=f"name: {method.name}",
                         fix=f"set method.name: {method.name}, or remove model.adapter to train a new adapter")
     written = [key for key in type(ours).model_fields if key in ours.model_fields_set and key != "name"]
+    steering = {key: getattr(ours, key) for key in written if key in type(ours).training_only}
+    saved = saved.model_copy(update=steering)
+    written = [key for key in written if key not in steering]
     differing = [key for key in written if _canonical(getattr(ours, key)) != _canonical(getattr(saved, key))]
     if not differing:
         return saved

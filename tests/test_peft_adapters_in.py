@@ -248,6 +248,9 @@ def test_method_options_must_agree_with_the_adapter(made_by_peft, tmp_path):
     # The same options in another order or spelling agree, and what is left out is the adapter's.
     cfg = options({"name": "lora", "r": 4, "alpha": 8.0, "target_modules": ["v_proj", "q_proj"]})
     assert (cfg.r, cfg.alpha, sorted(cfg.target_modules)) == (4, 8, ["q_proj", "v_proj"])
+    # An option that only steers training is the recipe's: the adapter has no record of it.
+    cfg = options({"name": "lora", "loraplus_lr_ratio": 16})
+    assert (cfg.r, cfg.loraplus_lr_ratio) == (4, 16)
     with pytest.raises(UserError) as err:
         options({"name": "lora", "r": 8})
     assert err.value.where == "method.r"  # the CLI adds the recipe line: see the next test

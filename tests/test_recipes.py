@@ -20,8 +20,9 @@ from method_checks import ROOT, assert_smoke_run
 from peftctl.export import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model import load_model
-from peftctl.pipeline import describe_targets, run
+from peftctl.pipeline import run
 from peftctl.recipe import load_recipe
+from peftctl.skeleton import describe_targets, method_on_skeleton
 
 RECIPES = ROOT / "recipes"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -39,7 +40,7 @@ def recipe_file(name: str, model: str) -> str:
 def test_every_method_has_its_recipes_and_they_validate(name, model):
     recipe = load_recipe(ROOT / recipe_file(name, model))
     assert recipe.method.name == name
-    described = describe_targets(recipe)  # the method on the model's weightless skeleton
+    described = describe_targets(method_on_skeleton(recipe))  # the method on the model's weightless skeleton
     assert described.startswith(f"method {name}: ") and " 0 trainable" not in described, described
     if model == "smollm2":  # the README's methods table quotes this recipe's count
         count = re.match(rf"method {name}: ([\d,]+) trainable", described).group(1)

@@ -39,6 +39,9 @@ class MethodConfig(BaseModel):
     """Options shared by every method; each method adds its own fields and a `name` literal."""
 
     model_config = ConfigDict(extra="forbid")
+    # Options that steer training but are not part of the adapter (no exported field depends on
+    # them): an adapter continued with `model.adapter` takes the recipe's values for these.
+    training_only: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass

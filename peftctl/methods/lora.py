@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from peftctl.methods.lora_init import (
 
 
 class LoraConfig(MethodConfig):
+    training_only: ClassVar[frozenset[str]] = frozenset({"loraplus_lr_ratio"})
     name: Literal["lora"] = Field(description="LoRA: trainable low-rank updates on linear layers.")
     r: int = Field(8, gt=0, description="Rank of the update B·A; trainable weights grow linearly with it.")
     alpha: float = Field(16, gt=0, description="Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rsLoRA).")
