@@ -102,8 +102,11 @@ class LycorisLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.training and self.module_dropout and float(torch.rand(1)) <= self.module_dropout:
-            return result  # peft's module dropout: this layer's update is skipped for the step
+        # peft's module dropout skips this layer's update for the step. peft draws for it on every
+        # training step (p = 0 too), then for rank dropout: the same draws, in the same order, make
+        # a training step here equal to peft's under the same seed.
+        if self.training and float(torch.rand(1)) <= self.module_dropout:
+            return result
         update = self.delta_output(x.to(torch.float32))
         if self.training and self.rank_dropout:
             update = update * rank_dropout_mask(self.out_features, self.rank_dropout,
