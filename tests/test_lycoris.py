@@ -305,3 +305,10 @@ def test_effective_conv2d_from_peft_is_read_as_what_it_means_on_linear_layers():
     cfg = METHODS["loha"].config_from_peft({"r": 4, "target_modules": ["q_proj"], "use_effective_conv2d": True},
                                            "adapter_config.json")
     assert cfg.use_effective_conv2d is False
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_a_model_without_linear_layers_is_refused(method):
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 4))
+    with pytest.raises(UserError, match="no linear layers"):
+        peftctl.methods.apply(model, config(method))

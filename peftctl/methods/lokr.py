@@ -22,11 +22,13 @@ from peftctl.methods.lycoris import LycorisLinear, LycorisMethod, LycorisOptions
 
 class LokrConfig(LycorisOptions):
     name: Literal["lokr"] = Field(description="LoKr: a Kronecker product of two small matrices on linear layers.")
+    r: int = Field(8, gt=0, description="Rank of W2 = W2a·W2b (and of W1 with decompose_both), used only while r "
+                   "is below half the factor's larger side; above that the factor is one full matrix.")
     decompose_both: bool = Field(
         False, description="Also make the left Kronecker factor W1 a rank-r product (when r is below half its larger side).")
     decompose_factor: int = Field(
-        -1, ge=-1, description="Split each dimension into two factors, one as close to this number as it divides; "
-        "-1: as close to its square root as possible (peft's default).")
+        -1, ge=-1, description="How each dimension d splits into m·n: m is this number where it divides d, else "
+        "the largest divisor of d up to it and up to √d; -1: the divisor pair nearest √d (peft's default).")
     rank_dropout_scale: bool = Field(False, description="Rescale the rows rank_dropout keeps so that their mean is 1.")
     init_weights: bool | Literal["lycoris"] = Field(
         True, description="true: W1 starts at zero, so the adapter starts as the base model (peft's default); "

@@ -133,7 +133,11 @@ class LycorisMethod(WrappingMethod):
         if cfg.use_effective_conv2d:
             raise UserError("use_effective_conv2d only changes convolution layers, and peftctl adapts linear layers only",
                             where="use_effective_conv2d", expected="false", fix="remove the option")
-        return match_targets(model, cfg.target_modules)
+        targets = match_targets(model, cfg.target_modules)
+        if not targets:  # 'all-linear' on a model without linear layers
+            raise UserError(f"this model has no linear layers for {self.name} to adapt", where="target_modules",
+                            expected="a transformer with nn.Linear or Conv1D projection layers")
+        return targets
 
     def wrap(self, module: nn.Module, cfg: LycorisOptions, name: str, applied) -> nn.Module:
         return self.Layer(module, cfg)
