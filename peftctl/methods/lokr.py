@@ -62,7 +62,6 @@ LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lo
 class LokrLinear(LycorisLinear):
     def __init__(self, base_layer: nn.Module, cfg: LokrConfig):
         super().__init__(base_layer, cfg)
-        self.rescales_rank_dropout = cfg.rank_dropout_scale
         in_m, in_n = factorization(self.in_features, cfg.decompose_factor)
         out_l, out_k = factorization(self.out_features, cfg.decompose_factor)
         r = cfg.r
@@ -96,7 +95,7 @@ class LokrLinear(LycorisLinear):
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         # (W1 ⊗ W2)·x = vec(W1 · X · W2ᵀ) with X the input as a [c, d] matrix: the [out, in]
-        # product is never made, and each token costs a·c·d + a·b·d instead of out·in.
+        # product is never made, and a token costs c·d·b + a·c·b multiply-adds instead of a·b·c·d.
         w1, w2 = self.factors()
         grid = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
         return (w1 @ (grid @ w2.T)).flatten(-2) * self.scaling

@@ -78,9 +78,6 @@ class LycorisLinear(nn.Module):
     scaled) and, where it is cheaper than ΔW x, `delta_output(x)`.
     """
 
-    # Whether rank dropout rescales the kept rows (LoHa always does; LoKr when asked).
-    rescales_rank_dropout: ClassVar[bool] = True
-
     def __init__(self, base_layer: nn.Module, cfg: LycorisOptions):
         super().__init__()
         self.base_layer = base_layer
@@ -88,6 +85,8 @@ class LycorisLinear(nn.Module):
         self.scaling = cfg.alpha / cfg.r
         self.rank_dropout = cfg.rank_dropout
         self.module_dropout = cfg.module_dropout
+        # Whether rank dropout rescales the rows it keeps: LoHa always (it has no option), LoKr when asked.
+        self.rescales_rank_dropout = getattr(cfg, "rank_dropout_scale", True)
         self.train(base_layer.training)  # an adapter loaded into an eval-mode model drops nothing
 
     def factor(self, *shape: int) -> nn.Parameter:
