@@ -62,9 +62,11 @@ REFUSED = {
     **{(arch, method): BOTTLENECK_REASON for arch in ("mixtral", "qwen3_moe") for method in ("houlsby", "pfeiffer")},
     **{(arch, "ia3"): "has no default layers" for arch in ("mixtral", "qwen3_moe")},
 }
-# Pairs peftctl trains but the installed peft cannot load (its OFT takes nn.Linear layers only),
-# and the words of peft's refusal: asserted, so a peft that learns them shows up here.
-PEFT_REFUSES = {("gpt2", "oft"): "Conv1D"}
+# Pairs peftctl trains but the installed peft cannot load, and the words of peft's refusal: its OFT
+# and LyCORIS (LoHa, LoKr) layers take torch's nn.Linear only, not GPT-2's Conv1D. Asserted, so a
+# peft that learns them shows up here; peftctl trains, reloads and merges them.
+PEFT_REFUSES = {("gpt2", label): "Conv1D" for label, options in METHOD_OPTIONS.items()
+                if options["name"] in ("oft", "loha", "lokr")}
 MERGEABLE = set(examples_where(lambda method: method.merge_refusal is None))
 
 
@@ -135,7 +137,7 @@ def real_positions(theirs: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
 
 def assert_peft_adapter_loads(arch: str, exported, batch) -> None:
     """peft's own adapter, made from the exported config with a non-trivial init (random B for
-    LoRA, random IA3 vectors, random VeRA λ and OFT entries), loads in peftctl and computes what peft computes."""
+    LoRA, random IA3 vectors, random VeRA λ, OFT entries and LyCORIS factors), loads in peftctl and computes what peft computes."""
     config = peft.PeftConfig.from_pretrained(exported)
     config.base_model_name_or_path = None  # the base is the model given here (peft warns otherwise)
     for option in ("init_lora_weights", "init_ia3_weights", "init_weights"):
