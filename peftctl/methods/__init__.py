@@ -6,7 +6,7 @@ Adding a method means adding its file to this folder and its line below; nothing
 from __future__ import annotations
 
 from peftctl.errors import UserError, did_you_mean
-from peftctl.methods import bitfit, bottleneck, ia3, lora, prompt
+from peftctl.methods import bitfit, bottleneck, compacter, ia3, lora, prompt
 from peftctl.methods.base import Adapter, Method, MethodConfig
 
 METHODS: dict[str, Method] = {}
@@ -20,7 +20,7 @@ def register(method: Method) -> None:
 
 # A module registers its `METHOD`, or each of its `METHODS_IN_MODULE` when it holds variants of
 # one method under separate names (bottleneck: houlsby, pfeiffer; prompt: its three methods).
-for _module in (lora, bottleneck, ia3, bitfit, prompt):
+for _module in (lora, bottleneck, compacter, ia3, bitfit, prompt):
     for _method in getattr(_module, "METHODS_IN_MODULE", None) or (_module.METHOD,):
         register(_method)
 
