@@ -55,7 +55,7 @@ CASES = {
     "bitfit": ("llama", BitFitConfig(name="bitfit", create_missing_biases=True)),
 }
 # Methods that merge_refusal keeps out, one per reason (bottleneck non-linearity, virtual tokens).
-UNMERGEABLE = ("houlsby", "pfeiffer", "prompt_tuning", "p_tuning", "prefix_tuning")
+UNMERGEABLE = ("houlsby", "pfeiffer", "compacter", "compacter_plus_plus", "prompt_tuning", "p_tuning", "prefix_tuning")
 
 
 def merge(*args: str):

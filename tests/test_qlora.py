@@ -179,6 +179,7 @@ def test_adapter_trained_on_quantized_base_loads_in_peft_with_the_same_logits(qu
 
 @pytest.mark.parametrize("name, options", [
     ("ia3", {}), ("houlsby", {"bottleneck_size": 8}), ("pfeiffer", {"bottleneck_size": 8}),
+    ("compacter", {"bottleneck_size": 8}), ("compacter_plus_plus", {"bottleneck_size": 8}),
     ("bitfit", {"create_missing_biases": True}), ("prompt_tuning", {"num_virtual_tokens": 4}),
     ("p_tuning", {"num_virtual_tokens": 4}), ("prefix_tuning", {"num_virtual_tokens": 4}),
 ])
@@ -201,7 +202,8 @@ def test_every_other_method_trains_on_a_4bit_base(name, options, llama_dir):
 
 CHECKPOINTED_METHODS = [
     ("lora", {"r": 4, "target_modules": "all-linear"}), ("lora", {"r": 4, "use_dora": True}), ("ia3", {}),
-    ("houlsby", {"bottleneck_size": 8}), ("bitfit", {"create_missing_biases": True}),
+    ("houlsby", {"bottleneck_size": 8}), ("compacter", {"bottleneck_size": 8}),  # A shared by checkpointed blocks
+    ("bitfit", {"create_missing_biases": True}),
     ("prompt_tuning", {"num_virtual_tokens": 4}), ("p_tuning", {"num_virtual_tokens": 4}),
 ]
 
