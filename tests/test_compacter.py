@@ -139,6 +139,17 @@ def test_the_shared_rule_stays_one_tensor_through_training_and_dtype_moves():
     assert all(adapter.model.get_submodule(site).phm_rule is rule for site in sites("llama", "compacter"))
 
 
+def test_a_launch_that_splits_the_shared_rule_is_refused_after_the_step():
+    """What FSDP2's per-layer sharding would do (one copy of A per decoder layer), simulated."""
+    _, adapter, _ = adapted("gpt2", "compacter")
+    adapter.method.after_step(adapter, 1, 10)  # whole: nothing to say
+    last = adapter.model.get_submodule(sites("gpt2", "compacter")[-1])
+    last.phm_rule = torch.nn.Parameter(last.phm_rule.detach().clone())
+    with pytest.raises(UserError, match="split it into one copy per layer") as err:
+        adapter.method.after_step(adapter, 1, 10)
+    assert "without --fsdp" in err.value.fix
+
+
 def test_adapter_weights_are_fp32_on_a_bf16_base():
     model = tiny_llama().to(torch.bfloat16)
     adapter = methods.apply(model, config("compacter"))
@@ -242,3 +253,27 @@ def test_smollm2_recipe_starts(tmp_path):
     assert summary.trainable_params == 4 ** 3 + 30 * 2 * (2 * (hidden + bottleneck) + bottleneck + hidden)  # 110,224
     assert summary.result.steps == 2
     assert summary.result.val_loss_after < summary.result.val_loss_before
+
+
+@pytest.mark.slow
+def test_ddp_trains_as_one_process_and_fsdp2_is_refused(tmp_path):
+    """Two CPU processes. DDP keeps the shared A one tensor per process: the same losses and adapter
+    as one process with twice the grad_accum. FSDP2 shards each decoder layer apart, which splits
+    A into per-layer copies: refused after the first step, exit 2, one message."""
+    from test_distributed import assert_same_adapter, assert_same_losses, launch, losses
+
+    from peftctl import pipeline
+
+    recipe = RECIPES / "compacter-gpt2.yaml"
+    sets = ["train.batch_size=2", "train.max_steps=6", "train.log_every=1"]
+    pipeline.run(load_recipe(recipe, [*sets, "train.grad_accum=2"], tmp_path / "one"))
+    ddp = launch(tmp_path / "ddp", recipe=recipe, sets=sets)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "Grad strides do not match" not in ddp.stderr
+    assert_same_losses(losses(tmp_path / "ddp"), losses(tmp_path / "one"))
+    assert_same_adapter(tmp_path / "ddp" / "adapter", tmp_path / "one" / "adapter")
+
+    fsdp = launch(tmp_path / "fsdp", fsdp=True, recipe=recipe, sets=sets)
+    assert fsdp.returncode != 0
+    assert "split it into one copy per layer" in fsdp.stdout and "Traceback" not in fsdp.stdout
+    assert not (tmp_path / "fsdp" / "adapter").exists()

@@ -24,7 +24,8 @@ both biases start at zero, so W_up = 0 and an adapted model starts exactly equal
 The non-linearity keeps it from being folded into the base weights. peft has no Compacter:
 exports use peftctl's own peft_type (COMPACTER / COMPACTER_PLUS_PLUS) in peft's two-file layout.
 The shared Aᵢ is registered on every wrapper (so `.to()` and dtype moves keep it one tensor) and
-trains and saves once, under the first wrapper's name: `<first site>.phm_rule`.
+trains and saves once, under the first wrapper's name: `<first site>.phm_rule`. A launch that
+shards each decoder layer on its own (FSDP2) would split it: training checks and refuses that.
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ class PHMLinear(nn.Module):
             for matrix in factor:  # Glorot over each sᵢ or tᵢ, not over the stack of n
                 nn.init.xavier_uniform_(matrix)
 
-    def weight(self, rule: torch.Tensor) -> torch.Tensor:
-        blocks = self.s @ self.t.transpose(1, 2)  # Bᵢ [n, out/n, in/n]
+    def kronecker_weight(self, rule: torch.Tensor) -> torch.Tensor:
+        # Bᵢ = sᵢtᵢᵀ [n, out/n, in/n] by broadcasting, not matmul: a matmul's gradient for a
+        # rank-1 factor comes back transposed in memory, which DDP's gradient buckets warn about.
+        blocks = (self.s.unsqueeze(2) * self.t.unsqueeze(1)).sum(-1)
         # (Aᵢ ⊗ Bᵢ)[a·P + p, c·Q + q] = Aᵢ[a, c]·Bᵢ[p, q], summed over i.
         return torch.einsum("iac,ipq->apcq", rule, blocks).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor, rule: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(rule), self.bias)
+        return F.linear(x, self.kronecker_weight(rule), self.bias)
 
 
 class CompacterAdapter(nn.Module):
@@ -173,6 +176,19 @@ class PHMBottleneck(Bottleneck):
         first = next(name for name, param in adapter.params.items() if param is rule)
         adapter.params = {name: param for name, param in adapter.params.items() if param is not rule or name == first}
         return adapter
+
+    def after_step(self, adapter: Adapter, step: int, total_steps: int) -> None:
+        # FSDP2 shards each decoder block apart, which would split the shared Aᵢ into one copy per
+        # block (only the first trained): refuse that rather than train something else than Compacter.
+        rule_name = f"{adapter.applied.targets[0]}.phm_rule"
+        rule = adapter.params[rule_name]
+        if any(adapter.model.get_submodule(site).phm_rule is not rule for site in adapter.applied.targets):
+            raise UserError(
+                f"method '{self.name}' shares one phm_rule across all decoder layers, and this launch "
+                "split it into one copy per layer (FSDP shards each layer on its own)",
+                expected="a launch that keeps the model's parameters whole in each process (one process, or DDP)",
+                fix="train compacter without --fsdp (plain accelerate launch runs DDP), or use houlsby / pfeiffer",
+            )
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: PHMBottleneckConfig = adapter.cfg
