@@ -147,7 +147,7 @@ def test_a_launch_that_splits_the_shared_rule_is_refused_after_the_step():
     last.phm_rule = torch.nn.Parameter(last.phm_rule.detach().clone())
     with pytest.raises(UserError, match="split it into one copy per layer") as err:
         adapter.method.after_step(adapter, 1, 10)
-    assert "without --fsdp" in err.value.fix
+    assert "without FSDP" in err.value.fix
 
 
 def test_adapter_weights_are_fp32_on_a_bf16_base():

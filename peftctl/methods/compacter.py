@@ -152,6 +152,11 @@ def check_divisible(hidden: int, bottleneck: int, cfg: PHMBottleneckConfig) -> N
         )
 
 
+def shared_rule_name(applied: CompacterApplied) -> str:
+    """The shared rule trains and saves under the first wrapper's name."""
+    return f"{applied.targets[0]}.phm_rule"
+
+
 class PHMBottleneck(Bottleneck):
     """Compacter adapters on the output of the blocks named in `placements`."""
 
@@ -172,22 +177,20 @@ class PHMBottleneck(Bottleneck):
     def apply(self, model: nn.Module, cfg: PHMBottleneckConfig) -> Adapter:
         adapter = super().apply(model, cfg)
         # Each wrapper lists the shared rule; AdamW, the count and the export need it once.
-        rule = adapter.applied.phm_rule
-        first = next(name for name, param in adapter.params.items() if param is rule)
-        adapter.params = {name: param for name, param in adapter.params.items() if param is not rule or name == first}
+        rule, kept = adapter.applied.phm_rule, shared_rule_name(adapter.applied)
+        adapter.params = {name: param for name, param in adapter.params.items() if param is not rule or name == kept}
         return adapter
 
     def after_step(self, adapter: Adapter, step: int, total_steps: int) -> None:
         # FSDP2 shards each decoder block apart, which would split the shared Aᵢ into one copy per
-        # block (only the first trained): refuse that rather than train something else than Compacter.
-        rule_name = f"{adapter.applied.targets[0]}.phm_rule"
-        rule = adapter.params[rule_name]
+        # block (only the first trained): refuse that rather than train something other than Compacter.
+        rule = adapter.params[shared_rule_name(adapter.applied)]
         if any(adapter.model.get_submodule(site).phm_rule is not rule for site in adapter.applied.targets):
             raise UserError(
                 f"method '{self.name}' shares one phm_rule across all decoder layers, and this launch "
                 "split it into one copy per layer (FSDP shards each layer on its own)",
                 expected="a launch that keeps the model's parameters whole in each process (one process, or DDP)",
-                fix="train compacter without --fsdp (plain accelerate launch runs DDP), or use houlsby / pfeiffer",
+                fix="train it without FSDP (accelerate launch --multi_gpu runs DDP), or use houlsby / pfeiffer",
             )
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
