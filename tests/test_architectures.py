@@ -59,7 +59,8 @@ BOTTLENECK_REASON = "cannot find the end of the"
 REFUSED = {
     **{(arch, "bitfit"): "has no bias terms" for arch in NO_BIASES},
     **{(arch, "prefix_tuning"): "cannot feed this model's KV cache" for arch in ("mistral", "gemma2", "gemma3")},
-    **{(arch, method): BOTTLENECK_REASON for arch in ("mixtral", "qwen3_moe") for method in ("houlsby", "pfeiffer")},
+    **{(arch, method): BOTTLENECK_REASON for arch in ("mixtral", "qwen3_moe")
+       for method in ("houlsby", "pfeiffer", "compacter", "compacter-rank2", "compacter_plus_plus")},
     **{(arch, "ia3"): "has no default layers" for arch in ("mixtral", "qwen3_moe")},
 }
 # Pairs peftctl trains but the installed peft cannot load, and the words of peft's refusal: its OFT
@@ -219,11 +220,12 @@ def test_bitfit_trains_exactly_the_models_biases(arch):
     assert set(apply(arch, "bitfit").params) == biases
 
 
-@pytest.mark.parametrize(("method", "per_layer"), [("houlsby", 2), ("pfeiffer", 1)])
+@pytest.mark.parametrize(("method", "per_layer"), [("houlsby", 2), ("pfeiffer", 1), ("compacter", 2),
+                                                   ("compacter_plus_plus", 1)])
 @pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if (arch, "houlsby") not in REFUSED])
 def test_bottlenecks_sit_after_each_blocks_output_projection(arch, method, per_layer):
-    """Houlsby: after attention and feed-forward in each of the 2 decoder layers; Pfeiffer: after
-    the feed-forward block only."""
+    """Houlsby and Compacter: after attention and feed-forward in each of the 2 decoder layers;
+    Pfeiffer and Compacter++: after the feed-forward block only."""
     adapter = apply(arch, method)
     sites = {name.rsplit(".adapter_down", 1)[0] for name in adapter.params if ".adapter_down." in name}
     assert len(sites) == 2 * per_layer, sites

@@ -22,7 +22,7 @@ def register(method: Method) -> None:
 # The method modules of this folder, in the order recipes' docs and error messages list them. A
 # module registers its `METHOD`, or each of its `METHODS_IN_MODULE` when it holds variants of one
 # method under separate names (bottleneck: houlsby, pfeiffer; prompt: its three methods).
-MODULES = ("lora", "bottleneck", "ia3", "bitfit", "prompt", "adalora", "vera", "oft", "loha", "lokr")
+MODULES = ("lora", "bottleneck", "compacter", "ia3", "bitfit", "prompt", "adalora", "vera", "oft", "loha", "lokr")
 for _module in map(lambda name: importlib.import_module(f"peftctl.methods.{name}"), MODULES):
     for _method in getattr(_module, "METHODS_IN_MODULE", None) or (_module.METHOD,):
         register(_method)
