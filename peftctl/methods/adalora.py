@@ -40,6 +40,7 @@ from peftctl.methods.base import (
     Applied,
     MethodConfig,
     WrappingMethod,
+    check_rank,
     match_targets,
     module_suffixes,
     reject_unsupported,
@@ -210,12 +211,7 @@ class AdaLoRA(WrappingMethod):
         if cfg.total_step is not None:
             check_schedule(cfg, cfg.total_step, "total_step")
         targets = match_targets(model, cfg.target_modules)
-        shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
-        narrowest = min(shapes, key=lambda name: min(shapes[name]))
-        if cfg.init_r > min(shapes[narrowest]):
-            raise UserError(f"init_r = {cfg.init_r} is larger than the rank of the target layer {narrowest} "
-                            f"({' × '.join(map(str, shapes[narrowest]))})", where="init_r",
-                            expected=f"init_r ≤ {min(shapes[narrowest])}", fix="use a smaller init_r (12 is usual)")
+        check_rank(targets, cfg.init_r, key="init_r", usual="12")
         return targets
 
     def record(self, model: nn.Module, cfg: AdaLoraConfig, selected: dict[str, nn.Module]) -> AdaLoraApplied:

@@ -254,6 +254,20 @@ def match_targets(model: nn.Module, targets: list[str] | str, key: str = "target
     return {n: m for n, m in layers.items() if any(matches(n, t) for t in targets)}
 
 
+def check_rank(targets: dict[str, nn.Module], rank: int, key: str = "r", usual: str = "8-64") -> None:
+    """A rank-`rank` update cannot exceed a target layer's smaller side: a larger rank only
+    allocates (10^9 would ask for hundreds of GB), so it is refused before any weight exists."""
+    if not targets:
+        return
+    shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
+    narrowest = min(shapes, key=lambda name: min(shapes[name]))
+    limit = min(shapes[narrowest])
+    if rank > limit:
+        raise UserError(f"{key} = {rank} is larger than the rank of the target layer {narrowest} "
+                        f"({' × '.join(map(str, shapes[narrowest]))})", where=key,
+                        expected=f"{key} ≤ {limit}", fix=f"use a smaller {key} ({usual} is usual)")
+
+
 def module_suffixes(names: list[str]) -> list[str]:
     """The last name component of each module, deduplicated: peft's target_modules for them."""
     return sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -266,9 +280,12 @@ def wrapper_params(model: nn.Module, wrapper_names: list[str]) -> dict[str, nn.P
     are peft's saved names); everything else on a wrapper belongs to the adapter.
     """
     params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
     for name in wrapper_names:
-        for param_name, param in model.get_submodule(name).named_parameters():
-            if not param_name.startswith("base_layer."):
+        for param_name, param in model.get_submodule(name).named_parameters(remove_duplicate=False):
+            # A parameter the wrappers share (Compacter's rule) is trained once, under its first name.
+            if not param_name.startswith("base_layer.") and id(param) not in seen:
+                seen.add(id(param))
                 params[f"{name}.{param_name}"] = param
     return params
 

@@ -174,13 +174,6 @@ class PHMBottleneck(Bottleneck):
     def wrap(self, module: nn.Module, cfg: PHMBottleneckConfig, name: str, applied: CompacterApplied) -> nn.Module:
         return CompacterAdapter(module, applied.bottleneck_size, cfg, applied.phm_rule)
 
-    def apply(self, model: nn.Module, cfg: PHMBottleneckConfig) -> Adapter:
-        adapter = super().apply(model, cfg)
-        # Each wrapper lists the shared rule; AdamW, the count and the export need it once.
-        rule, kept = adapter.applied.phm_rule, shared_rule_name(adapter.applied)
-        adapter.params = {name: param for name, param in adapter.params.items() if param is not rule or name == kept}
-        return adapter
-
     def after_step(self, adapter: Adapter, step: int, total_steps: int) -> None:
         # FSDP2 shards each decoder block apart, which would split the shared Aᵢ into one copy per
         # block (only the first trained): refuse that rather than train something other than Compacter.

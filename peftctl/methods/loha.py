@@ -15,8 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
-from peftctl.layers import linear_shape
+from peftctl.methods.base import check_rank
 from peftctl.methods.lycoris import LycorisLinear, LycorisMethod, LycorisOptions, kaiming_
 
 
@@ -76,14 +75,7 @@ class LoHa(LycorisMethod):
 
     def select(self, model: nn.Module, cfg: LohaConfig) -> dict[str, nn.Module]:
         targets = super().select(model, cfg)
-        # A rank-r product cannot exceed the layer's smaller side: a larger r only allocates (and
-        # r = 10^9 would ask for hundreds of GB), so it is refused before any weight exists.
-        narrowest = min(targets, key=lambda name: min(linear_shape(targets[name])[:2]))
-        in_features, out_features, _ = linear_shape(targets[narrowest])
-        if cfg.r > min(in_features, out_features):
-            raise UserError(f"r = {cfg.r} is larger than the rank of the target layer {narrowest} "
-                            f"({out_features} × {in_features})", where="r",
-                            expected=f"r ≤ {min(in_features, out_features)}", fix="use a smaller r (4-32 is usual)")
+        check_rank(targets, cfg.r, usual="4-32")
         return targets
 
 

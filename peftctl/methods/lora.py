@@ -29,6 +29,7 @@ from peftctl.methods.base import (
     Applied,
     MethodConfig,
     WrappingMethod,
+    check_rank,
     match_targets,
     module_suffixes,
     reject_unsupported,
@@ -194,15 +195,7 @@ class LoRA(WrappingMethod):
             return {}
         targets = match_targets(model, cfg.target_modules)
         check_base_changing_init(model, cfg, targets)
-        # B·A cannot have a rank above the layer's smaller side: a larger r only allocates (r = 10^9
-        # would ask for hundreds of GB) and is refused before any weight exists.
-        shapes = {name: linear_shape(layer)[:2] for name, layer in targets.items()}
-        narrowest = min(shapes, key=lambda name: min(shapes[name]))
-        rank_limit = min(shapes[narrowest])
-        if cfg.r > rank_limit:
-            raise UserError(f"r = {cfg.r} is larger than the rank of the target layer {narrowest} "
-                            f"({' × '.join(map(str, shapes[narrowest]))})", where="r",
-                            expected=f"r ≤ {rank_limit}", fix="use a smaller r (8-64 is usual)")
+        check_rank(targets, cfg.r)
         return targets
 
     def record(self, model: nn.Module, cfg: LoraConfig, selected: dict[str, nn.Module]) -> LoraApplied:
