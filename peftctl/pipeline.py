@@ -75,7 +75,7 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
         fingerprint = run_fingerprint(recipe, method_cfg, len(data.train))
         saved = None
         if resume is not None:  # a checkpoint of another recipe is refused before the weights load
-            saved = checkpoint.read(find_checkpoint(out, resume))
+            saved = checkpoint.read(find_checkpoint(out, resume), named_by="--resume")
             checkpoint.check_compatible(saved, {**fingerprint, **loop_fingerprint(recipe.train, processes.num_processes)})
 
         model = load_model(recipe.model)
