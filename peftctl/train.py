@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from peftctl import checkpoint, jsontext
-from peftctl.checkpoint import restore_rng as _restore_rng
+from peftctl.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
 from peftctl.data import TokenizedData, epochs_of_batches, stream_position
 from peftctl.errors import UserError
 from peftctl.files import atomic_write_text, writing
@@ -117,7 +117,7 @@ def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path,
         run.steps(micro_batches)
         return run.finish()
     finally:
-        run.prepared.undo()  # later use of the model (export, generation) runs as it was loaded
+        run.prepared.undo()  # export and generation run the model eagerly, with its own attention kernel
 
 
 class _Run:
@@ -125,7 +125,7 @@ class _Run:
 
     def __init__(self, adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path, pad_id: int,
                  reporter: Reporter | None, fingerprint: dict[str, Any] | None):
-        """Set up: accelerate, AdamW with one group per learning-rate multiplier, the schedule, the model."""
+        """Set up: accelerate, AdamW and its schedule, the model prepared for training."""
         from accelerate import Accelerator
 
         self.adapter, self.data, self.spec, self.pad_id = adapter, data, spec, pad_id
@@ -136,9 +136,7 @@ class _Run:
         self.per_step = spec.grad_accum * processes  # micro-batches in one optimizer step, over all processes
         steps_per_epoch = math.ceil(math.ceil(len(data.train) / spec.batch_size) / self.per_step)
         self.total_steps = spec.max_steps or spec.epochs * steps_per_epoch
-        self.schedule = lr_schedule(spec, self.total_steps)
-        optimizer = torch.optim.AdamW(param_groups(adapter, spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        optimizer, self.scheduler, self.schedule = _setup_optimizer(adapter, spec, self.total_steps)
         self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(adapter.model), optimizer)
         rebind_trainable(adapter)
         self.params = list(adapter.params.values())
@@ -305,6 +303,13 @@ def loop_fingerprint(spec: TrainSpec, processes: int) -> dict[str, Any]:
             "train.group_by_length": spec.group_by_length, "processes (accelerate launch)": processes}
 
 
+def _setup_optimizer(adapter: Adapter, spec: TrainSpec, total_steps: int) -> tuple[torch.optim.AdamW, Any, Any]:
+    """AdamW over the trainable parameters, one group per learning-rate multiplier, and its schedule."""
+    schedule = lr_schedule(spec, total_steps)
+    optimizer = torch.optim.AdamW(param_groups(adapter, spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
+
+
 def param_groups(adapter: Adapter, lr: float) -> list[dict[str, Any]]:
     """AdamW's parameter groups: one per learning-rate multiplier the method asks for (usually one)."""
     scales = adapter.method.lr_scales(adapter)
@@ -331,7 +336,7 @@ def lr_schedule(spec: TrainSpec, total_steps: int):
     return factor
 
 
-def _backward(accelerator: Any, loss_model: nn.Module, group: list[dict[str, torch.Tensor]], step_tokens: int,
+def _backward(accelerator: Any, loss_model: nn.Module, group: list[Batch], step_tokens: int,
               device: torch.device, adapter: Adapter) -> tuple[float, int]:
     """Forward and backward this process's share of a step's micro-batches; its loss sum and real tokens.
 
@@ -377,7 +382,7 @@ def _any_process(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
 
 
-def _weights_loss(accelerator: Any, loss_model: nn.Module, batch: dict[str, torch.Tensor], device) -> float:
+def _weights_loss(accelerator: Any, loss_model: nn.Module, batch: Batch, device: torch.device) -> float:
     """The loss the current weights give on `batch` (every process's, summed), without gradients."""
     was_training = loss_model.training
     loss_model.eval()
