@@ -1,4 +1,4 @@
-"""Training checkpoints on disk: write, read, find the latest, prune, check they fit the run.
+"""Training checkpoints: a run saved and restored, the files written, read, pruned and checked.
 
 A checkpoint is a folder `<output>/checkpoints/step-N` holding
   * `adapter.safetensors`, `optimizer.safetensors`, `rng.safetensors`: every tensor (the
