@@ -10,6 +10,7 @@ the last.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -161,6 +162,29 @@ def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed:
     for chunk in chunks:
         group = [examples[i] for i in chunk]
         yield collate_packed(pack(group, pack_len), pad_id) if pack_len else collate(group, pad_id)
+
+
+def epochs_of_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int, group_by_length: bool = False,
+                      pack_len: int | None = None, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (`batches`), a fresh order each epoch (seed + epoch), from the `start`-th on.
+
+    An epoch's order depends only on its seed, so a resumed run skips whole epochs without
+    building them, and the batches before `start` in its epoch are built and dropped (no
+    tokenising: the examples are already token ids).
+    """
+    position = stream_position(start, len(examples), batch_size)
+    epoch, skip = position["epoch"], position["epoch_micro_batch"]
+    while True:
+        epoch_batches = batches(examples, batch_size, pad_id, shuffle_seed=seed + epoch,
+                                group_by_length=group_by_length, pack_len=pack_len)
+        yield from itertools.islice(epoch_batches, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def stream_position(consumed: int, examples: int, batch_size: int) -> dict[str, int]:
+    """Where `epochs_of_batches` is after `consumed` batches: the epoch, and the batch in it."""
+    epoch, micro_batch = divmod(consumed, math.ceil(examples / batch_size))
+    return {"micro_batches": consumed, "epoch": epoch, "epoch_micro_batch": micro_batch}
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

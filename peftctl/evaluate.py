@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.data import Example, batches, to_messages
-from peftctl.train import CausalLMLoss
+from peftctl.loss import CausalLMLoss
 
 
 @dataclass

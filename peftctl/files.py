@@ -96,7 +96,7 @@ def _fsync(path: Path) -> None:
 NAME_MAX, PATH_MAX = 255, 4095
 
 
-def check_path(path: str | Path, where: str) -> None:
+def check_path(path: str | Path, where: str | None) -> None:
     """Refuse a path no file system can hold (a NUL byte, a name or path over the limits), which
     the OS would otherwise answer with an error deep inside whatever first touches it."""
     text = str(path)

@@ -90,7 +90,7 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: str | Path | None =
         fingerprint = run_fingerprint(recipe, found.method_cfg, len(data.train), processes.num_processes)
         saved = None
         if resume is not None:  # a checkpoint of another recipe is refused before the weights load
-            saved = checkpoint.read(find_checkpoint(recipe.output.dir, resume))
+            saved = checkpoint.read(find_checkpoint(recipe.output.dir, resume), named_by="--resume")
             checkpoint.check_compatible(saved, fingerprint)
     return RunPlan(recipe, processes, tokenizer, data, found, fingerprint, saved)
 

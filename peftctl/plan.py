@@ -29,11 +29,11 @@ import torch
 
 from peftctl import methods, quantize
 from peftctl.errors import blame
+from peftctl.loss import HeadCrossEntropy
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.recipe import Recipe
 from peftctl.sharding import check_fsdp_recipe
 from peftctl.skeleton import method_options
-from peftctl.train import HeadCrossEntropy
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 MIXED_PRECISION_BYTES = 2  # bf16 / fp16 weights and gradients
@@ -81,7 +81,7 @@ def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes
     With gradient checkpointing each layer keeps only its input (h values per token), and one
     layer's 34·h are rebuilt at a time in the backward pass. The loss adds fp32 logits (and
     their gradient) for the labelled tokens only, which is all peftctl computes; with a frozen
-    bias-free output head (`chunked_head`, see train.HeadCrossEntropy) only one chunk of them
+    bias-free output head (`chunked_head`, see loss.HeadCrossEntropy) only one chunk of them
     exists at a time. Checked against a real run: for SmolLM2 LoRA with full 256-token rows the
     estimate was within a few percent of the measured peak resident memory above the runtime's
     own (tests/test_plan.py, slow).

@@ -23,7 +23,7 @@ from peftctl import methods
 from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import METHODS
-from peftctl.train import CausalLMLoss
+from peftctl.loss import CausalLMLoss
 from method_checks import EXAMPLES, examples_where
 from test_prompt import assert_generate_is_greedy
 from tiny_models import batch_logits, real_difference, token_batch, train_steps

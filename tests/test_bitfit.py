@@ -20,7 +20,7 @@ from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias
-from peftctl.train import CausalLMLoss
+from peftctl.loss import CausalLMLoss
 from method_checks import assert_smoke_run, with_random_biases
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 

@@ -25,10 +25,11 @@ from peftctl import checkpoint, methods, train as train_module
 from peftctl.cli import app
 from peftctl.data import load_data
 from peftctl.errors import UserError
+from peftctl.interrupts import StopRequests as _StopRequests
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
 from peftctl.recipe import DataSpec, TrainSpec
-from peftctl.train import SilentReporter, TrainingDiverged, TrainingInterrupted, _StopRequests, train
+from peftctl.train import SilentReporter, TrainingDiverged, TrainingInterrupted, train
 from tiny_models import TINY_GPT2, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

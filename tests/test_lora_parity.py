@@ -22,7 +22,7 @@ import peftctl.methods
 from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig, LoraLinear
-from peftctl.train import CausalLMLoss
+from peftctl.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from peftctl import methods
 from peftctl.data import IGNORE, Example, batches, collate, collate_packed, load_data, pack
 from peftctl.errors import UserError
+from peftctl.loss import CausalLMLoss, packing_problem
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model import load_tokenizer
 from peftctl.recipe import DataSpec, TrainSpec
-from peftctl.train import CausalLMLoss, packing_problem, train
+from peftctl.train import train
 from tiny_models import TINY_GPT2, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 TINY_DATA = "recipes/data/tiny"

@@ -29,7 +29,7 @@ from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adap
 from peftctl.model import enable_gradient_checkpointing, load_model
 from peftctl.plan import plan
 from peftctl.recipe import ModelSpec, Recipe
-from peftctl.train import CausalLMLoss
+from peftctl.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 QLORA_GPT2 = "recipes/qlora-gpt2.yaml"

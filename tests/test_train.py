@@ -8,10 +8,11 @@ import torch
 
 from peftctl import methods
 from peftctl.data import load_data
+from peftctl.loss import CausalLMLoss
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
 from peftctl.recipe import DataSpec, TrainSpec
-from peftctl.train import CausalLMLoss, lr_schedule, train
+from peftctl.train import lr_schedule, train
 from tiny_models import TINY_GPT2, tiny_gpt2, token_batch
 
 TINY_DATA = "recipes/data/tiny"

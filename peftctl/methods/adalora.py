@@ -247,7 +247,7 @@ class AdaLoRA(WrappingMethod):
         refuse_sharded(layers)
         if cfg.total_step is None:
             adapter.applied.run_steps = total_steps
-            check_schedule(cfg, total_steps, "train.max_steps", registry_prefix="method.")
+            check_schedule(cfg, total_steps, "train.max_steps")
         schedule = self.schedule(adapter)
         if step < schedule.final_step:
             for layer in layers.values():
@@ -363,12 +363,11 @@ class AdaLoRA(WrappingMethod):
         )
 
 
-def check_schedule(cfg: AdaLoraConfig, total_step: int, steps_key: str, registry_prefix: str = "") -> None:
+def check_schedule(cfg: AdaLoraConfig, total_step: int, steps_key: str) -> None:
     """peft's own check: tinit and tfinal must leave steps for the budget to fall."""
     if cfg.tinit >= total_step - cfg.tfinal:
-        # After apply, no registry adds `method.` to the option: registry_prefix says it here.
         raise UserError(f"tinit = {cfg.tinit} and tfinal = {cfg.tfinal} leave no step for the rank budget to "
-                        f"fall in a schedule of {total_step} steps", where=f"{registry_prefix}tinit",
+                        f"fall in a schedule of {total_step} steps", where="tinit",
                         expected=f"tinit < {total_step} - tfinal",
                         fix=f"lower tinit or tfinal, or raise {steps_key}")
 
