@@ -25,6 +25,10 @@ def example_config(label: str, **overrides):
     return METHODS[options["name"]].Config(**options)
 
 
+# Methods the installed peft cannot load on GPT-2, whose linear layers are Conv1D: its OFT and
+# LyCORIS (LoHa, LoKr) layers take torch's nn.Linear only. peftctl trains, reloads and merges them.
+PEFT_REFUSES_CONV1D = {"oft", "loha", "lokr"}
+
 # The tiny Llamas have no biases: BitFit's example needs its answer to that.
 LLAMA_OVERRIDES = {"bitfit": {"create_missing_biases": True}}
 

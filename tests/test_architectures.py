@@ -24,7 +24,7 @@ from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import METHODS
 from peftctl.loss import CausalLMLoss
-from method_checks import EXAMPLES, examples_where
+from method_checks import EXAMPLES, PEFT_REFUSES_CONV1D, examples_where
 from test_prompt import assert_generate_is_greedy
 from tiny_models import batch_logits, real_difference, token_batch, train_steps
 
@@ -63,11 +63,10 @@ REFUSED = {
        for method in ("houlsby", "pfeiffer", "compacter", "compacter-rank2", "compacter_plus_plus")},
     **{(arch, "ia3"): "has no default layers" for arch in ("mixtral", "qwen3_moe")},
 }
-# Pairs peftctl trains but the installed peft cannot load, and the words of peft's refusal: its OFT
-# and LyCORIS (LoHa, LoKr) layers take torch's nn.Linear only, not GPT-2's Conv1D. Asserted, so a
-# peft that learns them shows up here; peftctl trains, reloads and merges them.
+# Pairs peftctl trains but the installed peft cannot load, and the words of peft's refusal
+# (method_checks.PEFT_REFUSES_CONV1D): asserted, so a peft that learns them shows up here.
 PEFT_REFUSES = {("gpt2", label): "Conv1D" for label, options in METHOD_OPTIONS.items()
-                if options["name"] in ("oft", "loha", "lokr")}
+                if options["name"] in PEFT_REFUSES_CONV1D}
 MERGEABLE = set(examples_where(lambda method: method.merge_refusal is None))
 
 

@@ -316,7 +316,7 @@ def edited_copy(source: Path, folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"peft_type": "LOHA"}, "peft_type"),
+    ({"peft_type": "BOFT"}, "peft_type"),  # a peft method peftctl does not implement
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"bias": "all"}, "bias"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),

@@ -1,10 +1,14 @@
-"""`plan`: exact parameter counts from a config on the meta device, and the memory arithmetic."""
+"""`plan`: exact parameter counts from a config on the meta device, and the memory arithmetic
+(16-bit and quantized bases, FSDP shares, `peftctl plan --json`)."""
 
-import time
+import json
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
+from typer.testing import CliRunner
 
+from peftctl.cli import app
 from peftctl.plan import full_finetune_memory, peft_memory, plan
 from peftctl.recipe import Recipe
 
@@ -23,12 +27,13 @@ def test_seed_notes_arithmetic_for_7e9_parameters():
     assert 1 - lora.total / full.total == pytest.approx(0.83, abs=0.01)
 
 
-def llama2_7b_recipe(tmp_path, target_modules):
+def llama2_7b_recipe(tmp_path, target_modules=("q_proj", "v_proj"), **model_options):
+    """A LoRA recipe on a Llama-2-7B config alone: a config.json, no weights."""
     LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama-2-7b")
     return Recipe.model_validate({
-        "model": {"name_or_path": str(tmp_path / "llama-2-7b"), "dtype": "bfloat16"},
-        "method": {"name": "lora", "r": 8, "target_modules": target_modules},
+        "model": {"name_or_path": str(tmp_path / "llama-2-7b"), "dtype": "bfloat16", **model_options},
+        "method": {"name": "lora", "r": 8, "target_modules": list(target_modules)},
         "data": {"train": "recipes/data/tiny/train.jsonl", "max_seq_len": 512},
         "train": {"batch_size": 1},
     })
@@ -36,9 +41,8 @@ def llama2_7b_recipe(tmp_path, target_modules):
 
 def test_llama2_7b_config_planned_exactly_without_weights(tmp_path):
     recipe = llama2_7b_recipe(tmp_path, ["q_proj", "v_proj"])
-    started = time.perf_counter()
     result = plan(recipe)
-    assert time.perf_counter() - started < 30  # no 13 GB of weights were made
+    assert sorted(p.name for p in (tmp_path / "llama-2-7b").iterdir()) == ["config.json"]  # no weights to read
     assert result.trainable_params == 4_194_304
     assert result.total_params == 6_738_415_616 + 4_194_304
     assert result.full.weights + result.full.gradients + result.full.optimizer == pytest.approx(80.86e9, rel=1e-3)
@@ -94,6 +98,68 @@ pipeline.run(recipe)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"plan": estimate.peft.total, "measured": peak - before["rss"]}))
 """
+
+
+# --- quantized bases (model.quantization) ----------------------------------------------------------
+
+def test_plan_counts_4bit_and_8bit_llama2_7b_weights(tmp_path):
+    lora = 4_194_304 * 4  # q/v, r=8, fp32
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # quantized: every layer's projections
+    embeddings = 2 * 32000 * 4096 * 2  # input embeddings and output head stay bf16
+    norms = (2 * 32 + 1) * 4096 * 4  # upcast to fp32
+
+    four = plan(llama2_7b_recipe(tmp_path, quantization="4bit"))
+    # nf4 + double quantization: 1/2 B per weight, one 8-bit scale per 64, one fp32 per 64·256.
+    per_layer = {n: n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 4 for n in (4096 * 4096, 4096 * 11008)}
+    quantized = 32 * (4 * per_layer[4096 * 4096] + 3 * per_layer[4096 * 11008])
+    assert four.peft.weights == quantized + embeddings + norms + lora
+    assert 3.5e9 < four.peft.weights < 4e9
+    assert four.unquantized.weights == pytest.approx(13.49e9, rel=1e-3)
+    assert four.peft.gradients == four.unquantized.gradients == lora
+    assert four.peft.total < four.unquantized.total < four.full.total
+    assert four.quantization == "4bit nf4, double quant" and four.as_dict()["unquantized"]["total"] > 0
+
+    single = plan(llama2_7b_recipe(tmp_path, quantization="4bit", double_quant=False))
+    assert single.peft.weights == linear // 2 + 4 * linear // 64 + embeddings + norms + lora  # fp32 scales
+
+    eight = plan(llama2_7b_recipe(tmp_path, quantization="8bit"))
+    scales = 32 * 4 * (4 * 4096 + 2 * 11008 + 4096)  # one fp32 per output row (q, k, v, o, gate, up, down)
+    assert eight.peft.weights == linear + scales + embeddings + norms + lora
+
+    assert plan(llama2_7b_recipe(tmp_path)).unquantized is None
+
+
+def test_plan_with_gradient_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):
+    recipe = llama2_7b_recipe(tmp_path)
+    plain = plan(recipe)
+    recipe.train.gradient_checkpointing = True
+    checkpointed = plan(recipe)
+    tokens, hidden, layers = 512, 4096, 32
+    assert plain.peft.activations - checkpointed.peft.activations == (layers - 1) * 34 * hidden * tokens * 2 - \
+        layers * hidden * tokens * 2
+
+
+# --- `peftctl plan --json`: the workflow's first step -----------------------------------------------
+
+def test_plan_json_for_llama2_7b_config_alone(tmp_path):
+    """Only a config.json (no weights): LoRA r=8 on q_proj, v_proj trains 32 × 2 × 8 × (4096 + 4096)
+    weights; full fine-tuning needs 16-bit weights and gradients + AdamW's fp32 moments = 80.9 GB."""
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(tmp_path / "llama-2-7b")
+    assert sorted(p.name for p in (tmp_path / "llama-2-7b").iterdir()) == ["config.json"]
+    data = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny" / "train.jsonl"
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tmp_path / 'llama-2-7b'}, dtype: bfloat16}}\n"
+                      "method: {name: lora, r: 8, target_modules: [q_proj, v_proj]}\n"
+                      f"data: {{train: {data}}}\n")
+    result = CliRunner().invoke(app, ["plan", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["trainable_params"] == 4_194_304
+    full = plan["full"]
+    assert full["weights"] + full["gradients"] + full["optimizer"] == pytest.approx(80.86e9, rel=1e-3)
+    assert f"{(full['weights'] + full['gradients'] + full['optimizer']) / 1e9:.1f}" == "80.9"
+    assert plan["trainable_percent"] == pytest.approx(0.0622, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from method_checks import ROOT, assert_smoke_run
+from method_checks import PEFT_REFUSES_CONV1D, ROOT, assert_smoke_run
 from peftctl.export import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model import load_model
@@ -51,7 +51,8 @@ def test_every_method_has_its_recipes_and_they_validate(name, model):
 @pytest.mark.parametrize("name", METHODS)
 def test_gpt2_recipe_trains_and_its_adapter_loads_back(name, tmp_path):
     method = METHODS[name]
-    summary = assert_smoke_run(recipe_file(name, "gpt2"), tmp_path, peft_loads=method.in_peft)
+    peft_loads = method.in_peft and name not in PEFT_REFUSES_CONV1D  # the tiny GPT-2's layers are Conv1D
+    summary = assert_smoke_run(recipe_file(name, "gpt2"), tmp_path, peft_loads=peft_loads)
     assert summary.result.val_loss_after < summary.result.val_loss_before
     recipe = load_recipe(ROOT / recipe_file(name, "gpt2"))
     reloaded = load_adapter(load_model(recipe.model), summary.adapter_dir)

@@ -40,9 +40,9 @@ from peftctl.methods.base import (
     Applied,
     MethodConfig,
     WrappingMethod,
+    exported_targets,
     check_rank,
     match_targets,
-    module_suffixes,
     reject_unsupported,
     suffix_list_from_peft,
 )
@@ -321,14 +321,12 @@ class AdaLoRA(WrappingMethod):
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: AdaLoraConfig = adapter.cfg
-        targets = cfg.target_modules
         return {
             "init_r": cfg.init_r,
             "target_r": cfg.target_r,
             "lora_alpha": int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout,
-            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
+            "target_modules": exported_targets(adapter),
             "tinit": cfg.tinit,
             "tfinal": cfg.tfinal,
             "deltaT": cfg.deltaT,

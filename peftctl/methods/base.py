@@ -268,6 +268,13 @@ def check_rank(targets: dict[str, nn.Module], rank: int, key: str = "r", usual: 
                         expected=f"{key} ≤ {limit}", fix=f"use a smaller {key} ({usual} is usual)")
 
 
+def exported_targets(adapter: Adapter) -> list[str]:
+    """`target_modules` as adapter_config.json says it: 'all-linear' is written out as the layers it
+    chose, since peft versions differ on its meaning."""
+    targets = adapter.cfg.target_modules
+    return module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets)
+
+
 def module_suffixes(names: list[str]) -> list[str]:
     """The last name component of each module, deduplicated: peft's target_modules for them."""
     return sorted({n.rsplit(".", 1)[-1] for n in names})

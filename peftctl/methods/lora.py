@@ -29,9 +29,9 @@ from peftctl.methods.base import (
     Applied,
     MethodConfig,
     WrappingMethod,
+    exported_targets,
     check_rank,
     match_targets,
-    module_suffixes,
     reject_unsupported,
     suffix_list_from_peft,
 )
@@ -215,12 +215,10 @@ class LoRA(WrappingMethod):
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: LoraConfig = adapter.cfg
-        targets = cfg.target_modules
         return {
             **exported_rank_options(cfg),
             "lora_dropout": cfg.dropout,
-            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
+            "target_modules": exported_targets(adapter),
             "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
             "use_rslora": cfg.use_rslora,
             "use_dora": cfg.use_dora,

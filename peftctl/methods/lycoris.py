@@ -28,8 +28,8 @@ from peftctl.methods.base import (
     AllLinear,
     MethodConfig,
     WrappingMethod,
+    exported_targets,
     match_targets,
-    module_suffixes,
     reject_unsupported,
     suffix_list_from_peft,
 )
@@ -143,14 +143,12 @@ class LycorisMethod(WrappingMethod):
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: LycorisOptions = adapter.cfg
-        targets = cfg.target_modules
         return {
             "r": cfg.r,
             "alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
             "rank_dropout": cfg.rank_dropout,
             "module_dropout": cfg.module_dropout,
-            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
+            "target_modules": exported_targets(adapter),
             "init_weights": cfg.init_weights,
             "use_effective_conv2d": False,
             **self.own_fields_to_peft(cfg),

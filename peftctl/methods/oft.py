@@ -32,8 +32,8 @@ from peftctl.methods.base import (
     AllLinear,
     MethodConfig,
     WrappingMethod,
+    exported_targets,
     match_targets,
-    module_suffixes,
     reject_unsupported,
     suffix_list_from_peft,
 )
@@ -169,14 +169,12 @@ class OFT(WrappingMethod):
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: OftConfig = adapter.cfg
-        targets = cfg.target_modules
         # peft's spelling: exactly one of r and oft_block_size is non-zero.
         r, size = (cfg.r, 0) if cfg.r is not None else (0, cfg.oft_block_size or DEFAULT_BLOCK_SIZE)
         return {
             "r": r,
             "oft_block_size": size,
-            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
+            "target_modules": exported_targets(adapter),
             "block_share": cfg.block_share,
             "use_cayley_neumann": cfg.use_cayley_neumann,
             "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,

@@ -33,7 +33,7 @@ from peftctl.methods.base import (
     Applied,
     MethodConfig,
     WrappingMethod,
-    module_suffixes,
+    exported_targets,
     reject_unsupported,
     suffix_list_from_peft,
 )
@@ -168,11 +168,9 @@ class VeRA(WrappingMethod):
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
         cfg: VeraConfig = adapter.cfg
-        targets = cfg.target_modules
         return {
             "r": cfg.r,
-            # 'all-linear' is written out as the layers it chose: peft versions differ on its meaning.
-            "target_modules": module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets),
+            "target_modules": exported_targets(adapter),
             "projection_prng_key": cfg.projection_prng_key,
             "save_projection": cfg.save_projection,
             "vera_dropout": cfg.vera_dropout,
