@@ -1,9 +1,10 @@
 """The model as the training loop runs it, and back as the rest of peftctl uses it.
 
 `prepare_model` makes every change training wants on the model in one place: gradient
-checkpointing, the attention kernel (`train.attention`), `torch.compile` (`train.compile`),
-and, on the model so changed, whether batches may be packed (`data.packing`). What it returns
-says what it chose and undoes the changes later use of the model would notice.
+checkpointing, the attention kernel (`train.attention`), whether batches may be packed
+(`data.packing`, probed on the model so changed), fused RMSNorm kernels where they compute the
+same (`fused.py`) and `torch.compile` (`train.compile`). What it returns says what it chose and
+undoes the changes later use of the model would notice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftctl import fused
 from peftctl import model as model_loading
 from peftctl.data import TokenizedData
 from peftctl.errors import UserError
@@ -34,6 +36,7 @@ class PreparedModel:
     padding_reason: str | None  # why packing 'auto' padded instead, if it did
     previous_attention: str | None = None  # the kernel to switch back to; None when unchanged
     compiled: list[nn.Module] = field(default_factory=list)
+    fused_norms: list[nn.Module] = field(default_factory=list)  # RMSNorms running torch's fused kernel
 
     def undo(self) -> None:
         """Back to eager forwards and the model's own attention kernel, for export and generation.
@@ -42,6 +45,8 @@ class PreparedModel:
         training mode, and a model trained with it still says so (`is_gradient_checkpointing`).
         Calling this twice does nothing more.
         """
+        fused.unfuse(self.fused_norms)
+        self.fused_norms = []
         for module in self.compiled:
             # nn.Module.compile() has no public inverse: it only sets this attribute.
             module._compiled_call_impl = None
@@ -61,6 +66,7 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     pack_len, padding_reason = _pack_len(loss_model, data, pad_id, device)
     prepared = PreparedModel(model, getattr(model.config, "_attn_implementation", None), pack_len, padding_reason,
                              previous_attention=previous)
+    prepared.fused_norms = fused.fuse_rms_norms(model)  # before compiling: the graphs hold the fused kernel
     if spec.compile:
         prepared.compiled = _compile(model)
     return prepared
