@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftctl import fused
+from peftctl import attention, fused
 from peftctl import model as model_loading
-from peftctl.data import TokenizedData
+from peftctl.data import TokenizedData, collate
 from peftctl.errors import UserError
 from peftctl.loss import packing_problem
 from peftctl.recipe import TrainSpec
@@ -62,7 +62,7 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     accelerate prepared it, on which packing is probed before anything is compiled."""
     if spec.gradient_checkpointing:
         model_loading.enable_gradient_checkpointing(model)
-    previous = _use_attention(model, spec, data)
+    previous = _use_attention(model, loss_model, spec, data, pad_id, device)
     pack_len, padding_reason = _pack_len(loss_model, data, pad_id, device)
     prepared = PreparedModel(model, getattr(model.config, "_attn_implementation", None), pack_len, padding_reason,
                              previous_attention=previous)
@@ -72,17 +72,45 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     return prepared
 
 
-def _use_attention(model: nn.Module, spec: TrainSpec, data: TokenizedData) -> str | None:
-    """Switch the model to the attention kernel `spec.attention` picks; returns the one to restore."""
+def _use_attention(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data: TokenizedData, pad_id: int,
+                   device: torch.device) -> str | None:
+    """Switch the model to the attention kernel `spec.attention` picks; returns the one to restore.
+
+    'auto' on CPU with short rows is eager attention, as peftctl's grouped kernel
+    (attention.py) where it gives this model bit-identical logits on a training row, else
+    transformers' own."""
     current = getattr(model.config, "_attn_implementation", None)
     wanted = spec.attention
     if wanted == "auto":
         longest = data.max_seq_len if data.packing and data.max_seq_len else max(len(e.input_ids) for e in data.train)
         wanted = "eager" if not torch.cuda.is_available() and longest <= EAGER_MAX_ROW else current
+        if wanted == "eager" and hasattr(model, "set_attn_implementation"):
+            wanted = _grouped_if_same(model, loss_model, data, pad_id, device)
     if current is None or wanted == current or not hasattr(model, "set_attn_implementation"):
         return None
     model.set_attn_implementation(wanted)
     return current
+
+
+def _grouped_if_same(model: nn.Module, loss_model: nn.Module, data: TokenizedData, pad_id: int,
+                     device: torch.device) -> str:
+    """peftctl's grouped eager kernel if its per-token losses on a training row are eager's, bit for bit."""
+    module = getattr(loss_model, "module", loss_model)  # unwrapped from DDP (FSDP2 has no wrapper)
+    batch = {k: v.to(device) for k, v in collate(data.train[:1], pad_id).items()}
+    previous, was_training = model.config._attn_implementation, module.training
+    module.eval()
+    losses = []
+    try:
+        with torch.no_grad():
+            for kernel in ("eager", attention.register()):
+                model.set_attn_implementation(kernel)
+                losses.append(module(**batch, per_token=True))
+    except Exception:  # noqa: BLE001 - a model whose attention the grouped kernel cannot take
+        losses = []
+    finally:
+        model.set_attn_implementation(previous)
+        module.train(was_training)
+    return attention.NAME if len(losses) == 2 and torch.equal(*losses) else "eager"
 
 
 def _pack_len(loss_model: nn.Module, data: TokenizedData, pad_id: int, device: torch.device) -> tuple[int | None, str | None]:
