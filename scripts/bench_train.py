@@ -4,7 +4,8 @@
 Contenders (`--contenders`, any subset, comma-separated):
   peftctl  peftctl's own loop (packing, labelled-only logits, its attention choice);
   flat     peft + transformers.Trainer with DataCollatorWithFlattening (each batch one row with
-           restarting position ids: no padding) and the fastest attention kernel (--peer-attention);
+           restarting position ids: no padding) and the faster attention kernel for such rows
+           (--peer-attention; auto applies peftctl's own eager/sdpa rule to the flattened rows);
   trl      TRL's SFTTrainer, padding_free=True, completion-only loss (a completion_mask column),
            the same attention kernel;
   stock    peft + a stock Trainer: padded batches, SDPA (the second reference row).
@@ -77,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="peers: the base loaded in --dtype like peftctl (weights), or loaded in fp32 and "
                              "trained under bf16 autocast")
     parser.add_argument("--peer-attention", default="auto", choices=["auto", "eager", "sdpa"],
-                        help="attention of the flat and trl peers; auto: eager on CPU (faster there for short "
-                             "rows), sdpa on GPUs")
+                        help="attention of the flat and trl peers; auto: peftctl's own rule on their rows (eager "
+                             "on CPU when the longest flattened batch has at most 512 tokens, else sdpa)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
@@ -220,13 +221,29 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
         raise SystemExit(f"peftctl trained {result.tokens} real tokens; its batch stream, rebuilt here, has "
                          f"{sum(real for real, _ in counts)}: the bench no longer reads peftctl's order")
     save_adapter(adapter, args.adapter_out, args.model)
-    return {"clock": clock.after_step, "counts": counts, "expected": counts, "step_losses": [e["loss"] for e in result.history
-                                                                          if "loss" in e],
+    # `counts` is the rebuilt stream, checked above against the real tokens peftctl itself counted.
+    return {"clock": clock.after_step, "counts": counts, "expected": counts,
+            "step_losses": [e["loss"] for e in result.history if "loss" in e],
             "packed": result.packed, "attention": result.attention,
             "settings": recipe.model_dump(mode="json")["data"] | recipe.model_dump(mode="json")["train"]}
 
 
-def peer_model(args: argparse.Namespace, which: str, recipe):
+def peer_attention(args: argparse.Namespace, which: str, longest_row: int) -> str:
+    """The stock Trainer's SDPA, or the flat and trl peers' kernel: --peer-attention, or for 'auto' the
+    rule peftctl applies to its own rows (prepare.EAGER_MAX_ROW): eager on CPU for rows up to 512
+    tokens, SDPA for longer ones (and on GPUs). A flattened row is a whole batch, so it is often longer."""
+    import torch
+
+    from peftctl.prepare import EAGER_MAX_ROW
+
+    if which == "stock":
+        return "sdpa"
+    if args.peer_attention != "auto":
+        return args.peer_attention
+    return "eager" if not torch.cuda.is_available() and longest_row <= EAGER_MAX_ROW else "sdpa"
+
+
+def peer_model(args: argparse.Namespace, recipe, attention: str):
     """The base through peftctl's loader (from_pretrained, or the builtin), its attention, peft's LoRA."""
     import peft
     import torch
@@ -234,9 +251,6 @@ def peer_model(args: argparse.Namespace, which: str, recipe):
     from peftctl.model import load_model
 
     model = load_model(recipe.model)
-    attention = "sdpa" if which == "stock" else args.peer_attention
-    if attention == "auto":
-        attention = "sdpa" if torch.cuda.is_available() else "eager"
     model.set_attn_implementation(attention)
     torch.manual_seed(args.seed)
     return peft.get_peft_model(model, peft.LoraConfig(
@@ -299,9 +313,10 @@ def run_peer(args: argparse.Namespace, work: Path) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     data = load_data(recipe.data, tokenizer, recipe.train.seed)
     steps = step_batches(data, recipe.train)
-    model = peer_model(args, which, recipe)
-    clock, settings = StepClock(), trainer_settings(args, work, which)
     micro_batches = [batch for step in steps for batch in step]
+    longest = max(sum(len(data.train[i].input_ids) for i in batch) for batch in micro_batches)
+    model = peer_model(args, recipe, peer_attention(args, which, longest))
+    clock, settings = StepClock(), trainer_settings(args, work, which)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.train]
     if which == "trl":
         from trl import SFTConfig, SFTTrainer
