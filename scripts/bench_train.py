@@ -1,23 +1,39 @@
 #!/usr/bin/env python3
-"""peftctl against `peft` + `transformers.Trainer` on the same training work, side by side.
+"""peftctl against the strongest configurations a knowledgeable user runs instead, like for like.
 
-Both runs train the same LoRA on the same base model in the same precision, from the same
-token streams (peftctl's tokenization of recipes/data/quickstart/train.jsonl, fed to both), with
-the same batch size, max sequence length, seed, AdamW, cosine schedule and number of optimizer
-steps. The reference is fed peftctl's shuffled example order, so with default settings both see
-identical batches and their losses can be compared step for step.
+Contenders (`--contenders`, any subset, comma-separated):
+  peftctl  peftctl's own loop (packing, labelled-only logits, its attention choice);
+  flat     peft + transformers.Trainer with DataCollatorWithFlattening (each batch one row with
+           restarting position ids: no padding) and the faster attention kernel for such rows
+           (--peer-attention; auto applies peftctl's own eager/sdpa rule to the flattened rows);
+  trl      TRL's SFTTrainer, padding_free=True, completion-only loss (a completion_mask column),
+           the same attention kernel;
+  stock    peft + a stock Trainer: padded batches, SDPA (the second reference row).
 
-Each run is a subprocess of its own (this script re-invokes itself with --only), so its peak
-RSS is its own. Reported per run: real tokens/s (padding excluded) over the training loop, peak
-RSS of the whole process (loading included), the final training loss (mean of the last few
-steps), the validation loss after training (same rows, same function for both), and MFU:
-tokens/s × 4 × params / the matmul FLOP/s this machine reaches in the same dtype, measured here
-with a 2048×2048 matmul loop. 4 × params is the FLOPs of a token when the base is frozen
-(2N forward, 2N backward for activation gradients, no weight gradients).
+What is the same for every contender: peftctl's tokenization of the training rows, fed in
+peftctl's shuffled order, step by step (the peers read exactly peftctl's micro-batches); the LoRA
+(r, alpha, dropout, targets); batch size, steps, AdamW, cosine schedule, seed; precision (the
+frozen base in bf16, LoRA in fp32, by default); the glibc allocator settings, given to every
+process as the environment variables equivalent to peftctl/memory.py's in-process mallopt calls.
+The script fails unless every contender saw the same real and labelled tokens at every step.
 
-    python scripts/bench_train.py                          # SmolLM2-135M, bf16, 30 steps
-    python scripts/bench_train.py --model builtin:tiny-gpt2 --steps 20
-    python scripts/bench_train.py --set data.packing=false # a peftctl recipe override
+Each contender trains in a subprocess of its own (peak RSS is the whole process's, loading
+included); repeats alternate the order. The clock runs over steps k+1..N for everyone
+(`--untimed-steps k`): what runs before it (peftctl's packing probe, the Trainers' first steps) is
+warm-up. Each trained adapter is saved and scored afterwards by one function (this script's
+`held_out_loss`, through peft, on peftctl's tokenization of the validation rows).
+
+MFU counts the model FLOPs each side performs per timed step: 4 × the decoder's matmul weights
+(forward, and the input gradients of a frozen base) and LoRA's 6 × r × (in + out) per adapted
+layer, for every real token; 4 × the output head's weights only at the positions where the side
+computes logits (peftctl: labelled ones; Trainer: every real position; TRL: every position on
+CPU, labelled ones where its Triton kernel runs). Recomputation (peftctl's and TRL's head
+backward) is not counted; nor is attention's own sequence-length-dependent work (a few % here).
+The peak is bf16 F.linear at the model's own training shapes ([tokens of a step, in] × [in, out]).
+
+    python scripts/bench_train.py                                    # SmolLM2-135M, 30 steps, 3 repeats
+    python scripts/bench_train.py --model builtin:tiny-gpt2 --steps 10 --repeats 1
+    python scripts/bench_train.py --contenders peftctl,flat --set data.packing=false
 """
 
 from __future__ import annotations
@@ -25,8 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,18 +53,38 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "quickstart"
 MARKER = "BENCH_RESULT "
 LAST_STEPS = 5  # the final training loss is the mean over this many last steps
+CONTENDERS = {"peftctl": "peftctl", "flat": "Trainer + flattening", "trl": "TRL SFT padding-free",
+              "stock": "stock Trainer (padded, sdpa)"}
+# peftctl/memory.py's release_freed_memory() calls mallopt(M_MMAP_THRESHOLD, 1 MiB) and
+# mallopt(M_TRIM_THRESHOLD, 128 KiB) when training starts. glibc reads these variables at process
+# start with the same effect (either form also turns off the adaptive thresholds), so every
+# contender gets the same allocator from its first allocation; in peftctl's process the
+# in-process calls then set the same values again.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="precision of the frozen base in both runs (LoRA weights are fp32 in both)")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated subset of {', '.join(CONTENDERS)}")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--untimed-steps", type=int, default=3,
+                        help="first steps of every contender left off the clock (warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, the order alternated")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="precision of the frozen base (LoRA weights are fp32 everywhere)")
+    parser.add_argument("--peer-precision", default="weights", choices=["weights", "autocast"],
+                        help="peers: the base loaded in --dtype like peftctl (weights), or loaded in fp32 and "
+                             "trained under bf16 autocast")
+    parser.add_argument("--peer-attention", default="auto", choices=["auto", "eager", "sdpa"],
+                        help="attention of the flat and trl peers; auto: peftctl's own rule on their rows (eager "
+                             "on CPU when the longest flattened batch has at most 512 tokens, else sdpa)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--targets", default=None,
                         help="comma-separated module suffixes; default q_proj,v_proj (c_attn for tiny-gpt2)")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -58,50 +94,321 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the peftctl run's recipe, e.g. data.packing=false (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for both runs and the matmul peak (default: torch's, one per core)")
-    parser.add_argument("--only", choices=["peftctl", "reference"], help=argparse.SUPPRESS)
+                        help="torch threads for every run and the matmul peak (default: torch's, one per core)")
+    parser.add_argument("--only", choices=list(CONTENDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--adapter-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.targets is None:
         args.targets = "c_attn" if args.model == "builtin:tiny-gpt2" else "q_proj,v_proj"
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    if unknown or not args.contenders:
+        parser.error(f"--contenders: unknown {unknown}; choose from {', '.join(CONTENDERS)}")
+    if not 0 < args.untimed_steps < args.steps:
+        parser.error("--untimed-steps must be at least 1 and fewer than --steps (some steps must be timed)")
     return args
 
 
-# --- the recipe both runs share -----------------------------------------------------------------
+# --- what every contender shares ----------------------------------------------------------------
 
 
-def recipe_for(args: argparse.Namespace, out_dir: Path, overrides: list[str]):
+def recipe_for(args: argparse.Namespace, out_dir: Path, overrides: list[str], dtype: str | None = None):
     """The benchmark's recipe through peftctl's own loader (so --set works as on the CLI)."""
     import yaml
 
     from peftctl.recipe import load_recipe
 
     raw = {
-        "model": {"name_or_path": args.model, "dtype": args.dtype},
-        "method": {"name": "lora", "r": args.r, "alpha": args.alpha, "dropout": 0.0,
+        "model": {"name_or_path": args.model, "dtype": dtype or args.dtype},
+        "method": {"name": "lora", "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
                    "target_modules": args.targets.split(",")},
         "data": {"train": str(args.train.resolve()), "format": "alpaca", "max_seq_len": args.max_seq_len},
-        # No warmup: peftctl's warmup ramp and transformers' differ by one step; cosine decay is the same.
+        # No lr warmup: peftctl's warmup ramp and transformers' differ by one step; cosine decay is the same.
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "scheduler": "cosine",
                   "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": args.seed,
-                  "log_every": 1},
+                  "log_every": 1, "save_every": None},
         "output": {"dir": str(out_dir)},
     }
-    path = out_dir.parent / "bench.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return load_recipe(path, overrides)
 
 
-def validation_examples(args: argparse.Namespace, recipe, tokenizer):
-    from peftctl.data import tokenize_rows
-    from peftctl.rows import read_rows
+def step_batches(data, spec) -> list[list[list[int]]]:
+    """The example indices of each micro-batch of each step, in the order peftctl's loop reads them.
 
-    if not args.validation or not args.validation.is_file():
-        return []
-    return tokenize_rows(read_rows(args.validation, "alpaca"), recipe.data, tokenizer)[0]
+    Taken from peftctl's own batching (data.epochs_of_batches) run over stand-in examples that
+    carry their index as first token and their real length (group_by_length sorts by it).
+    """
+    from itertools import islice
+
+    from peftctl.data import IGNORE, Example, epochs_of_batches
+
+    stand_ins = [Example([i] + [0] * (len(e.input_ids) - 1), [IGNORE] * len(e.input_ids))
+                 for i, e in enumerate(data.train)]
+    stream = epochs_of_batches(stand_ins, spec.batch_size, 0, spec.seed, spec.group_by_length)
+    micro = [batch["input_ids"][:, 0].tolist() for batch in islice(stream, spec.max_steps * spec.grad_accum)]
+    return [micro[s * spec.grad_accum:(s + 1) * spec.grad_accum] for s in range(spec.max_steps)]
 
 
-def mean_loss(model, examples, batch_size: int, pad_id: int) -> float | None:
-    """Token-weighted validation loss through the model's own forward (full logits, transformers' loss)."""
+def expected_counts(data, steps: list[list[list[int]]]) -> list[list[int]]:
+    """[real tokens, labelled tokens] of each step: what every contender must see."""
+    from peftctl.data import IGNORE
+
+    def count(i: int) -> tuple[int, int]:
+        e = data.train[i]
+        return len(e.input_ids), sum(label != IGNORE for label in e.labels[1:])
+
+    return [[sum(count(i)[k] for batch in step for i in batch) for k in (0, 1)] for step in steps]
+
+
+def model_shapes(model, targets: list[str]) -> dict:
+    """The matmul weights' (in, out) shapes: the decoder's, the output head's, and LoRA's targets."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    decoder, lora = [], []
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        w = module.weight  # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out]
+        shape = (w.shape[1], w.shape[0]) if isinstance(module, nn.Linear) else (w.shape[0], w.shape[1])
+        decoder.append(shape)
+        if any(name == t or name.endswith("." + t) for t in targets):
+            lora.append(shape)
+    return {"decoder": decoder, "head": (head.weight.shape[1], head.weight.shape[0]), "lora": lora}
+
+
+# --- the contenders, one per process ------------------------------------------------------------
+
+
+class StepClock:
+    """perf_counter after each optimizer step; steps k+1..N are timed from the k-th entry."""
+
+    def __init__(self):
+        self.after_step: list[float] = []
+
+    def tick(self) -> None:
+        self.after_step.append(time.perf_counter())
+
+
+def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
+    import torch
+
+    from peftctl import methods
+    from peftctl.data import load_data
+    from peftctl.export import save_adapter
+    from peftctl.model import load_model, load_tokenizer
+    from peftctl.train import SilentReporter, train
+
+    recipe = recipe_for(args, work / "peftctl", args.set)
+    tokenizer = load_tokenizer(recipe.model)
+    data = load_data(recipe.data, tokenizer, recipe.train.seed)
+    model = load_model(recipe.model)
+    torch.manual_seed(recipe.train.seed)
+    adapter = methods.apply(model, recipe.method)
+    clock = StepClock()
+
+    class Clocked(SilentReporter):  # the loop reports each step once its optimizer step is done
+        def step(self, step, metrics):
+            clock.tick()
+
+    result = train(adapter, data, recipe.train, work / "peftctl", tokenizer.pad_token_id, Clocked())
+    counts = expected_counts(data, step_batches(data, recipe.train))
+    if sum(real for real, _ in counts) != result.tokens:
+        raise SystemExit(f"peftctl trained {result.tokens} real tokens; its batch stream, rebuilt here, has "
+                         f"{sum(real for real, _ in counts)}: the bench no longer reads peftctl's order")
+    save_adapter(adapter, args.adapter_out, args.model)
+    # `counts` is the rebuilt stream, checked above against the real tokens peftctl itself counted.
+    return {"clock": clock.after_step, "counts": counts, "expected": counts,
+            "step_losses": [e["loss"] for e in result.history if "loss" in e],
+            "packed": result.packed, "attention": result.attention,
+            "settings": recipe.model_dump(mode="json")["data"] | recipe.model_dump(mode="json")["train"]}
+
+
+def peer_attention(args: argparse.Namespace, which: str, longest_row: int) -> str:
+    """The stock Trainer's SDPA, or the flat and trl peers' kernel: --peer-attention, or for 'auto' the
+    rule peftctl applies to its own rows (prepare.EAGER_MAX_ROW): eager on CPU for rows up to 512
+    tokens, SDPA for longer ones (and on GPUs). A flattened row is a whole batch, so it is often longer."""
+    import torch
+
+    from peftctl.prepare import EAGER_MAX_ROW
+
+    if which == "stock":
+        return "sdpa"
+    if args.peer_attention != "auto":
+        return args.peer_attention
+    return "eager" if not torch.cuda.is_available() and longest_row <= EAGER_MAX_ROW else "sdpa"
+
+
+def peer_model(args: argparse.Namespace, recipe, attention: str):
+    """The base through peftctl's loader (from_pretrained, or the builtin), its attention, peft's LoRA."""
+    import peft
+    import torch
+
+    from peftctl.model import load_model
+
+    model = load_model(recipe.model)
+    model.set_attn_implementation(attention)
+    torch.manual_seed(args.seed)
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
+        task_type="CAUSAL_LM"))
+
+
+def trainer_settings(args: argparse.Namespace, work: Path, which: str) -> dict:
+    """TrainingArguments shared by every peer (SFTConfig takes them too, plus its own)."""
+    import torch
+
+    return dict(
+        output_dir=str(work / which), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", seed=args.seed, logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        remove_unused_columns=False, gradient_checkpointing=False,
+        # peftctl autocasts to the base's 16-bit type on GPUs only; on CPU the bf16 weights do the work.
+        bf16=args.peer_precision == "autocast" or (torch.cuda.is_available() and args.dtype == "bfloat16"))
+
+
+def counted(trainer_class, micro_batches: list[list[int]], clock: StepClock):
+    """`trainer_class` reading exactly peftctl's micro-batches, counting the tokens of every one it
+    trains on (from the collated inputs the model gets) and ticking `clock` after each step."""
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            clock.tick()
+
+    class Counted(trainer_class):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw, callbacks=[Tick()])
+            self.seen: list[list[int]] = []  # [real, labelled] tokens of each micro-batch
+
+        def get_train_dataloader(self):
+            # The trainer's own (prepared) dataset and collator; only the sampling is peftctl's.
+            return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=micro_batches,
+                                                       collate_fn=self.data_collator))
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+            self.seen.append([real, int((labels[:, 1:] != -100).sum())])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Counted
+
+
+def run_peer(args: argparse.Namespace, work: Path) -> dict:
+    import datasets
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    from peftctl.data import load_data
+    from peftctl.model import load_tokenizer
+
+    which = args.only
+    recipe = recipe_for(args, work / which, [], "float32" if args.peer_precision == "autocast" else None)
+    tokenizer = load_tokenizer(recipe.model)
+    data = load_data(recipe.data, tokenizer, recipe.train.seed)
+    steps = step_batches(data, recipe.train)
+    micro_batches = [batch for step in steps for batch in step]
+    longest = max(sum(len(data.train[i].input_ids) for i in batch) for batch in micro_batches)
+    model = peer_model(args, recipe, peer_attention(args, which, longest))
+    clock, settings = StepClock(), trainer_settings(args, work, which)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in data.train]
+    if which == "trl":
+        from trl import SFTConfig, SFTTrainer
+
+        # A user's completion-only data: TRL builds the labels from the mask (prompt tokens -100).
+        masked = [{"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]}
+                  for e in data.train]
+        config = SFTConfig(**settings, padding_free=True, completion_only_loss=True, packing=False,
+                           max_length=None)
+        trainer = counted(SFTTrainer, micro_batches, clock)(
+            model=model, args=config, train_dataset=datasets.Dataset.from_list(masked), processing_class=tokenizer)
+    else:
+        collator = DataCollatorWithFlattening() if which == "flat" else _padding_collator(tokenizer.pad_token_id)
+        trainer = counted(Trainer, micro_batches, clock)(
+            model=model, args=TrainingArguments(**settings), train_dataset=rows, data_collator=collator)
+    trainer.train()
+    model.save_pretrained(args.adapter_out)
+    accum, seen = recipe.train.grad_accum, trainer.seen
+    return {"clock": clock.after_step, "step_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "counts": [[sum(c[k] for c in seen[s * accum:(s + 1) * accum]) for k in (0, 1)] for s in range(len(steps))],
+            "expected": expected_counts(data, steps), "packed": which != "stock",
+            "attention": model.config._attn_implementation}
+
+
+def _padding_collator(pad_id: int):
+    """The stock Trainer's batches: each batch padded to its longest row, with an attention mask."""
+    from peftctl.data import Example, collate
+
+    return lambda features: collate([Example(f["input_ids"], f["labels"]) for f in features], pad_id)
+
+
+def quiet() -> None:
+    """transformers' and peft's warnings off: the report is what this script prints."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", FutureWarning)
+
+
+def run_only(args: argparse.Namespace) -> None:
+    import torch
+
+    quiet()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        result = (run_peftctl if args.only == "peftctl" else run_peer)(args, Path(tmp))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result |= {"peak_rss_mib": usage.ru_maxrss / 1024, "threads": torch.get_num_threads(),
+               "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+               "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+    print(MARKER + json.dumps(result), flush=True)
+
+
+# --- the parent: repeats, the one scorer, the FLOPs and the report ------------------------------
+
+
+def spawn(which: str, argv: list[str], adapter_out: Path) -> dict:
+    """One contender's run in a fresh process, with the allocator settings every contender gets."""
+    print(f"running {which} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, __file__, *argv, "--only", which, "--adapter-out", str(adapter_out)],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ | MALLOC_ENV)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"the {which} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(MARKER):]) | {"adapter": str(adapter_out)}
+
+
+def check_counts(runs: dict[str, list[dict]]) -> list[list[int]]:
+    """Every run saw the same [real, labelled] tokens at every step as its stream says, and all
+    streams agree; the script stops otherwise. Returns those per-step counts."""
+    reference = next(iter(runs.values()))[0]["expected"]
+    for which, repeats in runs.items():
+        for run in repeats:
+            for label, counts in (("saw", run["counts"]), ("was given", run["expected"])):
+                if counts != reference:
+                    step = next(i for i, (a, b) in enumerate(zip(counts, reference)) if a != b) + 1
+                    raise SystemExit(f"token counts differ: {which} {label} [real, labelled] = {counts[step - 1]} "
+                                     f"at step {step}, the others {reference[step - 1]}")
+    return reference
+
+
+def held_out_loss(model, examples, batch_size: int, pad_id: int) -> float | None:
+    """The one scorer: token-weighted mean loss over the validation rows, through the model's own
+    forward (full logits, transformers' loss), the same for every contender's adapter."""
     import torch
 
     from peftctl.data import IGNORE, batches
@@ -118,175 +425,119 @@ def mean_loss(model, examples, batch_size: int, pad_id: int) -> float | None:
     return total / max(count, 1)
 
 
-# --- one run each -------------------------------------------------------------------------------
-
-
-def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
-    import torch
-
-    from peftctl import methods
-    from peftctl.data import load_data
-    from peftctl.model import load_model, load_tokenizer
-    from peftctl.train import train
-
-    recipe = recipe_for(args, work / "peftctl", args.set)
-    tokenizer = load_tokenizer(recipe.model)
-    data = load_data(recipe.data, tokenizer, recipe.train.seed)
-    model = load_model(recipe.model)
-    params = sum(p.numel() for p in model.parameters())
-    torch.manual_seed(recipe.train.seed)
-    adapter = methods.apply(model, recipe.method)
-    (work / "peftctl").mkdir()
-    result = train(adapter, data, recipe.train, work / "peftctl", tokenizer.pad_token_id)
-    losses = [e["loss"] for e in result.history if "loss" in e]
-    return {
-        "tokens": result.tokens, "seconds": result.seconds, "params": params, "step_losses": losses,
-        "packed": result.packed, "attention": result.attention,
-        "val_loss": mean_loss(adapter.model, validation_examples(args, recipe, tokenizer),
-                              args.batch_size, tokenizer.pad_token_id),
-        "settings": {k: v for k, v in recipe.model_dump(mode="json")["data"].items() if k not in ("train",)}
-        | recipe.model_dump(mode="json")["train"],
-    }
-
-
-def run_reference(args: argparse.Namespace, work: Path) -> dict:
+def score_adapters(args: argparse.Namespace, work: Path, folders: list[str]) -> dict[str, float | None]:
+    """Each saved adapter loaded through peft onto one freshly loaded base, scored by held_out_loss."""
     import peft
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-    from peftctl.data import Example, collate, load_data
-    from peftctl.model import load_tokenizer, resolve_source, tiny_gpt2_config
+    from peftctl.data import tokenize_rows
+    from peftctl.model import load_model, load_tokenizer
+    from peftctl.rows import read_rows
 
-    recipe = recipe_for(args, work / "reference", [])
+    if not args.validation or not args.validation.is_file():
+        return dict.fromkeys(folders)
+    quiet()
+    recipe = recipe_for(args, work / "scorer", [])
     tokenizer = load_tokenizer(recipe.model)
-    data = load_data(recipe.data, tokenizer, recipe.train.seed)
-    dtype = getattr(torch, args.dtype)
-    source = resolve_source(recipe.model, weights=True)
-    if source.builtin:  # the builtin tiny GPT-2: the same fixed-seed weights peftctl builds
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = GPT2LMHeadModel(tiny_gpt2_config()).to(dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, **source.from_pretrained_args())
-        if getattr(model, "hf_quantizer", None) is not None:  # a dequantized GGUF still tagged as quantized
-            model.hf_quantizer.remove_quantization_config(model)
-    params = sum(p.numel() for p in model.parameters())
-    torch.manual_seed(recipe.train.seed)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=args.targets.split(","),
-        task_type="CAUSAL_LM"))
-
-    # peftctl's shuffled order (a fresh shuffle per epoch), read sequentially by the Trainer.
-    rows: list[Example] = []
-    epoch = 0
-    while len(rows) < args.steps * args.batch_size:
-        order = list(range(len(data.train)))
-        random.Random(recipe.train.seed + epoch).shuffle(order)
-        rows += [data.train[i] for i in order]
-        epoch += 1
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in rows]
-
-    def collator(features):
-        return collate([Example(f["input_ids"], f["labels"]) for f in features], tokenizer.pad_token_id)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, *_, **__):
-            self.end = time.perf_counter()
-
-    clock = Clock()
-    training_args = TrainingArguments(
-        output_dir=str(work / "reference"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", seed=args.seed, logging_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        remove_unused_columns=False, train_sampling_strategy="sequential",
-        include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      callbacks=[clock])
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {
-        "tokens": int(trainer.state.num_input_tokens_seen), "seconds": clock.end - clock.start, "params": params,
-        "step_losses": losses, "packed": False, "attention": model.config._attn_implementation,
-        "val_loss": mean_loss(model, validation_examples(args, recipe, tokenizer), args.batch_size,
-                              tokenizer.pad_token_id),
-    }
+    examples = tokenize_rows(read_rows(args.validation, "alpaca"), recipe.data, tokenizer)[0]
+    base, scores = load_model(recipe.model), {}
+    for folder in folders:
+        model = peft.PeftModel.from_pretrained(base, folder)
+        scores[folder] = held_out_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
+        base = model.unload()  # the base's own layers back, for the next adapter
+    return scores
 
 
-def run_only(args: argparse.Namespace) -> None:
-    import logging
+def matmul_peak(shapes: list[tuple[int, int]], tokens: int, dtype_name: str, seconds: float = 1.0) -> dict:
+    """FLOP/s of F.linear([tokens, in] × [in, out]) in `dtype_name` for each of the model's shapes."""
+    import torch
+    import torch.nn.functional as F
 
-    import transformers
+    dtype, rates = getattr(torch, dtype_name), {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the contenders trained
+    for fan_in, fan_out in sorted(set(shapes)):
+        x, w = (torch.randn(*shape, device=device).to(dtype) for shape in ((tokens, fan_in), (fan_out, fan_in)))
+        for _ in range(3):
+            F.linear(x, w)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(10):
+                F.linear(x, w)
+            n += 10
+            if device == "cuda":
+                torch.cuda.synchronize()
+        rates[f"{tokens}x{fan_in}x{fan_out}"] = 2 * tokens * fan_in * fan_out * n / (time.perf_counter() - start)
+    return rates
 
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("peft").setLevel(logging.ERROR)
+
+def flops_per_token(shapes: dict, r: int) -> dict[str, int]:
+    """Model FLOPs: per real token through the decoder (frozen base, LoRA), per position through the head."""
+    base = 4 * sum(fan_in * fan_out for fan_in, fan_out in shapes["decoder"])
+    lora = 6 * r * sum(fan_in + fan_out for fan_in, fan_out in shapes["lora"])
+    fan_in, fan_out = shapes["head"]
+    return {"decoder": base + lora, "head": 4 * fan_in * fan_out}
+
+
+def head_positions(which: str) -> str:
+    """Where each side computes logits: peftctl at labelled positions, Trainer everywhere; TRL's
+    fused head scores only labelled positions with its Triton kernel (CUDA), every position elsewhere."""
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        result = (run_peftctl if args.only == "peftctl" else run_reference)(args, Path(tmp))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result |= {
-        "peak_rss_mib": usage.ru_maxrss / 1024,
-        "cpu_user_s": round(usage.ru_utime, 1), "cpu_system_s": round(usage.ru_stime, 1),
-        "threads": torch.get_num_threads(),
-        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
-    print(MARKER + json.dumps(result), flush=True)
+    if which == "trl":
+        return "labelled" if torch.cuda.is_available() else "real"
+    return "labelled" if which == "peftctl" else "real"
 
 
-# --- the machine's matmul peak and the report ---------------------------------------------------
-
-
-def matmul_peak(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of a size×size matmul loop in `dtype_name` on this process's threads."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    for _ in range(3):
-        a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start)
-
-
-def spawn(which: str, argv: list[str]) -> dict:
-    print(f"running {which} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, *argv, "--only", which], capture_output=True, text=True,
-                          cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"the {which} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARKER):])
-
-
-def summarise(run: dict, peak: float) -> dict:
-    tokens_per_s = run["tokens"] / run["seconds"]
+def measure(run: dict, counts: list[list[int]], untimed: int, flops: dict, peak: float, which: str) -> dict:
+    """One run's figures over the timed steps untimed+1..N."""
+    real = sum(c[0] for c in counts[untimed:])
+    labelled = sum(c[1] for c in counts[untimed:])
+    seconds = run["clock"][-1] - run["clock"][untimed - 1]
+    head = labelled if head_positions(which) == "labelled" else real
     last = run["step_losses"][-LAST_STEPS:]
-    return {
-        "tokens_per_s": round(tokens_per_s, 1),
-        "tokens": run["tokens"],
-        "train_seconds": round(run["seconds"], 2),
-        "peak_rss_mib": round(run["peak_rss_mib"], 1),
-        "final_loss": round(sum(last) / len(last), 4),
-        "val_loss": None if run["val_loss"] is None else round(run["val_loss"], 4),
-        "mfu": round(tokens_per_s * 4 * run["params"] / peak, 4),
-        "params": run["params"],
-        "cpu_user_s": run["cpu_user_s"],
-        "cpu_system_s": run["cpu_system_s"],
-        "packed": run["packed"],
-        "attention": run["attention"],
-        "load_avg": run["load_avg"],
-    }
+    return {"tokens_per_s": real / seconds, "seconds": seconds, "real_tokens": real, "labelled_tokens": labelled,
+            "mfu": (flops["decoder"] * real + flops["head"] * head) / seconds / peak,
+            "peak_rss_mib": run["peak_rss_mib"], "peak_gpu_mib": run["peak_gpu_mib"], "train_loss": sum(last) / len(last),
+            "val_loss": run["val_loss"], "load_avg": run["load_avg"]}
+
+
+def spread(values: list[float | None], digits: int) -> dict | None:
+    if any(v is None for v in values):
+        return None
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
+
+
+def summarise(which: str, runs: list[dict], counts, untimed: int, flops: dict, peak: float) -> dict:
+    measured = [measure(run, counts, untimed, flops, peak, which) for run in runs]
+    out = {key: spread([m[key] for m in measured], digits)
+           for key, digits in (("tokens_per_s", 1), ("mfu", 4), ("peak_rss_mib", 0), ("peak_gpu_mib", 0), ("train_loss", 4),
+                               ("val_loss", 4), ("seconds", 2))}
+    return out | {"label": CONTENDERS[which], "timed_real_tokens": measured[0]["real_tokens"],
+                  "timed_labelled_tokens": measured[0]["labelled_tokens"], "logits_at": head_positions(which),
+                  "attention": runs[0]["attention"], "no_padding": runs[0]["packed"],
+                  "load_avg": [m["load_avg"] for m in measured]}
+
+
+def ratios(rows: dict[str, dict], over: str) -> dict | None:
+    """peftctl's medians over `over`'s: tokens/s, peak RSS, held-out loss, MFU."""
+    if "peftctl" not in rows or over not in rows or over == "peftctl":
+        return None
+    ours, theirs = rows["peftctl"], rows[over]
+    out = {"over": over}
+    for key in ("tokens_per_s", "peak_rss_mib", "val_loss", "mfu"):
+        if ours[key] is not None and theirs[key] is not None and theirs[key]["median"]:
+            out[key] = round(ours[key]["median"] / theirs[key]["median"], 3)
+    return out
+
+
+def run_all(args: argparse.Namespace, argv: list[str], work: Path) -> dict[str, list[dict]]:
+    """Every contender `--repeats` times, each repeat's order rotated one place from the last."""
+    runs: dict[str, list[dict]] = {which: [] for which in args.contenders}
+    for repeat in range(args.repeats):
+        shift = repeat % len(args.contenders)
+        for which in args.contenders[shift:] + args.contenders[:shift]:
+            runs[which].append(spawn(which, argv, work / f"{which}-{repeat}"))
+    return runs
 
 
 def main() -> None:
@@ -294,30 +545,40 @@ def main() -> None:
     if args.only:
         run_only(args)
         return
-    argv = sys.argv[1:]
     import torch
+
+    from peftctl.model import load_skeleton
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"measuring the {args.dtype} matmul peak ...", file=sys.stderr, flush=True)
-    peak = matmul_peak(args.dtype)
-    runs = {which: spawn(which, argv) for which in ("reference", "peftctl")}
-    ours, ref = (summarise(runs[w], peak) for w in ("peftctl", "reference"))
-    ratios = {
-        "tokens_per_s": round(ours["tokens_per_s"] / ref["tokens_per_s"], 3),
-        "peak_rss": round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3),
-        "final_loss": round(ours["final_loss"] / ref["final_loss"], 4),
-        "val_loss": round(ours["val_loss"] / ref["val_loss"], 4) if ours["val_loss"] and ref["val_loss"] else None,
-        "mfu": round(ours["mfu"] / ref["mfu"], 3),
-    }
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        recipe = recipe_for(args, work / "shapes", args.set)
+        shapes = model_shapes(load_skeleton(recipe.model), args.targets.split(","))
+        runs = run_all(args, sys.argv[1:], work)
+        counts = check_counts(runs)
+        print("measuring the matmul peak and scoring the adapters ...", file=sys.stderr, flush=True)
+        tokens = round(statistics.median(c[0] for c in counts) / recipe.train.grad_accum)
+        rates = matmul_peak(shapes["decoder"] + [shapes["head"]], tokens, args.dtype)
+        scores = score_adapters(args, work, [run["adapter"] for repeats in runs.values() for run in repeats])
+    for repeats in runs.values():
+        for run in repeats:
+            run["val_loss"] = scores[run["adapter"]]
+    peak, flops = max(rates.values()), flops_per_token(shapes, args.r)
+    rows = {which: summarise(which, runs[which], counts, args.untimed_steps, flops, peak) for which in runs}
+    peers = [w for w in rows if w != "peftctl"]
+    fastest = max(peers, key=lambda w: rows[w]["tokens_per_s"]["median"]) if peers else None
     report = {
-        "model": args.model, "dtype": args.dtype, "steps": args.steps, "batch_size": args.batch_size,
-        "max_seq_len": args.max_seq_len, "lora": {"r": args.r, "alpha": args.alpha, "targets": args.targets},
-        "peftctl_overrides": args.set, "peftctl_settings": runs["peftctl"]["settings"],
-        "threads": runs["peftctl"]["threads"],
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "matmul_peak_how": f"2048x2048 {args.dtype} matmul loop, {torch.get_num_threads()} threads",
-        "peftctl": ours, "reference": ref, "ratio_peftctl_over_reference": ratios,
+        "model": args.model, "dtype": args.dtype, "peer_precision": args.peer_precision, "steps": args.steps,
+        "timed_steps": [args.untimed_steps + 1, args.steps], "repeats": args.repeats,
+        "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+        "lora": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": args.targets},
+        "peftctl_overrides": args.set, "threads": next(iter(runs.values()))[0]["threads"],
+        "allocator_env": MALLOC_ENV, "flops_per_token": flops,
+        "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_gflops_by_shape": {k: round(v / 1e9, 1)
+                                                                               for k, v in rates.items()},
+        "contenders": rows, "fastest_peer": fastest,
+        "ratio_peftctl_over_fastest_peer": ratios(rows, fastest), "ratio_peftctl_over_stock": ratios(rows, "stock"),
     }
     print_table(report)
     print(json.dumps(report))
@@ -325,31 +586,37 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    ours, ref, ratio = report["peftctl"], report["reference"], report["ratio_peftctl_over_reference"]
-    table = Table(title=f"{report['model']} · LoRA r={report['lora']['r']} on {report['lora']['targets']} · "
-                        f"{report['dtype']} · batch {report['batch_size']} · {report['steps']} steps")
-    for column in ("", "peftctl", "peft + Trainer", "peftctl / reference"):
-        table.add_column(column, justify="right" if column else "left")
-    rows = [
-        ("real tokens/s", "tokens_per_s", "{:.1f}", "tokens_per_s"),
-        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}", "peak_rss"),
-        (f"train loss (last {LAST_STEPS} steps)", "final_loss", "{:.4f}", "final_loss"),
-        ("validation loss after", "val_loss", "{:.4f}", "val_loss"),
-        (f"MFU (vs {report['matmul_peak_gflops']} GFLOP/s)", "mfu", "{:.1%}", "mfu"),
-        ("training seconds", "train_seconds", "{:.1f}", None),
-        ("process CPU s (user, system)", "cpu", "{}", None),
-        ("packed batches", "packed", "{}", None),
-        ("attention kernel", "attention", "{}", None),
-        ("load average (start, end)", "load_avg", "{}", None),
-    ]
-    ours, ref = ({**run, "cpu": [run["cpu_user_s"], run["cpu_system_s"]]} for run in (ours, ref))
-    for label, key, fmt, ratio_key in rows:
-        cells = ["–" if run[key] is None else fmt.format(run[key]) for run in (ours, ref)]
-        r = ratio.get(ratio_key) if ratio_key else None
-        table.add_row(label, *cells, "" if r is None else f"{r:.3f}")
-    Console().print(table)
+    def cell(value: dict | None, fmt: str, with_spread: bool = True) -> str:
+        if value is None:
+            return "–"
+        text = fmt.format(value["median"])
+        return escape(text + (f" [{fmt.format(value['min'])}–{fmt.format(value['max'])}]" if with_spread else ""))
+
+    lora = report["lora"]
+    table = Table(title=escape(f"{report['model']} · LoRA r={lora['r']} on {lora['targets']} · {report['dtype']} · "
+                               f"batch {report['batch_size']} · steps {report['timed_steps'][0]}–{report['steps']} "
+                               f"timed · {report['repeats']} repeats (median [min–max])"))
+    for column in ("contender", "real tokens/s", "peak RSS MiB", "held-out loss", "train loss",
+                   f"MFU (peak {report['matmul_peak_gflops']} GFLOP/s)", "attention", "logits at"):
+        table.add_column(column, justify="left" if column in ("contender", "attention", "logits at") else "right")
+    for row in report["contenders"].values():
+        table.add_row(row["label"], cell(row["tokens_per_s"], "{:.1f}"), cell(row["peak_rss_mib"], "{:.0f}"),
+                      cell(row["val_loss"], "{:.4f}", False), cell(row["train_loss"], "{:.4f}", False),
+                      cell(row["mfu"], "{:.1%}"), str(row["attention"]), row["logits_at"])
+    console = Console()
+    if not console.is_terminal:  # into a log: wide enough for the spreads, not rich's 80 columns
+        console = Console(width=160)
+    console.print(table)
+    shown = set()
+    for key in ("ratio_peftctl_over_fastest_peer", "ratio_peftctl_over_stock"):
+        ratio = report[key]
+        if ratio and ratio["over"] not in shown:
+            shown.add(ratio["over"])
+            console.print(f"peftctl / {CONTENDERS[ratio['over']]}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()
+                                                                     if k != "over"))
 
 
 if __name__ == "__main__":
