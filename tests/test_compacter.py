@@ -18,8 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_checks import assert_refused, invoke
-from method_checks import assert_smoke_run, with_random_biases
+from method_checks import assert_smoke_run
 from safetensors.torch import load_file
+from test_bottleneck import ACTIVATIONS, MODELS, config
+from test_bottleneck import sites as bottleneck_sites
 from tiny_models import TINY_GPT2, batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 from peftctl import methods
@@ -34,24 +36,13 @@ LAYERS = 2
 PARTS = ("down.s", "down.t", "down.bias", "up.s", "up.t", "up.bias")
 
 # Compacter sits where Houlsby does (attention and feed-forward outputs), Compacter++ where Pfeiffer does.
-SITES = {
-    ("gpt2", "compacter"): ["transformer.h.{i}.attn.c_proj", "transformer.h.{i}.mlp.c_proj"],
-    ("gpt2", "compacter_plus_plus"): ["transformer.h.{i}.mlp.c_proj"],
-    ("llama", "compacter"): ["model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"],
-    ("llama", "compacter_plus_plus"): ["model.layers.{i}.mlp.down_proj"],
-}
-# GPT-2's biases drawn non-zero: an adapter fed the projection's output without its bias would show.
-MODELS = {"gpt2": (lambda: with_random_biases(tiny_gpt2()), 257), "llama": (tiny_llama, 128)}
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-CASES = [(arch, method) for arch in MODELS for method in ("compacter", "compacter_plus_plus")]
-
-
-def config(method: str, **options):
-    return methods.get(method).Config(name=method, **options)
+# Compacter sits where Houlsby does, Compacter++ where Pfeiffer does: the bottleneck tests' sites.
+PLACED_AS = {"compacter": "houlsby", "compacter_plus_plus": "pfeiffer"}
+CASES = [(arch, method) for arch in MODELS for method in PLACED_AS]
 
 
 def sites(arch: str, method: str) -> list[str]:
-    return [site.format(i=i) for i in range(LAYERS) for site in SITES[arch, method]]
+    return bottleneck_sites(arch, PLACED_AS.get(method, method))
 
 
 def adapted(arch: str, method: str, **options):
