@@ -65,6 +65,21 @@ def assert_smoke_run(recipe: str, tmp_path: Path, overrides: list[str] = (), che
     return summary
 
 
+def assert_peft_save_loads(reference, fresh: nn.Module, folder: Path, batch: dict | None = None,
+                           atol: float = 1e-5, non_trivial: float = 1e-3) -> None:
+    """peft's adapter `reference` (made non-trivial), saved to `folder` and loaded by peftctl onto
+    the base `fresh`, gives peft's logits (atol, fp32) and not the base's."""
+    from peftctl.export import load_adapter
+    from tiny_models import batch_logits, real_difference, token_batch
+
+    batch = batch if batch is not None else token_batch(reference.config.vocab_size)
+    theirs = batch_logits(reference, batch)
+    reference.save_pretrained(folder)
+    assert real_difference(theirs, batch_logits(fresh, batch), batch["attention_mask"]) > non_trivial
+    torch.testing.assert_close(batch_logits(load_adapter(fresh, folder).model.eval(), batch), theirs,
+                               atol=atol, rtol=0)
+
+
 def with_random_biases(model: nn.Module, seed: int = 2) -> nn.Module:
     """`model` with every bias drawn at random: GPT-2 initialises them to zero, which would hide
     any mistake in how a method treats an existing bias (scaling it, copying it, merging it)."""

@@ -82,7 +82,13 @@ def test_trained_adapter_matches_the_papers_equations(arch, method, non_linearit
         assert w_up.abs().max() > 1e-3, "training should have moved the up projection off zero"
         return lambda module, args, y: y + F.linear(act(F.linear(y, w_down, b_down)), w_up, b_up)
 
-    for site in sites(arch, method):
+    assert_follows_the_equations(adapter, make, reference, copies, hook, sites(arch, method), batch)
+
+
+def assert_follows_the_equations(adapter, make, reference, copies: dict, hook, site_names: list[str], batch) -> None:
+    """`reference` (a fresh base) with `hook(site)` adding the equations' adapter, computed from
+    `copies` of our parameters, at each site gives our logits and our parameters' gradients."""
+    for site in site_names:
         reference.get_submodule(site).register_forward_hook(hook(site))
     ours, expected = batch_logits(adapter.model, batch), batch_logits(reference, batch)
     # Non-trivial: the trained adapters move the logits far more than the tolerance.
@@ -90,7 +96,7 @@ def test_trained_adapter_matches_the_papers_equations(arch, method, non_linearit
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
     # The gradients too, so that training follows the same path as the equations.
-    for model, params in ((adapter.model, adapter.params), (reference, copies)):
+    for model in (adapter.model, reference):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         F.cross_entropy(out[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()).backward()
     for name, param in adapter.params.items():

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from cli_checks import assert_refused, invoke
 from method_checks import assert_smoke_run
 from safetensors.torch import load_file
-from test_bottleneck import ACTIVATIONS, MODELS, config
+from test_bottleneck import ACTIVATIONS, MODELS, assert_follows_the_equations, config
 from test_bottleneck import sites as bottleneck_sites
-from tiny_models import TINY_GPT2, batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
+from tiny_models import TINY_GPT2, batch_logits, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 from peftctl import methods
 from peftctl.errors import UserError
@@ -88,19 +88,8 @@ def test_trained_adapter_matches_the_papers_equations(arch, method, non_linearit
             return y + F.linear(act(F.linear(y, w_down, b_down)), w_up, b_up)
         return add_adapter
 
-    for site in sites(arch, method):
-        reference.get_submodule(site).register_forward_hook(hook(site))
-    ours, expected = batch_logits(adapter.model, batch), batch_logits(reference, batch)
-    # Non-trivial: the trained adapters move the logits far more than the tolerance.
-    assert real_difference(ours, batch_logits(make(), batch), batch["attention_mask"]) > 1e-2
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
-
-    # The gradients too (the shared A's summed over every site), so training follows the equations.
-    for model, params in ((adapter.model, adapter.params), (reference, copies)):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        F.cross_entropy(out[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()).backward()
-    for name, param in adapter.params.items():
-        torch.testing.assert_close(param.grad, copies[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+    # Logits and gradients (the shared A's summed over every site), so training follows the equations.
+    assert_follows_the_equations(adapter, make, reference, copies, hook, sites(arch, method), batch)
 
 
 @pytest.mark.parametrize("arch,method", CASES)

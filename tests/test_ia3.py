@@ -20,7 +20,7 @@ import peftctl.methods
 from peftctl.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.ia3 import METHOD, IA3Config, IA3Linear
-from method_checks import assert_smoke_run, with_random_biases
+from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5
@@ -114,15 +114,7 @@ def test_peft_adapter_loads_with_equal_logits(case, tmp_path):
         for name, p in reference.named_parameters():
             if "ia3_l" in name:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
-    batch = token_batch(reference.config.vocab_size)
-    theirs = batch_logits(reference, batch)
-    reference.save_pretrained(tmp_path)
-
-    fresh = factory()
-    base = batch_logits(fresh, batch)
-    adapter = load_adapter(fresh, tmp_path)
-    assert real_difference(theirs, base, batch["attention_mask"]) > NON_TRIVIAL
-    torch.testing.assert_close(batch_logits(adapter.model.eval(), batch), theirs, atol=ATOL, rtol=0)
+    assert_peft_save_loads(reference, factory(), tmp_path, atol=ATOL, non_trivial=NON_TRIVIAL)
 
 
 def test_own_export_round_trip_is_exact(tmp_path):

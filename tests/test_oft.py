@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import peftctl.methods
 from cli_checks import assert_refused, invoke
-from method_checks import assert_smoke_run, with_random_biases
+from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from peftctl.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods.oft import METHOD, OftConfig, OftLinear
@@ -98,15 +98,7 @@ def test_export_loads_in_peft_with_equal_logits_and_peft_layout(case, tmp_path):
 def test_peft_adapter_loads_with_equal_logits(case, tmp_path):
     torch.manual_seed(0)
     reference = peft.get_peft_model(tiny_llama(), peft_config(case, init_weights=False)).eval()
-    batch = token_batch(reference.config.vocab_size)
-    theirs = batch_logits(reference, batch)
-    reference.save_pretrained(tmp_path)
-
-    fresh = tiny_llama()
-    base = batch_logits(fresh, batch)
-    adapter = load_adapter(fresh, tmp_path)
-    assert real_difference(theirs, base, batch["attention_mask"]) > NON_TRIVIAL
-    torch.testing.assert_close(batch_logits(adapter.model.eval(), batch), theirs, atol=ATOL, rtol=0)
+    assert_peft_save_loads(reference, tiny_llama(), tmp_path, atol=ATOL, non_trivial=NON_TRIVIAL)
 
 
 def test_module_dropout_from_peft_is_accepted_since_it_changes_nothing_at_inference(tmp_path):
