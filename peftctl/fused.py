@@ -15,8 +15,6 @@ differently, by one bf16 ulp).
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +33,7 @@ def fuse_rms_norms(model: nn.Module) -> list[nn.Module]:
         if kind not in verdicts:
             verdicts[kind] = _fused_matches(module)
         if verdicts[kind]:
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = _fused_forward(module)
             swapped.append(module)
     return swapped
 
@@ -56,8 +54,14 @@ def _epsilon(module: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
-def _fused_forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(hidden, (self.weight.shape[0],), self.weight, _epsilon(self))
+def _fused_forward(module: nn.Module):
+    """`module`'s forward through F.rms_norm, its width and epsilon read once, not on every call."""
+    shape, eps = (module.weight.shape[0],), _epsilon(module)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden, shape, module.weight, eps)
+
+    return forward
 
 
 @torch.enable_grad()
@@ -66,7 +70,7 @@ def _fused_matches(module: nn.Module) -> bool:
     generator = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(8, weight.shape[0], generator=generator).to(device=weight.device, dtype=weight.dtype)
     results = []
-    for forward in (module.forward, types.MethodType(_fused_forward, module)):
+    for forward in (module.forward, _fused_forward(module)):
         x = probe.clone().requires_grad_(True)
         try:
             out = forward(x)

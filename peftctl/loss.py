@@ -8,6 +8,9 @@ the peak memory; plan.py sizes that peak from the same chunking.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,6 +155,19 @@ def validation_loss(loss_model: nn.Module, examples: list[Example], batch_size: 
 
 
 @torch.no_grad()
+@contextmanager
+def probing(loss_model: nn.Module) -> Iterator[nn.Module]:
+    """The loss module unwrapped from DDP (FSDP2 has no wrapper), in eval mode so dropout is off
+    while a probe runs it; its training mode comes back after."""
+    module = getattr(loss_model, "module", loss_model)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def packing_problem(loss_model: nn.Module, examples: list[Example], pad_id: int,
                     device: torch.device) -> str | None:
     """Why packed rows would not train like separate ones on this model, or None if they would.
@@ -164,22 +180,17 @@ def packing_problem(loss_model: nn.Module, examples: list[Example], pad_id: int,
     second = next((e for e in examples[1:] if any(label != IGNORE for label in e.labels[1:])), None)
     if second is None:
         return None
-    module = getattr(loss_model, "module", loss_model)  # unwrapped from DDP (FSDP2 has no wrapper)
     count = sum(label != IGNORE for label in second.labels[1:])
+    with probing(loss_model) as module:
+        def second_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return module(**{k: v.to(device) for k, v in batch.items()}, per_token=True)[-count:]
 
-    def second_losses(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return module(**{k: v.to(device) for k, v in batch.items()}, per_token=True)[-count:]
-
-    was_training = module.training
-    module.eval()
-    try:
-        alone = second_losses(collate([second], pad_id))
-        packed = second_losses(collate_packed([[first, second]], pad_id))
-        changed = second_losses(collate_packed([[Example(first.input_ids[::-1], first.labels), second]], pad_id))
-    except Exception as err:  # noqa: BLE001 - any model or method that cannot take a packed row
-        return f"the model failed on a packed row ({type(err).__name__}: {err})"
-    finally:
-        module.train(was_training)
+        try:
+            alone = second_losses(collate([second], pad_id))
+            packed = second_losses(collate_packed([[first, second]], pad_id))
+            changed = second_losses(collate_packed([[Example(first.input_ids[::-1], first.labels), second]], pad_id))
+        except Exception as err:  # noqa: BLE001 - any model or method that cannot take a packed row
+            return f"the model failed on a packed row ({type(err).__name__}: {err})"
     if not torch.allclose(packed, changed, rtol=1e-4, atol=1e-4):
         return "packed examples would attend to each other with this model and method"
     # In fp32 they agree to ~1e-7. In bf16 a different row layout alone moves a SmolLM2 token's loss

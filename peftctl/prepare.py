@@ -19,7 +19,7 @@ from peftctl import attention, fused
 from peftctl import model as model_loading
 from peftctl.data import TokenizedData, collate
 from peftctl.errors import UserError
-from peftctl.loss import packing_problem
+from peftctl.loss import packing_problem, probing
 from peftctl.recipe import TrainSpec
 
 # Longer rows than this train faster with the fused (sdpa) kernel than with eager attention on CPU.
@@ -95,21 +95,17 @@ def _use_attention(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, dat
 def _grouped_if_same(model: nn.Module, loss_model: nn.Module, data: TokenizedData, pad_id: int,
                      device: torch.device) -> str:
     """peftctl's grouped eager kernel if its per-token losses on a training row are eager's, bit for bit."""
-    module = getattr(loss_model, "module", loss_model)  # unwrapped from DDP (FSDP2 has no wrapper)
     batch = {k: v.to(device) for k, v in collate(data.train[:1], pad_id).items()}
-    previous, was_training = model.config._attn_implementation, module.training
-    module.eval()
-    losses = []
-    try:
-        with torch.no_grad():
+    previous, losses = model.config._attn_implementation, []
+    with probing(loss_model) as module, torch.no_grad():
+        try:
             for kernel in ("eager", attention.register()):
                 model.set_attn_implementation(kernel)
                 losses.append(module(**batch, per_token=True))
-    except Exception:  # noqa: BLE001 - a model whose attention the grouped kernel cannot take
-        losses = []
-    finally:
-        model.set_attn_implementation(previous)
-        module.train(was_training)
+        except Exception:  # noqa: BLE001 - a model whose attention the grouped kernel cannot take
+            losses = []
+        finally:
+            model.set_attn_implementation(previous)
     return attention.NAME if len(losses) == 2 and torch.equal(*losses) else "eager"
 
 
