@@ -46,7 +46,7 @@ from peftctl.methods.base import (
     reject_unsupported,
     suffix_list_from_peft,
 )
-from peftctl.methods.lora import LowRankUpdate
+from peftctl.methods.low_rank import low_rank_update
 from peftctl.state_dicts import load_strict
 
 FACTORS = ("lora_A", "lora_E", "lora_B")  # Q, Λ, P
@@ -105,8 +105,8 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         weighted = self.lora_A * self.lora_E  # Λ Q: [r, in]
-        if isinstance(self.dropout, nn.Identity) and not torch.is_autocast_enabled(x.device.type):
-            update = LowRankUpdate.apply(x, weighted, self.lora_B, self.scaling)  # keeps a 16-bit x as it came
+        if not torch.is_autocast_enabled(x.device.type):
+            update = low_rank_update(x, weighted, self.lora_B, self.scaling, self.dropout)
         else:
             update = F.linear(F.linear(self.dropout(x.to(weighted.dtype)), weighted), self.lora_B) * self.scaling
         return result + (update / (self.ranknum + 1e-5)).to(result.dtype)

@@ -44,6 +44,7 @@ from peftctl.methods.lora_init import (
     initialise,
     loraplus_scales,
 )
+from peftctl.methods.low_rank import low_rank_update
 
 
 class LoraConfig(MethodConfig):
@@ -80,33 +81,6 @@ class LoraConfig(MethodConfig):
     )
 
 
-class LowRankUpdate(torch.autograd.Function):
-    """s·(x·Aᵀ)·Bᵀ computed in the adapter's precision (fp32), keeping `x` as it came for the backward pass.
-
-    Plain autograd would keep the fp32 copy of a 16-bit `x` that the adapter's matmul reads: on a
-    bf16 base with LoRA on q and v, two [tokens, hidden] fp32 tensors per layer, about a sixth of
-    a SmolLM2 step's activation memory. The copy is exact (bf16 → fp32 loses nothing), so the
-    backward pass makes it again, one layer at a time; the arithmetic is autograd's own.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        xa = F.linear(x.to(a.dtype), a)
-        ctx.save_for_backward(x, a, b, xa)
-        ctx.scaling = scaling
-        return F.linear(xa, b) * scaling
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, a, b, xa = ctx.saved_tensors
-        grad = (grad * ctx.scaling).flatten(0, -2)
-        grad_b = grad.T @ xa.flatten(0, -2) if ctx.needs_input_grad[2] else None
-        grad_xa = grad @ b
-        grad_a = grad_xa.T @ x.flatten(0, -2).to(a.dtype) if ctx.needs_input_grad[1] else None
-        grad_x = (grad_xa @ a).to(x.dtype).view(x.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_a, grad_b, None
-
-
 class LoraLinear(nn.Module):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus a LoRA or DoRA update."""
 
@@ -135,9 +109,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        plain = self.lora_magnitude_vector is None and isinstance(self.dropout, nn.Identity)
-        if plain and not torch.is_autocast_enabled(x.device.type):
-            update = LowRankUpdate.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        if self.lora_magnitude_vector is None and not torch.is_autocast_enabled(x.device.type):
+            update = low_rank_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
             return result + update.to(result.dtype)
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         # x·A then ·B: never materialise the [out, in] product during training.
