@@ -190,21 +190,79 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
-@app.command()
+class _SeveralNumbersCommand(typer.core.TyperCommand):
+    """A command whose `--weights` takes several numbers, `--weights 0.5 0.3 0.2` (one per
+    adapter, as peft's add_weighted_adapter takes a list). A click option takes one value, so
+    each number that follows is given an option of its own before parsing."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        spread, option, taken = [], None, 0
+        for arg in args:
+            if option and _is_number(arg):
+                spread.append(f"{option}={arg}")  # `=`: a negative weight is not read as an option
+                taken += 1
+                continue
+            if option and not taken:
+                spread.append(option)  # no number after it: click says that it needs a value
+            option, taken = (arg, 0) if arg == "--weights" else (None, 0)
+            if option is None:
+                spread.append(arg)
+        if option and not taken:
+            spread.append(option)
+        return super().parse_args(ctx, spread)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@app.command(cls=_SeveralNumbersCommand)
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    adapters: Annotated[list[Path], typer.Argument(
+        help="The adapter folder (adapter_config.json + adapter_model.safetensors); several to combine them.",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (the combined adapter).")],
+    combine: Annotated[Optional[str], typer.Option(
+        "--combine", help="Combine the adapters into one LoRA adapter instead, as peft's add_weighted_adapter: cat "
+        "(exact: ranks add up; the default), linear, ties, dare_linear or dare_ties (one rank).")] = None,
+    weights: Annotated[Optional[list[float]], typer.Option(
+        "--weights", help="Combining: one weight per adapter, in order: --weights 0.5 0.3 0.2 (default: 1 each).",
+        show_default=False)] = None,
+    density: Annotated[Optional[float], typer.Option(
+        "--density", help="ties, dare_*: the fraction of each A and B tensor's entries kept (default 0.5).",
+        show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="dare_*: seed of DARE's random masks (default 0): the same seed, the same adapter.",
+        show_default=False)] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteModelOpt = False,
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Fold an adapter into its base model and save a plain transformers model folder."""
+    """Fold an adapter into its base model and save a plain transformers model folder; or, given
+    several adapters (or --combine), combine them into one LoRA adapter folder in peft's format.
+
+    Which one is decided by the inputs: a merged model holds one adapter, so several adapters (or
+    --combine) can only mean combining them; the base is then read for its layer names and shapes
+    only, never its weights.
+    """
+    if len(adapters) > 1 or combine is not None:
+        return _combine_into_adapter(adapters, out, combine or "cat", weights, density, seed, base, dtype, overwrite,
+                                trust_remote_code, json_)
     from peftctl.export import merge_to_folder
 
     def merged() -> dict:
-        return {"merged_model": str(out), **merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)}
+        given = [name for name, value in (("--weights", weights), ("--density", density), ("--seed", seed))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]} is an option for combining adapters, and one adapter is merged into its "
+                            "base here", where=given[0], fix="pass several adapters (or --combine), or drop it")
+        return {"merged_model": str(out), **merge_to_folder(adapters[0], out, base, dtype, trust_remote_code, overwrite)}
 
     def rows(figures: dict) -> list[tuple[str, str]]:
         return [(f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
@@ -212,6 +270,37 @@ def merge(
                 ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else ""))]
 
     write_model_folder("peftctl merge", merged, rows, ("merged model", out), dtype, json_)
+
+
+def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: list[float] | None, density: float | None,
+                     seed: int | None, base: str | None, dtype: str | None, overwrite: bool, trust_remote_code: bool,
+                     json_: bool) -> None:
+    """`peftctl merge A B C --out DIR`: the adapters combined into one adapter folder."""
+    from peftctl.combine import combine_adapters as combine
+
+    quiet_libraries()
+    with user_errors(json_):
+        if dtype is not None:
+            raise UserError("--dtype sets a merged model's precision; a combined adapter is saved in float32",
+                            where="--dtype", fix="drop --dtype")
+        figures = combine(adapters, out, how, weights, density, seed, base, trust_remote_code, overwrite)
+    if json_:
+        print(jsontext.dumps(figures))
+        return
+    how = figures["combine"]
+    options = ([f"density {figures['density']}"] if figures["density"] is not None else []) + (
+        [f"seed {figures['seed']} (random masks: the same seed gives the same adapter)"] if figures["seed"] is not None
+        else [])
+    print_summary(f"peftctl merge: {len(adapters)} adapters combined ({how})", [
+        ("combination", ", ".join([how, *options])),
+        ("weights", ", ".join(f"{w:g}" for w in figures["weights"])),
+        ("rank", f"r = {figures['r']}, lora_alpha = {figures['lora_alpha']} (each adapter's scale is in its tensors)"),
+        ("layers", str(figures["layers"])),
+        ("vs weighted sum", f"relative error {figures['update_relative_error']:.2e} of B·A vs Σ wᵢ·sᵢ·Bᵢ·Aᵢ"),
+    ], [
+        ("combined adapter", str(out)),
+        ("load it with", f"PeftModel.from_pretrained(base_model, {str(out)!r}), or peftctl eval {out}"),
+    ])
 
 
 @app.command("export-base")
