@@ -224,14 +224,14 @@ def _is_number(text: str) -> bool:
 def merge(
     adapters: Annotated[list[Path], typer.Argument(
         help="The adapter folder (adapter_config.json + adapter_model.safetensors); several to combine them.",
-        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model (the combined adapter).")],
+        metavar="ADAPTER", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model, or for the combined adapter.")],
     combine: Annotated[Optional[str], typer.Option(
         "--combine", help="Combine the adapters into one LoRA adapter instead, as peft's add_weighted_adapter: cat "
         "(exact: ranks add up; the default), linear, ties, dare_linear or dare_ties (one rank).")] = None,
     weights: Annotated[Optional[list[float]], typer.Option(
         "--weights", help="Combining: one weight per adapter, in order: --weights 0.5 0.3 0.2 (default: 1 each).",
-        show_default=False)] = None,
+        metavar="W...", show_default=False)] = None,
     density: Annotated[Optional[float], typer.Option(
         "--density", help="ties, dare_*: the fraction of each A and B tensor's entries kept (default 0.5).",
         show_default=False)] = None,
@@ -244,16 +244,13 @@ def merge(
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Fold an adapter into its base model and save a plain transformers model folder; or, given
-    several adapters (or --combine), combine them into one LoRA adapter folder in peft's format.
-
-    Which one is decided by the inputs: a merged model holds one adapter, so several adapters (or
-    --combine) can only mean combining them; the base is then read for its layer names and shapes
-    only, never its weights.
-    """
+    """Fold an adapter into its base model and save a plain transformers model folder; or combine
+    several LoRA adapters of one base into one adapter folder in peft's format. A merged model
+    holds one adapter, so several adapters (or --combine) mean combining; the base's weights are
+    then never read, only its layer names and shapes."""
     if len(adapters) > 1 or combine is not None:
         return _combine_into_adapter(adapters, out, combine or "cat", weights, density, seed, base, dtype, overwrite,
-                                trust_remote_code, json_)
+                                     trust_remote_code, json_)
     from peftctl.export import merge_to_folder
 
     def merged() -> dict:
@@ -272,9 +269,9 @@ def merge(
     write_model_folder("peftctl merge", merged, rows, ("merged model", out), dtype, json_)
 
 
-def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: list[float] | None, density: float | None,
-                     seed: int | None, base: str | None, dtype: str | None, overwrite: bool, trust_remote_code: bool,
-                     json_: bool) -> None:
+def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: list[float] | None,
+                          density: float | None, seed: int | None, base: str | None, dtype: str | None,
+                          overwrite: bool, trust_remote_code: bool, json_: bool) -> None:
     """`peftctl merge A B C --out DIR`: the adapters combined into one adapter folder."""
     from peftctl.combine import combine_adapters as combine
 
@@ -287,20 +284,9 @@ def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: li
     if json_:
         print(jsontext.dumps(figures))
         return
-    how = figures["combine"]
-    options = ([f"density {figures['density']}"] if figures["density"] is not None else []) + (
-        [f"seed {figures['seed']} (random masks: the same seed gives the same adapter)"] if figures["seed"] is not None
-        else [])
-    print_summary(f"peftctl merge: {len(adapters)} adapters combined ({how})", [
-        ("combination", ", ".join([how, *options])),
-        ("weights", ", ".join(f"{w:g}" for w in figures["weights"])),
-        ("rank", f"r = {figures['r']}, lora_alpha = {figures['lora_alpha']} (each adapter's scale is in its tensors)"),
-        ("layers", str(figures["layers"])),
-        ("vs weighted sum", f"relative error {figures['update_relative_error']:.2e} of B·A vs Σ wᵢ·sᵢ·Bᵢ·Aᵢ"),
-    ], [
-        ("combined adapter", str(out)),
-        ("load it with", f"PeftModel.from_pretrained(base_model, {str(out)!r}), or peftctl eval {out}"),
-    ])
+    from peftctl.console import print_combined
+
+    print_combined(figures)
 
 
 @app.command("export-base")
@@ -345,7 +331,9 @@ def check_dtype(dtype: str | None) -> None:
 
 @app.command("eval")
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="An adapter folder, or a recipe (its output.dir/adapter is evaluated).")],
+    targets: Annotated[list[Path], typer.Argument(
+        help="An adapter folder, or a recipe (its output.dir/adapter is evaluated); several, to compare "
+             "adapters of one base in one table.", metavar="ADAPTER", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="Held-out rows (default: the recipe's validation data).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Row layout of --data: alpaca, chat or completion (default: the recipe's).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Rows to generate replies for (greedy, stops at EOS).")] = 5,
@@ -353,20 +341,26 @@ def evaluate(
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter."""
-    from peftctl.evaluate import eval_inputs, evaluate_adapter
+    """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter, or
+    the base and several adapters of it side by side."""
+    from peftctl.evaluate import eval_inputs, eval_inputs_of_several, evaluate_adapter, evaluate_adapters
 
     quiet_libraries()
     with user_errors(json_):
-        adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(target, data, fmt)
-        report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
-                                  trust_remote_code=trust_remote_code or recipe_trusts)
+        if len(targets) == 1:
+            adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(targets[0], data, fmt)
+            report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
+                                      trust_remote_code=trust_remote_code or recipe_trusts)
+        else:
+            adapter_dirs, data_file, data_format, recipe_trusts = eval_inputs_of_several(targets, data, fmt)
+            report = evaluate_adapters(adapter_dirs, data_file, data_format, samples, base=base,
+                                       trust_remote_code=trust_remote_code or recipe_trusts)
     if json_:
         print(jsontext.dumps(report.as_dict()))
         return
-    from peftctl.console import print_eval
+    from peftctl.console import print_comparison, print_eval
 
-    print_eval(report)
+    (print_eval if len(targets) == 1 else print_comparison)(report)
 
 
 @app.command()

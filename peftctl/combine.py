@@ -154,7 +154,7 @@ def combine_adapters(folders: list[Path], out: Path, how: str = "cat", weights: 
                                 fix="use --combine cat (the ranks add up), or adapters of one rank")
     spec = base_model_spec(folders[0], base, trust_remote_code)
     check_replaceable(out, overwrite, "--out", (CONFIG_FILE,), inputs={
-        **{f"the adapter {folder}": folder for folder in folders}, "the base model": model_files(spec)})
+        **{f"input adapter {i}": folder for i, folder in enumerate(folders, 1)}, "the base model": model_files(spec)})
     adapters = [prepare_adapter(load_skeleton(spec), folder) for folder in folders]
     check_same_layers(folders, adapters)
     states = []
