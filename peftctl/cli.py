@@ -190,21 +190,76 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
-@app.command()
+class _SeveralNumbersCommand(typer.core.TyperCommand):
+    """A command whose `--weights` takes several numbers, `--weights 0.5 0.3 0.2` (one per
+    adapter, as peft's add_weighted_adapter takes a list). A click option takes one value, so
+    each number that follows is given an option of its own before parsing."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        spread, option, taken = [], None, 0
+        for arg in args:
+            if option and _is_number(arg):
+                spread.append(f"{option}={arg}")  # `=`: a negative weight is not read as an option
+                taken += 1
+                continue
+            if option and not taken:
+                spread.append(option)  # no number after it: click says that it needs a value
+            option, taken = (arg, 0) if arg == "--weights" else (None, 0)
+            if option is None:
+                spread.append(arg)
+        if option and not taken:
+            spread.append(option)
+        return super().parse_args(ctx, spread)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@app.command(cls=_SeveralNumbersCommand)
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    adapters: Annotated[list[Path], typer.Argument(
+        help="The adapter folder (adapter_config.json + adapter_model.safetensors); several to combine them.",
+        metavar="ADAPTER", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model, or for the combined adapter.")],
+    combine: Annotated[Optional[str], typer.Option(
+        "--combine", help="Combine the adapters into one LoRA adapter instead, as peft's add_weighted_adapter: cat "
+        "(exact: ranks add up; the default), linear, ties, dare_linear or dare_ties (one rank).")] = None,
+    weights: Annotated[Optional[list[float]], typer.Option(
+        "--weights", help="Combining: one weight per adapter, in order: --weights 0.5 0.3 0.2 (default: 1 each).",
+        metavar="W...", show_default=False)] = None,
+    density: Annotated[Optional[float], typer.Option(
+        "--density", help="ties, dare_*: the fraction of each A and B tensor's entries kept (default 0.5).",
+        show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="dare_*: seed of DARE's random masks (default 0): the same seed, the same adapter.",
+        show_default=False)] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
     dtype: DtypeOpt = None,
     overwrite: OverwriteModelOpt = False,
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Fold an adapter into its base model and save a plain transformers model folder."""
+    """Fold an adapter into its base model and save a plain transformers model folder; or combine
+    several LoRA adapters of one base into one adapter folder in peft's format. A merged model
+    holds one adapter, so several adapters (or --combine) mean combining; the base's weights are
+    then never read, only its layer names and shapes."""
+    if len(adapters) > 1 or combine is not None:
+        return _combine_into_adapter(adapters, out, combine or "cat", weights, density, seed, base, dtype, overwrite,
+                                     trust_remote_code, json_)
     from peftctl.export import merge_to_folder
 
     def merged() -> dict:
-        return {"merged_model": str(out), **merge_to_folder(adapter, out, base, dtype, trust_remote_code, overwrite)}
+        given = [name for name, value in (("--weights", weights), ("--density", density), ("--seed", seed))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]} is an option for combining adapters, and one adapter is merged into its "
+                            "base here", where=given[0], fix="pass several adapters (or --combine), or drop it")
+        return {"merged_model": str(out), **merge_to_folder(adapters[0], out, base, dtype, trust_remote_code, overwrite)}
 
     def rows(figures: dict) -> list[tuple[str, str]]:
         return [(f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e}, "
@@ -212,6 +267,26 @@ def merge(
                 ("saved as", f"{figures['dtype']}" + (" (the base's precision)" if dtype is None else ""))]
 
     write_model_folder("peftctl merge", merged, rows, ("merged model", out), dtype, json_)
+
+
+def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: list[float] | None,
+                          density: float | None, seed: int | None, base: str | None, dtype: str | None,
+                          overwrite: bool, trust_remote_code: bool, json_: bool) -> None:
+    """`peftctl merge A B C --out DIR`: the adapters combined into one adapter folder."""
+    from peftctl.combine import combine_adapters as combine
+
+    quiet_libraries()
+    with user_errors(json_):
+        if dtype is not None:
+            raise UserError("--dtype sets a merged model's precision; a combined adapter is saved in float32",
+                            where="--dtype", fix="drop --dtype")
+        figures = combine(adapters, out, how, weights, density, seed, base, trust_remote_code, overwrite)
+    if json_:
+        print(jsontext.dumps(figures))
+        return
+    from peftctl.console import print_combined
+
+    print_combined(figures)
 
 
 @app.command("export-base")
@@ -256,7 +331,9 @@ def check_dtype(dtype: str | None) -> None:
 
 @app.command("eval")
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="An adapter folder, or a recipe (its output.dir/adapter is evaluated).")],
+    targets: Annotated[list[Path], typer.Argument(
+        help="An adapter folder, or a recipe (its output.dir/adapter is evaluated); several, to compare "
+             "adapters of one base in one table.", metavar="ADAPTER", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="Held-out rows (default: the recipe's validation data).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Row layout of --data: alpaca, chat or completion (default: the recipe's).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Rows to generate replies for (greedy, stops at EOS).")] = 5,
@@ -264,20 +341,26 @@ def evaluate(
     trust_remote_code: TrustOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter."""
-    from peftctl.evaluate import eval_inputs, evaluate_adapter
+    """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter, or
+    the base and several adapters of it side by side."""
+    from peftctl.evaluate import eval_inputs, eval_inputs_of_several, evaluate_adapter, evaluate_adapters
 
     quiet_libraries()
     with user_errors(json_):
-        adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(target, data, fmt)
-        report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
-                                  trust_remote_code=trust_remote_code or recipe_trusts)
+        if len(targets) == 1:
+            adapter_dir, data_file, data_format, recipe_trusts = eval_inputs(targets[0], data, fmt)
+            report = evaluate_adapter(adapter_dir, data_file, data_format, samples, base=base,
+                                      trust_remote_code=trust_remote_code or recipe_trusts)
+        else:
+            adapter_dirs, data_file, data_format, recipe_trusts = eval_inputs_of_several(targets, data, fmt)
+            report = evaluate_adapters(adapter_dirs, data_file, data_format, samples, base=base,
+                                       trust_remote_code=trust_remote_code or recipe_trusts)
     if json_:
         print(jsontext.dumps(report.as_dict()))
         return
-    from peftctl.console import print_eval
+    from peftctl.console import print_comparison, print_eval
 
-    print_eval(report)
+    (print_eval if len(targets) == 1 else print_comparison)(report)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -121,6 +122,25 @@ def print_summary_lines(verbatim: list[tuple[str, str]]) -> None:
         stdout.print(Text.assemble((f"{key}: ", "bold"), value), highlight=False, soft_wrap=True)
 
 
+def print_combined(figures: dict) -> None:
+    """`peftctl merge A B C`'s table: how the adapters were combined, and how far the combined
+    update is from their weighted sum (exact for cat); then where it is and how to load it."""
+    options = ([f"density {figures['density']}"] if figures["density"] is not None else []) + (
+        [f"seed {figures['seed']} (random masks: the same seed gives the same adapter)"]
+        if figures["seed"] is not None else [])
+    out = figures["adapter_dir"]
+    print_summary(f"peftctl merge: {len(figures['adapters'])} adapters combined", [
+        ("combination", ", ".join([figures["combine"], *options])),
+        ("weights", ", ".join(f"{w:g}" for w in figures["weights"])),
+        ("rank", f"r = {figures['r']}, lora_alpha = {figures['lora_alpha']} (each adapter's scale is in its tensors)"),
+        ("layers", str(figures["layers"])),
+        ("vs weighted sum", f"relative error {figures['update_relative_error']:.2e} of B·A vs Σ wᵢ·sᵢ·Bᵢ·Aᵢ"),
+    ], [
+        ("combined adapter", out),
+        ("load it with", f"PeftModel.from_pretrained(base_model, {out!r}), or peftctl eval {out}"),
+    ])
+
+
 def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -207,6 +227,55 @@ def _eval_tables(report) -> list[Table]:
                                                             base["generated"], with_adapter["generated"])))
         tables.append(samples)
     return tables
+
+
+# print_comparison's column headers: short, so that a row of figures fits a terminal's 80 columns.
+HEADERS = {"loss": "loss", "perplexity": "perplexity", "token_accuracy": "accuracy", "exact_match": "exact",
+           "token_f1": "F1"}
+
+
+def print_comparison(report) -> None:
+    """Several adapters beside the base: each adapter's path under its short label, the data, one
+    table with a row for the base and one per adapter, then the sampled generations side by side."""
+    labels = short_labels(report.adapter_dirs)
+    for label, path in zip(labels, report.adapter_dirs):
+        stdout.print(Text.assemble((f"adapter {label}: ", "bold"), str(path)), highlight=False, soft_wrap=True)
+    stdout.print(Text.assemble(("data: ", "bold"), str(report.data_file)), highlight=False, soft_wrap=True)
+    metrics = [metric for metric, value in report.base.figures().items() if value is not None]
+    table = Table(title=f"peftctl eval: {report.rows} rows, base and {len(labels)} adapters", title_justify="left")
+    table.add_column("model")
+    for column in (*(HEADERS[metric] for metric in metrics), "Δ loss"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.caption = ", ".join(f"{HEADERS[m]}: {m}" for m in metrics if HEADERS[m] != m) + "; Δ loss: vs the base"
+    table.add_row("base", *(f"{report.base.figures()[metric]:.4f}" for metric in metrics), "")
+    for label, scores in zip(labels, report.adapters):
+        change = scores.loss - report.base.loss
+        table.add_row(label, *(f"{scores.figures()[metric]:.4f}" for metric in metrics),
+                      Text(f"{change:+.4f}", style="green" if change < 0 else "red" if change else ""))
+    stdout.print(table)
+    if report.base.generations:
+        samples = Table(title="generations (greedy)", title_justify="left", show_lines=True)
+        for column in ("prompt", "reference", "base", *labels):
+            samples.add_column(column, overflow="fold")
+        for i, base in enumerate(report.base.generations):
+            samples.add_row(*(_one_line(text) for text in (base["prompt"], base["reference"], base["generated"],
+                                                            *(scores.generations[i]["generated"]
+                                                              for scores in report.adapters))))
+        stdout.print(samples)
+
+
+def short_labels(paths) -> list[str]:
+    """Each path's fewest trailing components that tell it from the others (run-a/adapter,
+    run-b/adapter, combined); the same folder twice keeps its whole path."""
+    parts = [Path(path).resolve().parts for path in paths]
+    depths = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-depth:]) for p, depth in zip(parts, depths)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depths[i] < len(parts[i])]
+        if not clashing:
+            return labels
+        for i in clashing:
+            depths[i] += 1
 
 
 def _one_line(text: str, limit: int = 160) -> str:

@@ -108,25 +108,85 @@ class EvalReport:
                                 for a, b in zip(self.adapter.generations, self.base.generations)]}
 
 
+@dataclass
+class ComparisonReport:
+    """Several adapters of one base scored on the same rows, beside the base."""
+
+    adapter_dirs: list[Path]
+    data_file: Path
+    rows: int
+    base: Scores
+    adapters: list[Scores]
+
+    def as_dict(self) -> dict[str, Any]:
+        generations = [{"prompt": base["prompt"], "reference": base["reference"], "base": base["generated"],
+                        "base_stopped_at_eos": base["stopped_at_eos"],
+                        "adapters": [{"adapter_dir": str(folder), "generated": scores.generations[i]["generated"],
+                                      "stopped_at_eos": scores.generations[i]["stopped_at_eos"]}
+                                     for folder, scores in zip(self.adapter_dirs, self.adapters)]}
+                       for i, base in enumerate(self.base.generations)]
+        return {"data": str(self.data_file), "rows": self.rows, "base": self.base.figures(),
+                "adapters": [{"adapter_dir": str(folder), **scores.figures()}
+                             for folder, scores in zip(self.adapter_dirs, self.adapters)],
+                "generations": generations}
+
+
 def evaluate_adapter(adapter_dir: Path, data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
                      base: str | None = None, trust_remote_code: bool = False) -> EvalReport:
     """Score the base model, then the same model with the adapter, on the same rows."""
+    report = evaluate_adapters([adapter_dir], data_file, fmt, samples, max_seq_len, base, trust_remote_code)
+    return EvalReport(Path(adapter_dir), report.data_file, report.rows, report.base, report.adapters[0])
+
+
+def evaluate_adapters(adapter_dirs: list[Path], data_file: Path, fmt: str, samples: int, max_seq_len: int = 1024,
+                      base: str | None = None, trust_remote_code: bool = False) -> ComparisonReport:
+    """Score the base model once, then the base with each adapter, on the same rows.
+
+    The first adapter is applied to the model the base was scored with; each further one to a
+    fresh load of the base. There is no way to take any method's adapter off again exactly:
+    some change the base itself (PiSSA/OLoRA move part of each weight into the adapter, BitFit
+    can create biases), so reloading is what is exact for every method.
+    """
     from peftctl.data import tokenize_rows
     from peftctl.rows import read_rows
-    from peftctl.export import base_model_spec, load_adapter
+    from peftctl.export import base_model_spec, check_same_base, load_adapter
     from peftctl.model import load_model, load_skeleton, load_tokenizer
     from peftctl.recipe import DataSpec
 
-    spec = base_model_spec(adapter_dir, base, trust_remote_code)
-    load_adapter(load_skeleton(spec), adapter_dir)  # a foreign or mismatched adapter fails before weights load
+    adapter_dirs = [Path(folder) for folder in adapter_dirs]
+    check_same_base(adapter_dirs, "be evaluated on one base model", named=base is None)
+    spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
+    for folder in adapter_dirs:  # a foreign or mismatched adapter fails before weights load
+        load_adapter(load_skeleton(spec), folder)
     tokenizer = load_tokenizer(spec)
     rows = read_rows(data_file, fmt, key="--data")
     examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
     model = load_model(spec)
     base_scores = score(model, tokenizer, examples, rows, fmt, samples)
-    load_adapter(model, adapter_dir)
-    adapter_scores = score(model, tokenizer, examples, rows, fmt, samples)
-    return EvalReport(Path(adapter_dir), Path(data_file), len(examples), base_scores, adapter_scores)
+    adapter_scores = []
+    for i, folder in enumerate(adapter_dirs):
+        if i:
+            model = None  # the previous adapter's model is let go before the next base loads
+            model = load_model(spec)
+        load_adapter(model, folder)
+        adapter_scores.append(score(model, tokenizer, examples, rows, fmt, samples))
+    return ComparisonReport(adapter_dirs, Path(data_file), len(examples), base_scores, adapter_scores)
+
+
+def eval_inputs_of_several(targets: list[Path], data: Path | None, fmt: str | None) -> tuple[list[Path], Path, str, bool]:
+    """`eval_inputs` for several targets: their adapter folders, and the one data file and format
+    they are all scored on (--data, else the one their recipes name; different ones are an error)."""
+    from peftctl.errors import UserError
+
+    found = [eval_inputs(target, data, fmt) for target in targets]
+    _, data_file, data_format, _ = found[0]
+    for target, (_, other_file, other_format, _) in zip(targets[1:], found[1:]):
+        if (Path(other_file).resolve(), other_format) != (Path(data_file).resolve(), data_format):
+            raise UserError(f"its recipe holds out {other_file} ({other_format}), but {targets[0]}'s holds out "
+                            f"{data_file} ({data_format})", file=target, where="--data",
+                            expected="one data file for all the adapters, to compare them on the same rows",
+                            fix="pass --data FILE (and --format) to score them all on it")
+    return [item[0] for item in found], data_file, data_format, any(item[3] for item in found)
 
 
 def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path, Path, str, bool]:

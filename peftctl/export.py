@@ -40,9 +40,14 @@ def adapter_config(adapter: Adapter, base_model: str, revision: str | None = Non
 
 
 def save_adapter(adapter: Adapter, folder: Path, base_model: str, recipe_yaml: str | None = None,
-                 revision: str | None = None) -> Path:
-    """Write the adapter to `folder` atomically: it appears complete or not at all."""
-    state = {key: tensor.detach().to("cpu").contiguous() for key, tensor in adapter.state_dict().items()}
+                 revision: str | None = None, state: dict | None = None) -> Path:
+    """Write the adapter to `folder` atomically: it appears complete or not at all.
+
+    `state` replaces the adapter's own weights where they live elsewhere (an adapter built on a
+    meta-device skeleton, such as a combination of adapters, has none of its own).
+    """
+    state = {key: tensor.detach().to("cpu").contiguous()
+             for key, tensor in (adapter.state_dict() if state is None else state).items()}
     with atomic_directory(folder) as staging:
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         config = adapter_config(adapter, base_model, revision)
@@ -92,14 +97,22 @@ def adapter_method(folder: Path) -> tuple[Method, MethodConfig]:
 
 def load_adapter(model: nn.Module, folder: Path) -> Adapter:
     """Apply the adapter saved in `folder` to `model` and load its weights, all or nothing."""
+    adapter = prepare_adapter(model, folder)
+    weights = Path(folder) / WEIGHTS_FILE
+    adapter.load_state_dict(read_weights(weights), str(weights))
+    return adapter
+
+
+def prepare_adapter(model: nn.Module, folder: Path) -> Adapter:
+    """Apply the adapter saved in `folder` to `model` with its options, not yet its weights: what
+    it adapts and the shapes, checked against the model before any weights are read."""
     folder = Path(folder)
     method, cfg = adapter_method(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
+    if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"no {WEIGHTS_FILE} in the adapter folder", file=folder,
                         fix="peftctl reads safetensors only; re-save the adapter with safe_serialization=True")
     try:
-        adapter = method.apply(model, cfg)
+        return method.apply(model, cfg)
     except UserError as err:
         # The options come from the adapter's config, not from a recipe: say so, and that the
         # likely cause is a base model other than the one the adapter was made for.
@@ -108,8 +121,6 @@ def load_adapter(model: nn.Module, folder: Path) -> Adapter:
             err.fix = "use the base model the adapter was trained on (see its base_model_name_or_path)"
             err._changed()
         raise
-    adapter.load_state_dict(read_weights(weights), str(weights))
-    return adapter
 
 
 def read_weights(path: Path) -> dict:
@@ -146,6 +157,59 @@ def saved_recipe(folder: Path) -> dict[str, Any]:
 
 # --- an adapter's base model, and merging into it ----------------------------------------------
 
+QUANTIZATION_KEYS = ("quantization", "quant_type", "double_quant", "compute_dtype")
+
+
+def saved_base(folder: Path, named: bool = True) -> dict[str, Any]:
+    """The base model the adapter in `folder` says it was made on (its saved recipe, else its
+    config), as written, nothing resolved: name_or_path, revision, gguf_file and the quantization
+    it trained with. `named`: a missing name is an error (else None, for a caller given --base)."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    options = saved_recipe(folder).get("model") or {}
+    name = options.get("name_or_path") or config.get("base_model_name_or_path")
+    if named and not isinstance(name, str):
+        raise UserError(f"the base model's name is {name!r}, not a string", file=folder / RECIPE_FILE,
+                        where="model.name_or_path", fix="pass --base MODEL")
+    if named and not name:
+        raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
+                        where="base_model_name_or_path", fix="pass --base MODEL")
+    return {"name_or_path": name, "revision": options.get("revision", config.get("revision")),
+            "gguf_file": options.get("gguf_file"), **{key: options[key] for key in QUANTIZATION_KEYS if key in options}}
+
+
+def check_same_base(folders: list[Path], what: str, named: bool = True) -> None:
+    """Refuse adapters made on different base models (another model, revision, GGUF file or
+    quantization): `what` they are to do together (be combined, be evaluated on one base) needs one.
+    A local folder counts by its resolved path, so ./base and /abs/base are one model. Without
+    `named` (the user passed --base) an adapter that names no base is not compared."""
+    from peftctl.recipe import ModelSpec
+
+    def identity(folder: Path) -> dict[str, Any] | None:
+        base = saved_base(folder, named)
+        if not isinstance(base["name_or_path"], str) or not base["name_or_path"]:
+            return None
+        local = Path(base["name_or_path"]).expanduser()
+        found = {"name_or_path": str(local.resolve()) if local.exists() else base["name_or_path"],
+                 "revision": base["revision"], "gguf_file": base["gguf_file"],
+                 "quantization": base.get("quantization", "none")}
+        if found["quantization"] == "4bit":  # which 4-bit weights; the compute precision is not the base's
+            found.update({key: base.get(key, ModelSpec.model_fields[key].default) for key in ("quant_type", "double_quant")})
+        return found
+
+    known = [(folder, found) for folder in folders if (found := identity(folder)) is not None]
+    if not known:
+        return
+    (first, expected), *others = known
+    for folder, found in others:
+        if found != expected:
+            differ = ", ".join(f"{key} {found.get(key)!r} (not {expected.get(key)!r})"
+                               for key in sorted(set(found) | set(expected)) if found.get(key) != expected.get(key))
+            raise UserError(f"this adapter was made on another base model than {first}: {differ}", file=folder,
+                            expected=f"adapters trained on one base model, to {what}",
+                            fix="pass only adapters of the same base model (see each adapter_config.json's "
+                                "base_model_name_or_path)")
+
 
 def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False):
     """The ModelSpec an adapter was trained on: `base` if given, else its recipe, else its config.
@@ -157,20 +221,13 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     from peftctl.recipe import ModelSpec
 
     folder = Path(folder)
-    config = read_adapter_config(folder)
+    own = saved_base(folder, named=base is None)
     options = saved_recipe(folder).get("model") or {}
-    name = base or options.get("name_or_path") or config.get("base_model_name_or_path")
-    if not isinstance(name, str):
-        raise UserError(f"the base model's name is {name!r}, not a string", file=folder / RECIPE_FILE,
-                        where="model.name_or_path", fix="pass --base MODEL")
-    if not name:
-        raise UserError("the adapter does not say which base model it belongs to", file=folder / CONFIG_FILE,
-                        where="base_model_name_or_path", fix="pass --base MODEL")
-    revision = None if base else options.get("revision", config.get("revision"))
+    name = base or own["name_or_path"]
+    revision = None if base else own["revision"]
+    gguf_file = None if base else own["gguf_file"]
     # The base as it was trained: a quantized one is quantized again, the same way.
-    quantization = {key: options[key] for key in ("quantization", "quant_type", "double_quant", "compute_dtype")
-                    if key in options}
-    gguf_file = None if base else options.get("gguf_file")
+    quantization = {key: own[key] for key in QUANTIZATION_KEYS if key in own}
     try:
         spec = ModelSpec(name_or_path=name, revision=revision, gguf_file=gguf_file, dtype=options.get("dtype", "auto"),
                          trust_remote_code=trust_remote_code, **quantization)
