@@ -35,6 +35,7 @@ from peftctl.ollama import CHATML, LLAMA3, modelfile, translate
 from peftctl.recipe import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import SMOLLM2_TEMPLATE, chatml_bpe_tokenizer, save_tiny_llama
+from tiny_models import random_lora_b
 
 ATOL = 1e-5
 
@@ -59,15 +60,6 @@ def hf_layout(config, gguf_tensor_name: str, values: np.ndarray) -> torch.Tensor
         values = LlamaTensorProcessor()._reverse_permute_weights(values, config.num_attention_heads,
                                                                   config.num_key_value_heads)
     return torch.from_numpy(np.ascontiguousarray(values))
-
-
-def random_b(adapter, seed: int = 1, std: float = 0.05) -> None:
-    """B ≠ 0, so that the update depends on every scale (a fresh LoRA's B is zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in adapter.params.items():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +100,7 @@ def lora_export(request, bases, tmp_path_factory):
     spec = ModelSpec(name_or_path=bases[base], dtype="float32")
     torch.manual_seed(0)
     adapter = methods.apply(load_model(spec), LoraConfig(name="lora", **{"target_modules": "all-linear", **options}))
-    random_b(adapter)
+    random_lora_b(adapter)
     for name in adapter.applied.targets:
         for suffix, scaling in scalings.items():
             if name.endswith(suffix):
@@ -174,7 +166,7 @@ def adapters(bases, tmp_path_factory):
                        "prompt": PromptTuningConfig(name="prompt_tuning", num_virtual_tokens=2)}.items():
         torch.manual_seed(0)
         adapter = methods.apply(load_model(spec), cfg)
-        random_b(adapter)
+        random_lora_b(adapter)
         if label == "ia3":
             with torch.no_grad():
                 for param in adapter.params.values():
