@@ -27,7 +27,7 @@ from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, Merged, base_model_spec, l
     read_adapter_config, read_weights
 from peftctl.files import atomic_file, atomic_write_text, check_new_file, writing
 from peftctl.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
-from peftctl.gguf_tensors import QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
+from peftctl.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
     lora_tensors, model_tensors
 
 DEFAULT_QUANT = "f16"
@@ -65,9 +65,10 @@ def export_gguf(folder: Path, out: Path | None = None, merged: bool = False, qua
     base_file = model_files(spec)
     inputs = {"the adapter": folder, "the base model": base_file}
     check_new_file(out, overwrite, "--out", inputs)
-    tokenizer = load_tokenizer(spec)
     base_gguf = base_file if base_file is not None and base_file.suffix == ".gguf" else None
-    if merged and base_gguf is None:
+    builds_metadata = merged and base_gguf is None
+    tokenizer = load_tokenizer(spec) if with_ollama or builds_metadata else None
+    if builds_metadata:
         with _naming_the_base(spec):
             check_metadata(config, tokenizer)  # a tokenizer llama.cpp cannot take: before the merge
     translation = modelfile = None
@@ -106,9 +107,10 @@ def write_adapter(folder: Path, spec: Any, out: Path) -> dict[str, Any]:
     adapter = load_adapter(load_skeleton(spec), folder)
     with _naming_the_base(spec):
         tensors, alpha = lora_tensors(adapter, read_weights(folder / WEIGHTS_FILE))
-    write_lora_gguf(tensors, alpha, architecture(adapter.model.config).name, out)
-    return {"kind": "lora", "architecture": architecture(adapter.model.config).name, "layers": len(tensors) // 2,
-            "alpha": alpha, "bytes": out.stat().st_size}
+    arch = architecture(adapter.model.config).name
+    write_lora_gguf(tensors, alpha, arch, out)
+    return {"kind": "lora", "architecture": arch, "layers": len(tensors) // 2, "alpha": alpha,
+            "bytes": out.stat().st_size}
 
 
 def write_lora_gguf(tensors: dict[str, Any], alpha: float, arch: str, out: Path) -> None:
@@ -178,9 +180,7 @@ def check_same_tensors(reader: GGUFReader, tensors: list[GgufTensor], source: Pa
     if ours != theirs:
         differ = sorted(ours ^ theirs)
         raise UserError(f"the merged model's tensors differ from its base GGUF's: {', '.join(differ[:4])}"
-                        + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""), file=source,
-                        fix="merge into a transformers folder (peftctl merge) and convert that with llama.cpp's "
-                            "convert_hf_to_gguf.py")
+                        + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""), file=source, fix=CONVERT_FIX)
 
 
 def _write(writer: GGUFWriter) -> None:

@@ -306,3 +306,21 @@ def test_existing_out_needs_overwrite_and_is_replaced_whole(adapters, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.gguf"]  # no temporary file left
     message = " ".join(result.output.split())
     assert "LoRA adapter for llama.cpp's llama: 14 layers" in message and f"--lora {out}" in message
+
+
+def test_a_qlora_adapter_merges_into_its_dequantized_4bit_base(bases, tmp_path):
+    """The merged GGUF is the model that was trained (4-bit base + adapter), with merge's report."""
+    import yaml
+
+    spec = ModelSpec(name_or_path=bases["llama"], dtype="float32", quantization="4bit")
+    torch.manual_seed(0)
+    adapter = methods.apply(load_model(spec), LoraConfig(name="lora", r=4, alpha=8))
+    random_lora_b(adapter)
+    save_adapter(adapter, tmp_path / "adapter", spec.name_or_path, yaml.safe_dump({"model": spec.model_dump(mode="json")}))
+    result = invoke("export", tmp_path / "adapter", "--merged", "--quant", "bf16", "--out", tmp_path / "m.gguf", "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert figures["compared_with"] == "4bit nf4, double quant base + adapter"
+    assert figures["max_abs_logit_diff"] < 1e-4 < figures["gguf_max_abs_logit_diff"] < 0.1  # bf16's rounding, shown
+    for tensor in GGUFReader(tmp_path / "m.gguf").tensors:
+        assert tensor.tensor_type == (GGMLQuantizationType.BF16 if len(tensor.shape) == 2 else GGMLQuantizationType.F32)
