@@ -329,6 +329,39 @@ def check_dtype(dtype: str | None) -> None:
         raise UserError(f"unknown dtype '{dtype}'", where="--dtype", expected="float32, bfloat16 or float16")
 
 
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).")],
+    fmt: Annotated[str, typer.Option("--format", help="The file format: gguf (llama.cpp, Ollama).")] = "gguf",
+    out: Annotated[Optional[Path], typer.Option("--out", help="The GGUF file (default: beside the adapter folder).")] = None,
+    merged: Annotated[bool, typer.Option("--merged", help="Fold the adapter into the base: one GGUF model file. "
+                                         "Methods other than plain LoRA/rsLoRA are always exported so.")] = False,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="Precision of a merged model's matrices: q8_0, "
+                                                 "f16, bf16 or f32 (default f16).")] = None,
+    ollama: Annotated[bool, typer.Option("--ollama", help="Also write an Ollama Modelfile beside the GGUF file.")] = False,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model (default: the adapter's own).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    trust_remote_code: TrustOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Write an adapter for llama.cpp and Ollama: a LoRA GGUF, or the base with it merged."""
+    from peftctl.gguf_export import export_gguf
+
+    quiet_libraries()
+    with user_errors(json_):
+        if fmt != "gguf":
+            raise UserError(f"unknown export format '{fmt}'", where="--format", expected="gguf",
+                            fix="an adapter folder already is peft's format; `peftctl merge` writes a transformers folder")
+        figures = export_gguf(adapter, out, merged, quant, ollama, base, trust_remote_code, overwrite)
+    if json_:
+        print(jsontext.dumps(figures))
+        return
+    from peftctl.console import export_rows
+
+    rows, lines = export_rows(figures)
+    print_summary("peftctl export --format gguf", rows, lines)
+
+
 @app.command("eval")
 def evaluate(
     targets: Annotated[list[Path], typer.Argument(

@@ -316,3 +316,36 @@ def plan_table(plan) -> Table:
 
 def _gb(value: float) -> str:
     return f"{value / 1e9:,.2f} GB" if value >= 1e8 else f"{value / 1e6:,.1f} MB"
+
+
+def export_rows(figures: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`peftctl export`'s table rows and verbatim lines (paths, commands) from its figures."""
+    size = f"{figures['bytes'] / 1e6:,.1f} MB"
+    if figures["kind"] == "lora":
+        rows = [("written", f"LoRA adapter for llama.cpp's {figures['architecture']}: {figures['layers']} layers, "
+                            f"{size}"),
+                ("scale", f"each layer's scaling is in B (alpha = r = {figures['alpha']:g}): llama.cpp's "
+                          "scale 1.0 is the adapter as trained")]
+        base = figures["base_gguf"] or "BASE.gguf (the base converted with llama.cpp's convert_hf_to_gguf.py)"
+        command = f"llama-cli -m {base} --lora {figures['gguf']}"
+    else:
+        rows = [("written", f"base + adapter merged, {figures['tensors']} tensors in {figures['quant']}, {size}"),
+                ("metadata", f"from {figures['metadata_from']}"),
+                (f"vs {figures['compared_with']}", f"max |Δlogit| {figures['max_abs_logit_diff']:.2e} (fp32 merge), "
+                 f"{figures['gguf_max_abs_logit_diff']:.2e} as written in {figures['quant']} (probe batch)")]
+        command = f"llama-cli -m {figures['gguf']}"
+    if figures.get("why_merged"):
+        rows.insert(0, ("merged because", figures["why_merged"]))
+    lines = [("gguf", figures["gguf"]), ("run it with", command)]
+    if figures.get("modelfile"):
+        rows.append(("chat template", f"{figures['chat_template']}, as Ollama's TEMPLATE"))
+        lines += [("modelfile", figures["modelfile"]),
+                  ("then", f"cd {_quoted_folder(figures['modelfile'])} && ollama create NAME -f Modelfile")]
+    return rows, lines
+
+
+def _quoted_folder(path: str) -> str:
+    import shlex
+    from pathlib import Path
+
+    return shlex.quote(str(Path(path).parent))

@@ -8,6 +8,8 @@ read it; the resolved recipe is saved beside it for people and for `peftctl eval
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,33 +253,44 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     return spec
 
 
-def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str | None = None,
-                    trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Fold the adapter into its base and save a plain transformers model folder at `out`.
+@dataclass
+class Merged:
+    """A base model with an adapter folded in (fp32), with what writing it needs."""
 
-    The merge runs in fp32; the weights are saved in `dtype`, by default the base's own precision
-    (`base_precision`), so a merged model is the size its base was. Returns the largest and mean
-    absolute logit difference between the merged model and base + adapter on a probe batch, so
-    rounding is shown, not discovered.
-    An adapter trained on a quantized base is merged into that base dequantized, and compared
-    with the quantized base + adapter (computing in fp32): the model that was trained, not the
-    unquantized original, which differs from it by the quantization error.
+    model: nn.Module
+    tokenizer: Any
+    spec: Any  # the base's ModelSpec
+    base_dtype: str  # the precision the base is published in
+    figures: dict[str, Any]  # the merged model vs base + adapter on a probe batch
+    probe: Any  # that batch of token ids [2, 32]
+    expected: Any  # base + adapter's logits for it (what a written model is measured against)
+
+
+def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool = False,
+                  check_output: Callable[[Any], None] = lambda spec: None) -> Merged:
+    """Fold the adapter saved in `folder` into its base, in fp32.
+
+    `check_output(spec)` runs once the base is known and before any weights load, so a bad
+    output path fails in seconds. The figures are the largest and mean absolute logit difference
+    between the merged model and base + adapter on a probe batch, so rounding is shown, not
+    discovered. An adapter trained on a quantized base is merged into that base dequantized, and
+    compared with the quantized base + adapter (computing in fp32): the model that was trained,
+    not the unquantized original, which differs from it by the quantization error.
     """
     import torch
 
     from peftctl import quantize
-    from peftctl.model import load_model, load_skeleton, load_tokenizer, model_files
+    from peftctl.model import load_model, load_skeleton, load_tokenizer
 
     folder = Path(folder)
     config = read_adapter_config(folder)
     method = methods.by_peft_type(config["peft_type"], str(folder / CONFIG_FILE))
     method.check_mergeable()  # before any weights load
     spec = base_model_spec(folder, base, trust_remote_code)
-    check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
-        "the adapter": folder, "the base model": model_files(spec)})
+    check_output(spec)
     skeleton = load_skeleton(spec)
     load_adapter(skeleton, folder)  # options, targets and shapes, before the weights load
-    dtype = dtype or base_precision(skeleton.config, spec)
+    base_dtype = base_precision(skeleton.config, spec)
     quantized = spec.quantization != "none"
     if not quantized:
         spec = spec.model_copy(update={"dtype": "float32"})
@@ -296,10 +309,33 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
             quantize.restore_source_types(merged)
         actual = merged(probe).logits
     difference = (actual - expected).abs()
-    save_model_folder(merged.to(getattr(torch, dtype)), tokenizer, out, "the merged model")
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
-    return {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
-            "compared_with": reference, "dtype": dtype}
+    figures = {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
+               "compared_with": reference}
+    return Merged(merged, tokenizer, spec, base_dtype, figures, probe, expected)
+
+
+def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str | None = None,
+                    trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Fold the adapter into its base and save a plain transformers model folder at `out`.
+
+    The weights are saved in `dtype`, by default the base's own precision (`base_precision`), so
+    a merged model is the size its base was. Returns merge_adapter's figures and the dtype.
+    """
+    import torch
+
+    from peftctl.model import model_files
+
+    folder = Path(folder)
+
+    def check_output(spec: Any) -> None:
+        check_replaceable(out, overwrite, "--out", ("config.json",), inputs={
+            "the adapter": folder, "the base model": model_files(spec)})
+
+    merged = merge_adapter(folder, base, trust_remote_code, check_output)
+    dtype = dtype or merged.base_dtype
+    save_model_folder(merged.model.to(getattr(torch, dtype)), merged.tokenizer, out, "the merged model")
+    return {**merged.figures, "dtype": dtype}
 
 
 def save_model_folder(model: nn.Module, tokenizer: Any, out: Path, what: str) -> None:

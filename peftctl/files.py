@@ -46,20 +46,32 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace the file `path` with `text` in one rename: readers see the old or the new file, whole."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary file name beside `path`; on success it replaces `path` in one rename, so
+    readers see the old file or the new one, whole. If the body raises, the temporary file goes."""
     path = Path(path)
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield staging
+        staging.chmod(0o666 & ~umask)  # mkstemp makes the file private; results get the usual mode
+        _fsync(staging)
         os.replace(staging, path)
         _fsync(path.parent)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace the file `path` with `text` in one rename: readers see the old or the new file, whole."""
+    with atomic_file(path) as staging:
+        staging.write_text(text, encoding="utf-8")
 
 
 @contextmanager
@@ -136,6 +148,18 @@ def check_replaceable(out: Path, overwrite: bool, where: str, markers: tuple[str
         raise UserError(f"--overwrite only replaces a folder peftctl wrote, and {out} has no "
                         f"{' or '.join(markers)}", where=where,
                         fix="choose a new folder, or delete this one yourself")
+
+
+def check_new_file(out: Path, overwrite: bool, where: str, inputs: dict[str, Path | None]) -> None:
+    """Refuse to write the file `out` where a file already is, unless --overwrite, and never
+    where it would replace or sit inside one of the command's `inputs` (as check_replaceable)."""
+    out = Path(out)
+    _check_spares_inputs(out, where, inputs)
+    if out.is_dir():
+        raise UserError(f"the output path is a folder, not a file: {out}", where=where, fix="pass a file path")
+    if out.exists() and not overwrite:
+        raise UserError(f"the output file already exists: {out}", where=where,
+                        fix="pass --overwrite to replace it, or choose a new file name")
 
 
 def _check_spares_inputs(out: Path, where: str, inputs: dict[str, Path | None]) -> None:

@@ -66,3 +66,13 @@ def real_difference(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tens
     changed nothing."""
     real = attention_mask.bool()
     return float((a - b)[real].abs().max())
+
+
+def random_lora_b(adapter: Adapter, seed: int = 1, std: float = 0.05) -> None:
+    """Random non-zero B matrices (a fresh LoRA's B is zero, and a zero B passes any scale: an
+    export check needs B ≠ 0 to see whether the update is scaled right)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in adapter.params.items():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * std)
