@@ -16,20 +16,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import typer.core
 
 from peftctl import jsontext
+from peftctl.cli_parsing import OptionalValueCommand, SeveralNumbersCommand
 from peftctl.console import print_error, print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
 # datasets) would interleave with them. Set before any library imports tqdm.
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-# typer labels every option in the help by its type, flags too (`--json <bool>`), which reads as
-# if they took a value: a flag is shown bare.
-_type_label = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda self, ctx: "" if self.is_flag else _type_label(self, ctx)
 
 app = typer.Typer(
     add_completion=False,
@@ -89,22 +84,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-class _OptionalValueCommand(typer.core.TyperCommand):
-    """A command whose `--resume` may come without a value, meaning 'latest'.
-
-    Typer's parser has no optional-value options (click's flag_value): a bare `--resume`, at the
-    end or before another option, is given its value here before parsing.
-    """
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        args = [RESUME_LATEST_ARG if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-"))
-                else arg for i, arg in enumerate(args)]
-        return super().parse_args(ctx, args)
-
-
-RESUME_LATEST_ARG = "--resume=latest"
-
-
 def leave_process_group() -> None:
     """End this process's part in an `accelerate launch` group, if it joined one: a process that
     exits with its gloo/NCCL group still up can abort ("terminate called without an active
@@ -114,7 +93,7 @@ def leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-@app.command(cls=_OptionalValueCommand)
+@app.command(cls=OptionalValueCommand)
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -190,37 +169,7 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
-class _SeveralNumbersCommand(typer.core.TyperCommand):
-    """A command whose `--weights` takes several numbers, `--weights 0.5 0.3 0.2` (one per
-    adapter, as peft's add_weighted_adapter takes a list). A click option takes one value, so
-    each number that follows is given an option of its own before parsing."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        spread, option, taken = [], None, 0
-        for arg in args:
-            if option and _is_number(arg):
-                spread.append(f"{option}={arg}")  # `=`: a negative weight is not read as an option
-                taken += 1
-                continue
-            if option and not taken:
-                spread.append(option)  # no number after it: click says that it needs a value
-            option, taken = (arg, 0) if arg == "--weights" else (None, 0)
-            if option is None:
-                spread.append(arg)
-        if option and not taken:
-            spread.append(option)
-        return super().parse_args(ctx, spread)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-@app.command(cls=_SeveralNumbersCommand)
+@app.command(cls=SeveralNumbersCommand)
 def merge(
     adapters: Annotated[list[Path], typer.Argument(
         help="The adapter folder (adapter_config.json + adapter_model.safetensors); several to combine them.",

@@ -1,0 +1,61 @@
+"""How peftctl's commands read their arguments where typer's parser alone cannot.
+
+Two options take values typer has no form for: `train --resume` with or without a value, and
+`merge --weights 0.5 0.3 0.2` (several numbers after one option). Their command classes rewrite
+the argument list before click parses it. Also here: the help shows a flag bare.
+"""
+
+from __future__ import annotations
+
+import typer.core
+
+# typer labels every option in the help by its type, flags too (`--json <bool>`), which reads as
+# if they took a value: a flag is shown bare.
+_type_label = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: "" if self.is_flag else _type_label(self, ctx)
+
+
+class OptionalValueCommand(typer.core.TyperCommand):
+    """A command whose `--resume` may come without a value, meaning 'latest'.
+
+    Typer's parser has no optional-value options (click's flag_value): a bare `--resume`, at the
+    end or before another option, is given its value here before parsing.
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        args = [RESUME_LATEST_ARG if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-"))
+                else arg for i, arg in enumerate(args)]
+        return super().parse_args(ctx, args)
+
+
+RESUME_LATEST_ARG = "--resume=latest"
+
+
+class SeveralNumbersCommand(typer.core.TyperCommand):
+    """A command whose `--weights` takes several numbers, `--weights 0.5 0.3 0.2` (one per
+    adapter, as peft's add_weighted_adapter takes a list). A click option takes one value, so
+    each number that follows is given an option of its own before parsing."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        spread, option, taken = [], None, 0
+        for arg in args:
+            if option and _is_number(arg):
+                spread.append(f"{option}={arg}")  # `=`: a negative weight is not read as an option
+                taken += 1
+                continue
+            if option and not taken:
+                spread.append(option)  # no number after it: click says that it needs a value
+            option, taken = (arg, 0) if arg == "--weights" else (None, 0)
+            if option is None:
+                spread.append(arg)
+        if option and not taken:
+            spread.append(option)
+        return super().parse_args(ctx, spread)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
