@@ -3,12 +3,13 @@
 
 A SmolLM2-135M-shaped Llama (random bf16 weights: the shapes are what matter), LoRA r=8 on
 q_proj/v_proj with dropout 0.05, 4 packed rows of 256 tokens; each step is forward + backward as
-the loop runs it (peftctl.loss.CausalLMLoss). Three variants, alternated in order on every
-repeat: transformers' eager attention and RMSNorm; + the fused RMSNorm (peftctl/fused.py); +
-the grouped eager attention (peftctl/attention.py). Prints each variant's median step time,
-its spread, and the speed-up over the first.
+the loop runs it (peftctl.loss.CausalLMLoss). Four variants, alternated in order on every
+repeat: transformers' eager attention and RMSNorm, LoRA's dropout as nn.Dropout before two
+matmuls; + the fused RMSNorm (peftctl/fused.py); + the grouped eager attention
+(peftctl/attention.py); + the dropout inside the fused low-rank update (methods/low_rank.py).
+Prints each variant's median step time, its spread, and the speed-up over the first.
 
-    python scripts/bench_kernels.py                 # 3 repeats × 2 steps per variant
+    python scripts/bench_kernels.py                 # 3 repeats × 2 steps of each of 4 variants
     python scripts/bench_kernels.py --repeats 6 --threads 1
 """
 
@@ -19,10 +20,12 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl import attention, fused, methods
 from peftctl.loss import CausalLMLoss
+from peftctl.methods import lora
 from peftctl.methods.lora import LoraConfig
 
 ROWS, LENGTH = 4, 256
@@ -41,6 +44,11 @@ def packed_batch() -> dict[str, torch.Tensor]:
             "position_ids": torch.arange(LENGTH).repeat(ROWS, 1) % 128}
 
 
+def plain_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout) -> torch.Tensor:
+    """LoRA's update as plain modules compute it: nn.Dropout on an fp32 copy, two matmuls, autograd."""
+    return F.linear(F.linear(dropout(x.to(a.dtype)), a), b) * scaling
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -54,15 +62,17 @@ def main() -> None:
     adapter = methods.apply(model, LoraConfig(name="lora", r=8, alpha=16, dropout=0.05,
                                               target_modules=["q_proj", "v_proj"]))
     loss_model, batch = CausalLMLoss(model).train(), packed_batch()
-    variants = {"transformers' eager + RMSNorm": (False, "eager"), "+ fused RMSNorm": (True, "eager"),
-                "+ grouped attention": (True, attention.register())}
+    grouped, fused_update = attention.register(), lora.low_rank_update
+    variants = {"transformers' eager + RMSNorm": (False, "eager", False), "+ fused RMSNorm": (True, "eager", False),
+                "+ grouped attention": (True, grouped, False), "+ dropout in the update": (True, grouped, True)}
     swapped: list = []
 
-    def use(norms: bool, kernel: str) -> None:
+    def use(norms: bool, kernel: str, dropout_inside: bool) -> None:
         nonlocal swapped
         fused.unfuse(swapped)
         swapped = fused.fuse_rms_norms(model) if norms else []
         model.set_attn_implementation(kernel)
+        lora.low_rank_update = fused_update if dropout_inside else plain_update
 
     def step() -> float:
         started = time.perf_counter()

@@ -29,7 +29,10 @@ layer, for every real token; 4 × the output head's weights only at the position
 computes logits (peftctl: labelled ones; Trainer: every real position; TRL: every position on
 CPU, labelled ones where its Triton kernel runs). Recomputation (peftctl's and TRL's head
 backward) is not counted; nor is attention's own sequence-length-dependent work (a few % here).
-The peak is bf16 F.linear at the model's own training shapes ([tokens of a step, in] × [in, out]).
+The peak is bf16 F.linear at the model's own training shapes ([tokens of a step, in] × [in, out]),
+one matmul repeated on one weight (which stays in the core's cache). Printed below it: the rate of
+the base's matmuls alone run as a step runs them (every layer's own weight, forward, then the
+input gradients in reverse): the ceiling of any step's MFU on this machine at this size.
 
     python scripts/bench_train.py                                    # SmolLM2-135M, 30 steps, 3 repeats
     python scripts/bench_train.py --model builtin:tiny-gpt2 --steps 10 --repeats 1
@@ -469,6 +472,34 @@ def matmul_peak(shapes: list[tuple[int, int]], tokens: int, dtype_name: str, sec
     return rates
 
 
+def matmuls_alone(shapes: list[tuple[int, int]], tokens: int, dtype_name: str, repeats: int = 3) -> float:
+    """FLOP/s of a training step's frozen-base matmuls run alone, as the model runs them: one weight
+    of its own per layer and projection (`shapes` lists every one), forward x·Wᵀ layer by layer,
+    then the backward's input gradients g·W in reverse. Unlike `matmul_peak`, which repeats one
+    matmul on one weight that stays in the core's cache, each weight here comes from memory as in
+    training: the most a step of this model at this size reaches if nothing but its matmuls ran."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = [torch.randn(fan_out, fan_in, device=device).to(dtype) for fan_in, fan_out in shapes]
+    inputs = {n: torch.randn(tokens, n, device=device).to(dtype) for shape in shapes for n in shape}
+
+    def step() -> float:
+        start = time.perf_counter()
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        for w in reversed(weights):
+            inputs[w.shape[0]] @ w
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    step()  # warm-up: the kernels' first calls
+    return 4 * tokens * sum(fan_in * fan_out for fan_in, fan_out in shapes) / min(step() for _ in range(repeats))
+
+
 def flops_per_token(shapes: dict, r: int) -> dict[str, int]:
     """Model FLOPs: per real token through the decoder (frozen base, LoRA), per position through the head."""
     base = 4 * sum(fan_in * fan_out for fan_in, fan_out in shapes["decoder"])
@@ -560,6 +591,7 @@ def main() -> None:
         print("measuring the matmul peak and scoring the adapters ...", file=sys.stderr, flush=True)
         tokens = round(statistics.median(c[0] for c in counts) / recipe.train.grad_accum)
         rates = matmul_peak(shapes["decoder"] + [shapes["head"]], tokens, args.dtype)
+        alone = matmuls_alone(shapes["decoder"], tokens, args.dtype)
         scores = score_adapters(args, work, [run["adapter"] for repeats in runs.values() for run in repeats])
     for repeats in runs.values():
         for run in repeats:
@@ -577,6 +609,7 @@ def main() -> None:
         "allocator_env": MALLOC_ENV, "flops_per_token": flops,
         "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_gflops_by_shape": {k: round(v / 1e9, 1)
                                                                                for k, v in rates.items()},
+        "base_matmuls_alone_gflops": round(alone / 1e9, 1),
         "contenders": rows, "fastest_peer": fastest,
         "ratio_peftctl_over_fastest_peer": ratios(rows, fastest), "ratio_peftctl_over_stock": ratios(rows, "stock"),
     }
@@ -617,6 +650,9 @@ def print_table(report: dict) -> None:
             shown.add(ratio["over"])
             console.print(f"peftctl / {CONTENDERS[ratio['over']]}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()
                                                                      if k != "over"))
+    alone, peak = report["base_matmuls_alone_gflops"], report["matmul_peak_gflops"]
+    console.print(f"the base's matmuls alone, in the model's order (weights from memory): {alone} GFLOP/s = "
+                  f"{alone / peak:.1%} of the peak: the highest MFU a step reaches if nothing else ran")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from peftctl.methods.lora import LoraConfig, LoraLinear
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_rank_update_matches_plain_autograd(dtype, dropout, monkeypatch):
     """Output and gradients of x, A and B equal plain autograd through (x ⊙ keep)/(1-p) @ Aᵀ @ Bᵀ · s
-    in fp32, given the same mask: equal to 1e-6 without dropout (the same arithmetic), to 1e-5 with
-    it (1/(1-p) scales the output instead of x: fp32 rounding in another order), absolute errors
-    relative to the largest entry (x's gradient sums base and update terms that cancel). Nothing input-sized is kept in fp32 for a 16-bit x."""
+    in fp32, given the same mask: equal to 1e-6 without dropout (the same products; s scales the
+    r-wide x·Aᵀ: fp32 rounding), to 1e-5 with it (1/(1-p) joins s instead of scaling x), absolute
+    errors relative to the largest entry (x's gradient sums base and update terms that cancel).
+    Nothing input-sized is kept in fp32 for a 16-bit x."""
     base = torch.nn.Linear(24, 16).to(dtype)
     layer = LoraLinear(base, LoraConfig(name="lora", r=4, alpha=8, dropout=dropout)).train()
     torch.nn.init.normal_(layer.lora_B.weight)  # B ≠ 0: a real update

@@ -43,28 +43,30 @@ def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
 
 
 class LowRankUpdate(torch.autograd.Function):
-    """s·(x'·Aᵀ)·Bᵀ with x' = x where `keep` (all of x without a mask), in the adapter's precision.
+    """(s·x'·Aᵀ)·Bᵀ with x' = x where `keep` (all of x without a mask), in the adapter's precision.
 
     The backward pass rebuilds x' and its fp32 copy from `x` and `keep`, one layer at a time; the
-    masking and the bf16 → fp32 copy are exact, so the arithmetic is autograd's own.
+    masking and the bf16 → fp32 copy are exact, so the arithmetic is autograd's own but for where
+    s multiplies (fp32 rounding).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                 keep: torch.Tensor | None) -> torch.Tensor:
         kept = x if keep is None else torch.where(keep, x, 0)
-        xa = F.linear(kept.to(a.dtype), a)
+        # s scales the r-wide x'·Aᵀ, not the [tokens, out] result: the same product, a fraction of the work.
+        xa = F.linear(kept.to(a.dtype), a) * scaling
         ctx.save_for_backward(x, a, b, xa, keep)
         ctx.scaling = scaling
-        return F.linear(xa, b) * scaling
+        return F.linear(xa, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a, b, xa, keep = ctx.saved_tensors
         kept = x if keep is None else torch.where(keep, x, 0)
-        grad = (grad * ctx.scaling).flatten(0, -2)
+        grad = grad.flatten(0, -2)
         grad_b = grad.T @ xa.flatten(0, -2) if ctx.needs_input_grad[2] else None
-        grad_xa = grad @ b
+        grad_xa = (grad @ b) * ctx.scaling
         grad_a = grad_xa.T @ kept.flatten(0, -2).to(a.dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
