@@ -100,7 +100,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     match plain `cross_entropy(hidden @ weight.T)` to rounding.
     """
 
-    CHUNK_VALUES = 1 << 23  # logits per chunk: 32 MiB in fp32
+    CHUNK_VALUES = 1 << 23  # logits per output-layer matmul: 16 MiB in bf16
+    # Logits per element-wise pass (fp32 copy, log-softmax, its gradient): 1 MiB in fp32, within a
+    # core's L2 cache. A whole chunk's passes would each go through memory instead; the rows are
+    # independent, so blocking them changes no value (only the order the loss is summed in).
+    BLOCK_VALUES = 1 << 18
 
     @staticmethod
     def takes(head: nn.Module) -> bool:
@@ -111,28 +115,34 @@ class HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        """(first row, targets, row blocks of the logits in the weight's dtype) for each chunk."""
         rows = max(1, HeadCrossEntropy.CHUNK_VALUES // weight.shape[0])
+        block = max(1, HeadCrossEntropy.BLOCK_VALUES // weight.shape[0])
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start : start + rows], targets[start : start + rows]
-            yield start, t, torch.log_softmax(F.linear(h, weight).float(), dim=-1)
+            logits = F.linear(hidden[start : start + rows], weight)
+            yield start, targets[start : start + rows], logits, logits.split(block)
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(hidden, weight, targets)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for _, t, log_probs in HeadCrossEntropy._chunks(hidden, weight, targets):
-            loss -= log_probs.gather(1, t[:, None]).sum()
+        for _, t, _, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
+            for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
+                log_probs = torch.log_softmax(block.float(), dim=-1)
+                loss -= log_probs.gather(1, block_targets[:, None]).sum()
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         hidden, weight, targets = ctx.saved_tensors
         grad = torch.empty_like(hidden)
-        for start, t, log_probs in HeadCrossEntropy._chunks(hidden, weight, targets):
-            # d loss / d logits = softmax - one_hot(target), times the incoming gradient
-            grad_logits = log_probs.exp_().mul_(grad_loss)
-            grad_logits[torch.arange(len(t), device=t.device), t] -= grad_loss
-            grad[start : start + len(t)] = grad_logits.to(weight.dtype) @ weight
+        for start, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
+            for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
+                # d loss / d logits = softmax - one_hot(target), times the incoming gradient
+                grad_logits = torch.log_softmax(block.float(), dim=-1).exp_().mul_(grad_loss)
+                grad_logits[torch.arange(len(block_targets), device=t.device), block_targets] -= grad_loss
+                block.copy_(grad_logits)  # in the weight's dtype, where the logits were
+            grad[start : start + len(t)] = logits @ weight
         return grad, None, None
 
 

@@ -89,8 +89,10 @@ def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     per_layer = 34 * hidden * tokens * activation_bytes_per_value
-    # A chunk's logits, their log-probabilities and their gradient.
-    logits = 3 * HeadCrossEntropy.CHUNK_VALUES * 4 if chunked_head else 2 * labelled_tokens * config.vocab_size * 4
+    # Chunked: a chunk's logits in the activations' dtype (their gradient overwrites them) and one
+    # block's fp32 log-probabilities and gradient. Else the labelled logits and their gradient, in fp32.
+    chunk = HeadCrossEntropy.CHUNK_VALUES * activation_bytes_per_value + 3 * HeadCrossEntropy.BLOCK_VALUES * 4
+    logits = chunk if chunked_head else 2 * labelled_tokens * config.vocab_size * 4
     if checkpointed:
         return layers * hidden * tokens * activation_bytes_per_value + per_layer + logits
     return layers * per_layer + logits
