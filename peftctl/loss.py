@@ -164,16 +164,18 @@ def validation_loss(loss_model: nn.Module, examples: list[Example], batch_size: 
     return total / max(count, 1)
 
 
-@torch.no_grad()
 @contextmanager
 def probing(loss_model: nn.Module) -> Iterator[nn.Module]:
     """The loss module unwrapped from DDP (FSDP2 has no wrapper), in eval mode so dropout is off
-    while a probe runs it; its training mode comes back after."""
+    and without autograd while a probe runs it; its training mode comes back after. (no_grad as a
+    decorator would not do: on a generator it restores grad mode at every yield, so the caller's
+    body would run with autograd.)"""
     module = getattr(loss_model, "module", loss_model)
     was_training = module.training
     module.eval()
     try:
-        yield module
+        with torch.no_grad():
+            yield module
     finally:
         module.train(was_training)
 

@@ -97,7 +97,7 @@ def _grouped_if_same(model: nn.Module, loss_model: nn.Module, data: TokenizedDat
     """peftctl's grouped eager kernel if its per-token losses on a training row are eager's, bit for bit."""
     batch = {k: v.to(device) for k, v in collate(data.train[:1], pad_id).items()}
     previous, losses = model.config._attn_implementation, []
-    with probing(loss_model) as module, torch.no_grad():
+    with probing(loss_model) as module:
         try:
             for kernel in ("eager", attention.register()):
                 model.set_attn_implementation(kernel)

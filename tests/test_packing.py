@@ -1,6 +1,7 @@
 """Packing, length grouping and the attention switch: faster batches that train the same."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -159,3 +160,18 @@ def test_auto_attention_trains_eager_on_cpu_and_restores_the_models(tokenizer, t
     # On CPU: eager attention, as peftctl's grouped kernel (bit-identical on GPT-2, attention.py).
     assert result.attention == ("sdpa" if torch.cuda.is_available() else attention.NAME)
     assert adapter.model.config._attn_implementation == "sdpa"
+
+
+def test_the_packing_probe_runs_without_autograd(tokenizer):
+    """The probe's forward passes build no graph: their losses carry no grad_fn, and reading them
+    as numbers warns of nothing (it did: `probing`'s no_grad did not reach the caller's body)."""
+    model = tiny_gpt2()
+    methods.apply(model, LoraConfig(name="lora", r=4, target_modules=["c_attn"]))
+    data = tiny_data(tokenizer, packing=True)
+    seen = []
+    hook = model.transformer.h[0].register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert packing_problem(CausalLMLoss(model), data.train, tokenizer.pad_token_id, torch.device("cpu")) is None
+    hook.remove()
+    assert seen and not any(seen)
