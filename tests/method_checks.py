@@ -89,3 +89,18 @@ def with_random_biases(model: nn.Module, seed: int = 2) -> nn.Module:
             if name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def lora_with_random_b(model: nn.Module, targets: list[str], r: int = 4):
+    """LoRA on `model` (A from seed 0) with every B drawn at random (seed 1): a real update, so a
+    kernel that mishandles the adapter's path changes the loss and its gradients."""
+    from peftctl import methods
+    from peftctl.methods.lora import LoraConfig
+
+    torch.manual_seed(0)
+    adapter = methods.apply(model, LoraConfig(name="lora", r=r, target_modules=targets))
+    with torch.no_grad():
+        for name, param in adapter.params.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return adapter

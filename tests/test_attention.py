@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftctl import attention, methods
+from peftctl import attention
 from peftctl.loss import CausalLMLoss
-from peftctl.methods.lora import LoraConfig
+from method_checks import lora_with_random_b
 from test_architectures import ARCHITECTURES, build
 from tiny_models import token_batch
 
@@ -39,12 +39,7 @@ def test_lora_gradients_agree_with_eager(dtype, atol):
     grads = []
     for kernel in ("eager", attention.register()):
         model = build("llama").to(dtype)
-        torch.manual_seed(0)
-        adapter = methods.apply(model, LoraConfig(name="lora", r=4, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in adapter.params.items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        adapter = lora_with_random_b(model, ["q_proj", "v_proj"])
         model.set_attn_implementation(kernel)
         loss_sum, count = CausalLMLoss(model).train()(**token_batch(128))
         (loss_sum / count).backward()

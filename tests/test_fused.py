@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftctl import fused, methods
+from peftctl import fused
 from peftctl.loss import CausalLMLoss
-from peftctl.methods.lora import LoraConfig
+from method_checks import lora_with_random_b
 from test_architectures import ARCHITECTURES, build
 from tiny_models import token_batch
 
@@ -37,12 +37,7 @@ def test_lora_gradients_are_unchanged_on_a_bf16_llama():
     grads = []
     for fuse in (False, True):
         model = build("llama").to(torch.bfloat16)
-        torch.manual_seed(0)
-        adapter = methods.apply(model, LoraConfig(name="lora", r=4, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for name, p in adapter.params.items():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        adapter = lora_with_random_b(model, ["q_proj", "v_proj"])
         swapped = fused.fuse_rms_norms(model) if fuse else []
         assert bool(swapped) == fuse
         loss_sum, count = CausalLMLoss(model).train()(**token_batch(128))
