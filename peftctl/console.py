@@ -346,6 +346,5 @@ def export_rows(figures: dict) -> tuple[list[tuple[str, str]], list[tuple[str, s
 
 def _quoted_folder(path: str) -> str:
     import shlex
-    from pathlib import Path
 
     return shlex.quote(str(Path(path).parent))
