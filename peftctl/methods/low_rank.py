@@ -53,7 +53,7 @@ class LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                 keep: torch.Tensor | None) -> torch.Tensor:
-        kept = x if keep is None else torch.where(keep, x, 0)
+        kept = _kept(x, keep)
         # s scales the r-wide x'·Aᵀ, not the [tokens, out] result: the same product, a fraction of the work.
         xa = F.linear(kept.to(a.dtype), a) * scaling
         ctx.save_for_backward(x, a, b, xa, keep)
@@ -63,7 +63,7 @@ class LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, a, b, xa, keep = ctx.saved_tensors
-        kept = x if keep is None else torch.where(keep, x, 0)
+        kept = _kept(x, keep)
         grad = grad.flatten(0, -2)
         grad_b = grad.T @ xa.flatten(0, -2) if ctx.needs_input_grad[2] else None
         grad_xa = (grad @ b) * ctx.scaling
@@ -73,3 +73,9 @@ class LowRankUpdate(torch.autograd.Function):
             grad_x = (grad_xa @ a).to(x.dtype).view(x.shape)
             grad_x = grad_x if keep is None else torch.where(keep, grad_x, 0)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x' = x where the mask keeps it, else 0: one definition, so the backward pass rebuilds
+    exactly what the forward pass multiplied."""
+    return x if keep is None else torch.where(keep, x, 0)
