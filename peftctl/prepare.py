@@ -3,7 +3,8 @@
 `prepare_model` makes every change training wants on the model in one place: gradient
 checkpointing, the attention kernel (`train.attention`), whether batches may be packed
 (`data.packing`, probed on the model so changed), fused RMSNorm kernels where they compute the
-same (`fused.py`) and `torch.compile` (`train.compile`). What it returns says what it chose and
+same and element-wise work recomputed in the backward pass instead of kept (`fused.py`) and
+`torch.compile` (`train.compile`). What it returns says what it chose and
 undoes the changes later use of the model would notice.
 """
 
@@ -37,6 +38,7 @@ class PreparedModel:
     previous_attention: str | None = None  # the kernel to switch back to; None when unchanged
     compiled: list[nn.Module] = field(default_factory=list)
     fused_norms: list[nn.Module] = field(default_factory=list)  # RMSNorms running torch's fused kernel
+    recomputed_mlps: list[nn.Module] = field(default_factory=list)  # gated MLPs keeping only gate and up
 
     def undo(self) -> None:
         """Back to eager forwards and the model's own attention kernel, for export and generation.
@@ -45,8 +47,8 @@ class PreparedModel:
         training mode, and a model trained with it still says so (`is_gradient_checkpointing`).
         Calling this twice does nothing more.
         """
-        fused.unfuse(self.fused_norms)
-        self.fused_norms = []
+        fused.unfuse(self.fused_norms + self.recomputed_mlps)
+        self.fused_norms, self.recomputed_mlps = [], []
         for module in self.compiled:
             # nn.Module.compile() has no public inverse: it only sets this attribute.
             module._compiled_call_impl = None
@@ -66,7 +68,11 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     pack_len, padding_reason = _pack_len(loss_model, data, pad_id, device)
     prepared = PreparedModel(model, getattr(model.config, "_attn_implementation", None), pack_len, padding_reason,
                              previous_attention=previous)
-    prepared.fused_norms = fused.fuse_rms_norms(model)  # before compiling: the graphs hold the fused kernel
+    # Before compiling: the graphs hold these forwards. Under gradient checkpointing the layer's
+    # forward is recomputed whole, so recomputing its parts again would only cost time.
+    recompute = not spec.gradient_checkpointing
+    prepared.fused_norms = fused.fuse_rms_norms(model, recompute)
+    prepared.recomputed_mlps = fused.recompute_gated_mlps(model) if recompute else []
     if spec.compile:
         prepared.compiled = _compile(model)
     return prepared

@@ -6,8 +6,11 @@ q_proj/v_proj with dropout 0.05, 4 packed rows of 256 tokens; each step is forwa
 the loop runs it (peftctl.loss.CausalLMLoss). Four variants, alternated in order on every
 repeat: transformers' eager attention and RMSNorm, LoRA's dropout as nn.Dropout before two
 matmuls; + the fused RMSNorm (peftctl/fused.py); + the grouped eager attention
-(peftctl/attention.py); + the dropout inside the fused low-rank update (methods/low_rank.py).
-Prints each variant's median step time, its spread, and the speed-up over the first.
+(peftctl/attention.py); + the dropout inside the fused low-rank update (methods/low_rank.py);
++ norms and gated MLPs recomputed in the backward pass instead of kept
+(fused.recomputed). Prints each variant's median step time, its spread, the speed-up over the
+first, and the activations it keeps for the backward pass (distinct tensor storages saved by
+autograd in one step, counted by saved-tensor hooks: exact, unlike RSS).
 
     python scripts/bench_kernels.py                 # 3 repeats × 2 steps of each of 4 variants
     python scripts/bench_kernels.py --repeats 6 --threads 1
@@ -63,16 +66,35 @@ def main() -> None:
                                               target_modules=["q_proj", "v_proj"]))
     loss_model, batch = CausalLMLoss(model).train(), packed_batch()
     grouped, fused_update = attention.register(), lora.low_rank_update
-    variants = {"transformers' eager + RMSNorm": (False, "eager", False), "+ fused RMSNorm": (True, "eager", False),
-                "+ grouped attention": (True, grouped, False), "+ dropout in the update": (True, grouped, True)}
+    variants = {"transformers' eager + RMSNorm": (False, "eager", False, False),
+                "+ fused RMSNorm": (True, "eager", False, False), "+ grouped attention": (True, grouped, False, False),
+                "+ dropout in the update": (True, grouped, True, False),
+                "+ recomputed element-wise": (True, grouped, True, True)}
     swapped: list = []
 
-    def use(norms: bool, kernel: str, dropout_inside: bool) -> None:
+    def use(norms: bool, kernel: str, dropout_inside: bool, recompute: bool) -> None:
         nonlocal swapped
         fused.unfuse(swapped)
-        swapped = fused.fuse_rms_norms(model) if norms else []
+        swapped = fused.fuse_rms_norms(model, recompute) if norms else []
+        swapped += fused.recompute_gated_mlps(model) if recompute else []
         model.set_attn_implementation(kernel)
         lora.low_rank_update = fused_update if dropout_inside else plain_update
+
+    def kept_mib() -> float:
+        storages: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss_sum, count = loss_model(**batch)
+        (loss_sum / count).backward()
+        for param in adapter.params.values():
+            param.grad = None
+        frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights are kept anyway
+        return sum(size for ptr, size in storages.items() if ptr not in frozen) / 2**20
 
     def step() -> float:
         started = time.perf_counter()
@@ -82,9 +104,11 @@ def main() -> None:
             param.grad = None
         return time.perf_counter() - started
 
-    for variant in variants.values():  # warm-up, off the clock
+    kept = {}
+    for name, variant in variants.items():  # warm-up, off the clock
         use(*variant)
         step()
+        kept[name] = kept_mib()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name in (list(variants) if repeat % 2 == 0 else list(variants)[::-1]):
@@ -95,7 +119,7 @@ def main() -> None:
     for name, measured in times.items():
         median = statistics.median(measured)
         print(f"{name:32s} median {median:.3f} s [{min(measured):.3f}–{max(measured):.3f}]  "
-              f"{first / median:.2f}×  {ROWS * LENGTH / median:.0f} tokens/s")
+              f"{first / median:.2f}×  {ROWS * LENGTH / median:.0f} tokens/s  kept {kept[name]:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""peftctl/fused.py: torch's fused RMSNorm kernel replaces a model's own norms only where the two
-compute bit-identical outputs and input gradients, on every architecture the contract suite builds."""
+"""peftctl/fused.py: torch's fused RMSNorm kernel replaces a model's own norms, and gated MLPs
+recompute their activation in the backward pass, only where the two compute bit-identical outputs
+and input gradients, on every architecture the contract suite builds."""
 
 from __future__ import annotations
 
@@ -33,12 +34,69 @@ def test_fused_norms_compute_the_same_logits(arch, dtype):
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_recomputed_mlps_compute_the_same_logits_and_gradients(arch, dtype):
+    results = []
+    for recompute in (False, True):
+        model = build(arch).to(dtype)
+        adapter = lora_with_random_b(model, "all-linear")
+        swapped = fused.recompute_gated_mlps(model) if recompute else []
+        loss_sum, count = CausalLMLoss(model).train()(**token_batch(128))
+        (loss_sum / count).backward()
+        results.append((loss_sum.detach(), {name: p.grad for name, p in adapter.params.items()}, swapped))
+    (loss, grads, _), (loss_recomputed, grads_recomputed, swapped) = results
+    assert torch.equal(loss, loss_recomputed)
+    assert grads.keys() == grads_recomputed.keys() and all(torch.equal(grads[n], grads_recomputed[n]) for n in grads)
+    gated = {type(m).__name__ for m in swapped}
+    if arch in ("llama", "mistral", "qwen2"):  # down_proj(act(gate_proj(x)) * up_proj(x))
+        assert len(gated) == 1 and len(swapped) == model.config.num_hidden_layers
+    fused.unfuse(swapped)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_recomputing_keeps_less_for_the_backward_pass():
+    kept = []
+    for recompute in (False, True):
+        model = build("llama").to(torch.bfloat16)
+        lora_with_random_b(model, ["q_proj", "v_proj"])
+        fused.fuse_rms_norms(model, recompute)
+        if recompute:
+            fused.recompute_gated_mlps(model)
+        storages = {}
+
+        def keep(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            CausalLMLoss(model).train()(**token_batch(128))
+        frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept.append(sum(size for ptr, size in storages.items() if ptr not in frozen))
+    # Per layer: the norms' fp32 input copies become bf16 inputs, and the activated gate goes.
+    assert kept[1] < 0.8 * kept[0]
+
+
+def test_a_gated_mlp_that_computes_otherwise_keeps_its_own_forward():
+    model = build("llama").to(torch.bfloat16).requires_grad_(False)
+    mlp = model.model.layers[0].mlp
+
+    def scaled(hidden):  # an MLP class whose forward is not down(act(gate(x)) * up(x))
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(hidden)) * mlp.up_proj(hidden) * 2)
+
+    type(mlp).forward, own = (lambda self, hidden: scaled(hidden)), type(mlp).forward
+    try:
+        assert fused.recompute_gated_mlps(model) == []
+    finally:
+        type(mlp).forward = own
+
+
 def test_lora_gradients_are_unchanged_on_a_bf16_llama():
     grads = []
     for fuse in (False, True):
         model = build("llama").to(torch.bfloat16)
         adapter = lora_with_random_b(model, ["q_proj", "v_proj"])
-        swapped = fused.fuse_rms_norms(model) if fuse else []
+        swapped = fused.fuse_rms_norms(model, recompute=True) if fuse else []
         assert bool(swapped) == fuse
         loss_sum, count = CausalLMLoss(model).train()(**token_batch(128))
         (loss_sum / count).backward()
