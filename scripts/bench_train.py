@@ -348,7 +348,8 @@ def _padding_collator(pad_id: int):
     """The stock Trainer's batches: each batch padded to its longest row, with an attention mask."""
     from peftctl.data import Example, collate
 
-    return lambda features: collate([Example(f["input_ids"], f["labels"]) for f in features], pad_id)
+    # A stock Trainer pads to the longest row (its collators' pad_to_multiple_of is off by default).
+    return lambda features: collate([Example(f["input_ids"], f["labels"]) for f in features], pad_id, multiple=1)
 
 
 def quiet() -> None:

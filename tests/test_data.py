@@ -90,8 +90,24 @@ def test_chat_template_of_the_real_model_masks_its_headers():
 def test_collate_pads_right_and_masks_padding():
     from peftctl.data import Example
 
-    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0)
+    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0, multiple=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_batch_widths_are_rounded_up_to_a_multiple_of_16():
+    """Few batch shapes over a run: each new one costs the CPU's matmul library new kernels (data.py)."""
+    from peftctl.data import WIDTH_MULTIPLE, Example, collate_packed
+
+    examples = [Example(list(range(1, 18)), [IGNORE] + list(range(2, 18))), Example([8, 9], [8, 9])]
+    padded = collate(examples, pad_id=0)
+    assert WIDTH_MULTIPLE == 16 and padded["input_ids"].shape == (2, 32)
+    assert padded["attention_mask"].sum().item() == 19 and (padded["labels"] != IGNORE).sum().item() == 18
+    packed = collate_packed([examples], pad_id=0)
+    assert packed["input_ids"].shape == (1, 32)
+    assert packed["attention_mask"].sum().item() == 19
+    # The padding at the row's end is a sequence of its own, after every real token.
+    assert packed["position_ids"][0, 19:].tolist() == list(range(13))
+    assert collate([Example([1] * 16, [1] * 16)], pad_id=0)["input_ids"].shape == (1, 16)

@@ -79,7 +79,11 @@ def test_pack_keeps_every_example_once_in_rows_that_fit():
 
 def test_collate_packed_restarts_positions_and_drops_each_first_label():
     rows = [[Example([5, 6, 7], [IGNORE, 6, 7]), Example([8, 9], [8, 9])], [Example([4], [4])]]
-    batch = collate_packed(rows, pad_id=0)
+    full = collate_packed(rows, pad_id=0)
+    assert full["input_ids"].shape == (2, 16)  # widths are rounded up to 16 (data.WIDTH_MULTIPLE)
+    assert full["position_ids"][:, 5:].tolist() == [list(range(11)), list(range(4, 15))]
+    assert (full["labels"][:, 5:] == IGNORE).all() and not full["attention_mask"][:, 5:].any()
+    batch = {key: value[:, :5] for key, value in full.items()}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 0, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
     # 8 would be the target of 7, the previous example's last token: it is not learned.
@@ -141,8 +145,9 @@ def test_group_by_length_batches_similar_lengths_in_random_order():
         fed = real = 0
         seen = []
         for batch in batches(examples, 4, pad_id=0, shuffle_seed=seed, group_by_length=grouped):
-            fed += batch["input_ids"].numel()
-            real += int(batch["attention_mask"].sum())
+            lengths = batch["attention_mask"].sum(1)
+            fed += len(lengths) * int(lengths.max())  # padded to the longest row (before rounding to 16)
+            real += int(lengths.sum())
             seen.append(batch["input_ids"][0, :3].tolist())
         return 1 - real / fed, seen
 
