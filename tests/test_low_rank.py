@@ -83,3 +83,20 @@ def test_no_dropout_in_eval_mode():
     plain.load_state_dict(dropping.state_dict())
     x = torch.randn(2, 24)
     assert torch.equal(dropping(x), plain(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_masking_by_bits_equals_where(dtype):
+    """low_rank._kept masks by a bitwise AND: the values torch.where gives, -0, inf and NaN included."""
+    from peftctl.methods.low_rank import _kept
+
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, :4] = torch.tensor([-0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    keep = torch.rand(64, 33, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[0, :4] = True
+    for tensor in (x, x.t()):  # also a non-contiguous view
+        mask = keep if tensor is x else keep.t()
+        ours, where = _kept(tensor, mask), torch.where(mask, tensor, 0)
+        assert ours.dtype == dtype and ours.shape == tensor.shape
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        assert torch.equal(ours.view(bits), where.view(bits))  # bit for bit

@@ -71,11 +71,24 @@ class LowRankUpdate(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ a).to(x.dtype).view(x.shape)
-            grad_x = grad_x if keep is None else torch.where(keep, grad_x, 0)
+            grad_x = _kept(grad_x, keep)
         return grad_x, grad_a, grad_b, None, None
 
 
+# Integer types of the float types' widths, for masking by bits.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x' = x where the mask keeps it, else 0: one definition, so the backward pass rebuilds
-    exactly what the forward pass multiplied."""
-    return x if keep is None else torch.where(keep, x, 0)
+    """x where the mask keeps it, else +0: one definition, so the backward pass rebuilds exactly
+    what the forward pass multiplied.
+
+    As a bitwise AND of x's bits with all-ones or all-zeros words: the same values as
+    torch.where(keep, x, 0), which on CPU took ~1 ms per [512, 576] bf16 tensor (about 4% of a
+    SmolLM2 step), this ~0.25 ms."""
+    if keep is None:
+        return x
+    bits = _BITS.get(x.element_size()) if x.is_floating_point() else None
+    if bits is None:
+        return torch.where(keep, x, 0)
+    return (x.view(bits) & keep.to(bits).neg_()).view(x.dtype)
