@@ -29,6 +29,7 @@ from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
 from peftctl.sharding import check_fsdp
 from peftctl.skeleton import OnSkeleton, method_on_skeleton
+from peftctl.trackers import check_installed, tracking
 from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
 
 if TYPE_CHECKING:
@@ -51,6 +52,11 @@ class RunPlan:
     @property
     def method_cfg(self) -> MethodConfig:
         return self.on_skeleton.method_cfg
+
+    @property
+    def resolved_recipe(self) -> Recipe:
+        """The recipe with the method options the adapter has, also those taken from a continued one."""
+        return self.recipe.model_copy(update={"method": self.method_cfg})
 
 
 @dataclass
@@ -111,9 +117,14 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
                     fresh_output_dir(out)
                 else:
                     out.mkdir(parents=True, exist_ok=True)
+        # train.report_to's trackers, in the main process; finished however the run ends (held exits them).
+        on_record = held.enter_context(tracking(
+            recipe.train.report_to if processes.is_main_process else (), out,
+            plan.resolved_recipe.model_dump(mode="json"), None if plan.saved is None else plan.saved.state["metrics"],
+            reporter and reporter.note))
         processes.wait_for_everyone()
         result = train(adapter, plan.data, recipe.train, out, plan.tokenizer.pad_token_id, reporter,
-                       resume=plan.saved, fingerprint=plan.fingerprint)
+                       resume=plan.saved, fingerprint=plan.fingerprint, on_record=on_record)
         adapter_dir = out / "adapter"
         if processes.is_main_process:
             _export(plan, adapter, adapter_dir)
@@ -143,8 +154,7 @@ def _join_processes() -> PartialState:
 
 def _export(plan: RunPlan, adapter: Adapter, adapter_dir: Path) -> None:
     recipe = plan.recipe
-    # The saved recipe holds the options the adapter has, also those taken from a continued one.
-    recipe_yaml = recipe.model_copy(update={"method": plan.method_cfg}).to_yaml()
+    recipe_yaml = plan.resolved_recipe.to_yaml()
     with writing(adapter_dir, "the adapter"):
         save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml, revision=recipe.model.revision)
 
@@ -165,6 +175,8 @@ def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) ->
     with checks.check():
         if tokenizer is not None:
             data = load_data(recipe.data, tokenizer, recipe.train.seed)
+    with checks.check():
+        check_installed(recipe.train.report_to)
     checks.raise_if_any()
     return tokenizer, data
 

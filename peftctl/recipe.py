@@ -11,10 +11,11 @@ travel together; `output.dir` is relative to the directory you run peftctl from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, WithJsonSchema,
+                      field_validator)
 
 from peftctl.errors import UserError, blame, did_you_mean
 from peftctl.files import check_path
@@ -30,6 +31,9 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
                  "chat": ("messages", "role", "content")}
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# The experiment trackers `train.report_to` may name (trackers.py has one class for each).
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS = get_args(Tracker)
 
 
 class Section(BaseModel):
@@ -264,6 +268,37 @@ class TrainSpec(Section):
         "new batch shapes, so it pays off only on long runs, mainly on GPUs; on CPU it was not faster for the "
         "quickstart.",
     )
+    report_to: Annotated[list[Tracker], WithJsonSchema({"anyOf": [  # the one-name form too, as editors check it
+        {"type": "array", "items": {"enum": list(TRACKERS)}, "uniqueItems": True},
+        {"enum": [*TRACKERS, "none"]}]})] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get every metrics.jsonl entry, through each library's own API "
+        "and under the Hugging Face Trainer's names (train/loss, train/learning_rate, train/grad_norm, eval/loss): "
+        "any of tensorboard (<output>/tensorboard), wandb, mlflow, as a list or one name; [] or none (the default): "
+        "none. Each is an optional extra (pip install 'peftctl[tensorboard]'); see Experiment trackers in the README.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        """One name or a list of them, as the Hugging Face Trainer's report_to takes; 'none' is none."""
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value  # pydantic names the type it expected
+        for i, name in enumerate(names):
+            if name == "none":
+                raise ValueError("'none' stands alone (report_to: none), not in a list with trackers; drop one or the other")
+            if name == "all":  # the Trainer's 'all' is every tracker that happens to be installed
+                raise ValueError(f"'all' is not taken: name the trackers to report to ({', '.join(TRACKERS)})")
+            if isinstance(name, str) and name not in TRACKERS:
+                hint = did_you_mean(name, TRACKERS)
+                raise ValueError(f"unknown tracker '{name}'" + (f" ({hint})" if hint else "")
+                                 + f"; the trackers are {', '.join(TRACKERS)}, or none")
+            if name in names[:i]:
+                raise ValueError(f"'{name}' is named twice; name each tracker once")
+        return names
 
 
 class OutputSpec(Section):

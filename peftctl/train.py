@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,16 +95,19 @@ class TrainingDiverged(UserError):
 
 def train(adapter: Adapter, data: TokenizedData, spec: TrainSpec, out_dir: Path, pad_id: int,
           reporter: Reporter | None = None, *, resume: Path | checkpoint.Checkpoint | None = None,
-          fingerprint: dict[str, Any] | None = None) -> TrainResult:
+          fingerprint: dict[str, Any] | None = None, on_record: Callable[[dict[str, Any]], None] | None = None
+          ) -> TrainResult:
     """Train `adapter`, checkpointing under `out_dir`/checkpoints; `resume` continues from a checkpoint.
 
     `fingerprint`: what the caller knows must not change between a checkpoint and a resumed run
     (model, method options, data); the loop adds its own (batch layout, seed, processes).
+    `on_record` gets every metrics.jsonl entry too, in the main process (the trackers: trackers.py).
     Under `accelerate launch` every process runs this same function: each takes its share of a
     step's micro-batches, and only the main process writes files or reports progress.
     """
     release_freed_memory()
     run = _Run(adapter, data, spec, out_dir, pad_id, reporter, fingerprint)
+    run.on_record = on_record  # called in `record`
     try:
         saved = resume
         if isinstance(resume, Path):  # a Checkpoint given is one the caller checked (pipeline.prepare)
@@ -283,6 +286,8 @@ class _Run:
         if self.main:
             with writing(self.metrics_file, "the metrics"), self.metrics_file.open("a", encoding="utf-8") as f:
                 f.write(jsontext.dumps(entry) + "\n")
+            if self.on_record is not None:
+                self.on_record(entry)
 
     def diverged(self, step: int, what: str, value: float, applied: bool = False) -> TrainingDiverged:
         last = self.last_checkpoint or checkpoint.latest(self.checkpoints)

@@ -1,6 +1,7 @@
 """What `peftctl validate` finds beyond the recipe itself, without loading a weight or the data:
-where the Hub model and datasets are (or what training would fetch), and what the method trains
-on the model, from the same weightless step training starts with (skeleton.py).
+where the Hub model and datasets are (or what training would fetch), what the method trains
+on the model, from the same weightless step training starts with (skeleton.py), and where the
+experiment trackers report (each installed, as training checks before the weights load).
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from peftctl.errors import blame
 from peftctl.hub import is_hub_id
 from peftctl.recipe import Recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton
+from peftctl.trackers import check_installed, describe
 
 
 def findings(spec: Recipe) -> list[str]:
-    """One line each: `source: ...` for every Hub model or dataset, then `targets: ...`."""
-    return [*hub_sources(spec), f"targets: {describe_targets(method_on_skeleton(spec))}"]
+    """One line each: `source: ...` for every Hub model or dataset, `targets: ...`, and
+    `trackers: ...` when train.report_to names any."""
+    with blame(spec.source, spec.locate):
+        check_installed(spec.train.report_to)
+    trackers = describe(spec.train.report_to, spec.output.dir)
+    return [*hub_sources(spec), f"targets: {describe_targets(method_on_skeleton(spec))}",
+            *([f"trackers: {trackers}"] if trackers else [])]
 
 
 def hub_sources(spec: Recipe) -> list[str]:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from peftctl import pipeline, sharding
 from peftctl.recipe import load_recipe
+from test_trackers import tensorboard_curves
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"
@@ -88,7 +89,7 @@ def one_process(tmp_path_factory):
 def test_two_processes_train_like_one_and_only_the_main_one_writes(tmp_path, one_process, fsdp):
     one_process, total_params = one_process
     out = tmp_path / "two"
-    proc = launch(out, fsdp=fsdp)
+    proc = launch(out, "--set", "train.report_to=tensorboard", fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(figures) == 1 and figures[0]["steps"] == 20  # printed by the main process only
@@ -103,6 +104,9 @@ def test_two_processes_train_like_one_and_only_the_main_one_writes(tmp_path, one
     ours = losses(out)
     assert_same_losses(ours, losses(one_process))
     assert_same_adapter(out / "adapter", one_process / "adapter")
+    # The tracker reported from the main process only: one event file, each step once.
+    assert len(list((out / "tensorboard").iterdir())) == 1
+    assert [step for step, _ in tensorboard_curves(out)["train/loss"]] == list(range(1, 21))
 
     # Checkpoints hold whole tensors: resumed from step 10 under the other launch (DDP <-> FSDP2),
     # the same run again.
