@@ -90,7 +90,7 @@ class Run:
 
     label: str  # "lora", "lora r=4"
     method: str  # as asked: a method or a variant of one ("dora")
-    settings: dict[str, Any]  # the variant's options and the grid's values, by recipe key
+    settings: dict[str, Any]  # the options the bake-off chose (variant, suggested) and the grid's values, by key
     run_dir: str  # its folder in the bake-off's, also the name of its recipe file
     recipe: Recipe
     lr_rule: str  # where its learning rate comes from
@@ -265,7 +265,8 @@ def _run(request: Request, base: Recipe, name: str, method: Method, variant: dic
             if lr != base.train.lr:
                 train["lr"] = lr
                 read.origins["train.lr"] = f"--methods {name}: {lr_rule}"
-            budget_key, option = (("max_steps", "--budget-steps") if "steps" in budget else ("max_minutes", "--budget-minutes"))
+            budget_key, option = ("max_steps", "--budget-steps") if "steps" in budget else \
+                ("max_minutes", "--budget-minutes")
             train[budget_key] = next(iter(budget.values()))
             read.origins[f"train.{budget_key}"] = f"{option} {train[budget_key]:g}"
         for key, text in chosen.items():
@@ -273,7 +274,7 @@ def _run(request: Request, base: Recipe, name: str, method: Method, variant: dic
             read.origins[key] = f"--grid {grid[key][0]}"
 
     recipe = load_recipe(request.recipe, request.sets, Path(os.path.abspath(out)) / folder, edit=edit)
-    settings = {f"method.{key}": value for key, value in variant.items()}
+    settings = {f"method.{key}": options[key] for key in sorted(ours)}  # the bake-off's choices, then the grid's
     settings.update({key: _value_at(recipe, key) for key in chosen})
     return Run(label, name, settings, folder, recipe, lr_rule)
 

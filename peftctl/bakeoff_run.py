@@ -58,8 +58,9 @@ def run_bakeoff(request: Request, progress: Progress | None = None) -> tuple[dic
             start_folder(plan.out, fresh)
             write_recipes(plan)
             save_state(plan.out, state)
-            left = sum(entry["status"] != "done" for entry in state["runs"])
-            say(f"bake-off: {len(plan.runs)} runs in {plan.out} ({left} to do); their recipes in {plan.out / 'recipes'}")
+            left, runs = sum(entry["status"] != "done" for entry in state["runs"]), len(plan.runs)
+            say(f"bake-off: {runs} run{'s' if runs != 1 else ''} in {plan.out} ({left} to do); "
+                f"their recipes in {plan.out / 'recipes'}")
             for i, (run, entry) in enumerate(zip(plan.runs, state["runs"])):
                 current = f"run {i + 1}/{len(plan.runs)} {run.label}"
                 if entry["status"] == "done":
@@ -101,6 +102,8 @@ def _run_one(plan: Plan, state: dict[str, Any], run: Run, entry: dict[str, Any],
     save_state(plan.out, state)
     if entry.get("train") is None:  # the child's figures: it trained (an interrupted scoring is only done again)
         resuming = checkpoint.latest(plan.out / run.run_dir / checkpoint.CHECKPOINTS) is not None
+        if not resuming:  # a start from scratch: an earlier attempt's time and memory are not this run's
+            entry.update(wall_s=0.0, rusage_peak_bytes=None)
         say(f"{position}: {'continuing from its last checkpoint' if resuming else 'training'} "
             f"(lr {run.lr:g}: {run.lr_rule})")
         trained, error = _train(plan, run, entry, position, resuming, say)

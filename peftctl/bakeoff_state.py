@@ -36,13 +36,18 @@ FIGURES = ("trainable_params", "trainable_percent", "planned_peak_bytes", "measu
 
 def fingerprint(plan: Plan) -> dict[str, Any]:
     """What a bake-off in a folder must share with the command that continues it: the recipe's content
-    (after --set; its output folder aside), the methods, grids and overrides asked, budget, samples."""
+    (after --set; its output folder aside), the methods, grids and overrides asked, budget, samples,
+    and each run's recipe as planned (so a peftctl whose rules changed in between does not continue it)."""
     request = plan.request
-    content = json.dumps(plan.recipe.model_dump(mode="json", exclude={"output"}), sort_keys=True, default=str)
-    return {"recipe content (sha256)": hashlib.sha256(content.encode()).hexdigest(),
+
+    def digest(recipe) -> str:
+        content = json.dumps(recipe.model_dump(mode="json", exclude={"output"}), sort_keys=True, default=str)
+        return hashlib.sha256(content.encode()).hexdigest()
+
+    return {"recipe content (sha256)": digest(plan.recipe),
             "--methods": [name.strip() for name in request.methods.split(",")], "--grid": list(request.grid),
             "--set": list(request.sets), "budget": plan.budget, "--samples": request.samples,
-            "runs": [run.label for run in plan.runs]}
+            "runs' recipes (sha256)": {run.label: digest(run.recipe) for run in plan.runs}}
 
 
 def open_state(plan: Plan) -> tuple[dict[str, Any], bool]:
@@ -55,7 +60,8 @@ def open_state(plan: Plan) -> tuple[dict[str, Any], bool]:
     saved = read_state(out / STATE_FILE) if (out / STATE_FILE).is_file() else None
     validation = recipe.data.validation
     check_replaceable(out, request.overwrite or saved is not None, where, (STATE_FILE,), inputs={
-        "the recipe": request.recipe, "the training data": recipe.data.train if isinstance(recipe.data.train, Path) else None,
+        "the recipe": request.recipe,
+        "the training data": recipe.data.train if isinstance(recipe.data.train, Path) else None,
         "the validation data": validation if isinstance(validation, Path) else None,
         "the base model": model_files(recipe.model)})
     wanted = fingerprint(plan)
