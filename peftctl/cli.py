@@ -18,7 +18,8 @@ from typing import Annotated, Optional
 import typer
 
 from peftctl import jsontext
-from peftctl.cli_parsing import OptionalValueCommand, SeveralNumbersCommand
+from peftctl.cli_parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, GridOpt,
+                                 MethodsOpt, OptionalValueCommand, SamplesOpt, SeveralNumbersCommand)
 from peftctl.console import print_error, print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.errors import UserError
 
@@ -115,7 +116,7 @@ def train(
     try:
         with user_errors(json_):
             spec = load_recipe(recipe, set_ or [], output)
-            summary = pipeline.run(spec, None if json_ else reporter(), overwrite=overwrite, resume=resume)
+            summary = pipeline.run(spec, reporter(quiet=json_), overwrite=overwrite, resume=resume)
     except TrainingInterrupted as stopped:
         from accelerate import PartialState
 
@@ -142,6 +143,30 @@ def train(
         print(jsontext.dumps(figures))
     else:
         print_train_summary(summary, figures)
+
+
+@app.command()
+def bakeoff(recipe: RecipeArg, methods: MethodsOpt, grid: GridOpt = None, set_: SetOpt = None,
+            budget_steps: BudgetStepsOpt = None, budget_minutes: BudgetMinutesOpt = None, samples: SamplesOpt = 5,
+            output: BakeoffOutputOpt = None, overwrite: BakeoffOverwriteOpt = False, json_: JsonOpt = False) -> None:
+    """Train the recipe with each of several methods (or option values), one after another with the same data,
+    seed and budget, and compare them in one table; the same command again continues an interrupted one."""
+    from peftctl import bakeoff_table as show
+    from peftctl.bakeoff import Request
+    from peftctl.bakeoff_run import BakeoffInterrupted, run_bakeoff
+
+    quiet_libraries()
+    try:
+        with user_errors(json_):
+            state, out = run_bakeoff(Request(recipe, methods, grid or [], set_ or [], budget_steps, budget_minutes,
+                                             samples, output, overwrite), None if json_ else show.print_progress)
+    except BakeoffInterrupted as stopped:
+        show.print_bakeoff_interrupted(stopped)
+        raise typer.Exit(130) from None
+    if json_:
+        print(jsontext.dumps(state))
+    else:
+        show.print_bakeoff(state, out)
 
 
 @app.command()

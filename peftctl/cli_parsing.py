@@ -7,6 +7,10 @@ the argument list before click parses it. Also here: the help shows a flag bare.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 import typer.core
 
 # typer labels every option in the help by its type, flags too (`--json <bool>`), which reads as
@@ -59,3 +63,23 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# `peftctl bakeoff`'s options, here so that cli.py stays the list of commands.
+MethodsOpt = Annotated[str, typer.Option(
+    "--methods", show_default=False, help="The methods to compare, by name, separated by commas: "
+    "lora,dora,ia3,bitfit,houlsby,prompt_tuning,prefix_tuning (also rslora, pissa, olora, loraplus).")]
+GridOpt = Annotated[Optional[list[str]], typer.Option(
+    "--grid", metavar="KEY=V1,V2,...", help="A run per value for the methods that have KEY: --grid method.r=4,8,16 "
+    "(repeatable: every combination).")]
+BudgetStepsOpt = Annotated[Optional[int], typer.Option("--budget-steps", metavar="N", show_default=False,
+                                                       help="Optimizer steps per run (train.max_steps).")]
+BudgetMinutesOpt = Annotated[Optional[float], typer.Option(
+    "--budget-minutes", metavar="M", show_default=False,
+    help="Minutes of training steps per run (train.max_minutes); the recipe's steps or epochs still set its schedule.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", min=0, help="Held-out rows to generate replies for, per run "
+                                                                  "(exact match; greedy, stops at EOS).")]
+BakeoffOutputOpt = Annotated[Optional[Path], typer.Option(
+    "--output", help="The bake-off's folder (default: the recipe's output.dir + '-bakeoff'); run again to continue.")]
+BakeoffOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start again in a folder that holds another "
+                                                                       "(or the same) bake-off, deleting its runs.")]

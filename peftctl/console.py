@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
 from peftctl.errors import UserError
@@ -20,9 +22,9 @@ stderr = Console(stderr=True)
 class RichReporter:
     """Training progress on stderr: step, loss, learning rate, tokens/s, elapsed and ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "train") -> None:
         self.progress = Progress(
-            TextColumn("[bold blue]train"),
+            TextColumn(f"[bold blue]{escape(label)}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss [bold]{task.fields[loss]}"),
@@ -54,8 +56,8 @@ class PlainReporter:
     """Training progress as plain lines on stderr, for logs and CI (no terminal to redraw a bar on):
     the first step, then every 5% of the steps or 30 seconds, whichever comes first, and the last."""
 
-    def __init__(self, every_s: float = 30.0) -> None:
-        self.every_s = every_s
+    def __init__(self, every_s: float = 30.0, label: str = "train") -> None:
+        self.every_s, self.label = every_s, label
 
     def start(self, total_steps: int) -> None:
         self.total, self.started, self.last = total_steps, time.monotonic(), None
@@ -69,7 +71,7 @@ class PlainReporter:
         self.last = now
         elapsed = now - self.started
         eta = elapsed / step * (self.total - step) if step else 0.0
-        self.note(f"train step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {metrics['loss']:.4f}  "
+        self.note(f"{self.label} step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {metrics['loss']:.4f}  "
                   f"lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:,.0f} tok/s  "
                   f"elapsed {_clock(elapsed)}  eta {_clock(eta)}")
 
@@ -85,9 +87,18 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
-def reporter():
-    """A live bar on a terminal; plain lines when stderr goes to a file or a CI log."""
-    return RichReporter() if stderr.is_terminal else PlainReporter()
+# What the progress names: `train`, or the run and its place in a bake-off ("3/7 ia3"), which
+# `peftctl bakeoff` hands each training process it starts.
+PROGRESS_LABEL = "PEFTCTL_PROGRESS_LABEL"
+
+
+def reporter(quiet: bool = False):
+    """A live bar on a terminal; plain lines when stderr goes to a file or a CI log. `quiet` (--json):
+    none, unless a bake-off runs this training and shows its progress."""
+    label = os.environ.get(PROGRESS_LABEL)
+    if quiet and not label:
+        return None
+    return RichReporter(label or "train") if stderr.is_terminal else PlainReporter(label=label or "train")
 
 
 def print_error(err: UserError) -> None:
@@ -168,6 +179,7 @@ def train_figures(summary) -> dict:
         "train_loss": result.train_loss,
         "val_loss_before": result.val_loss_before,
         "val_loss_after": result.val_loss_after,
+        "peak_memory_bytes": result.peak_memory_bytes,
     }
 
 

@@ -147,30 +147,56 @@ def evaluate_adapters(adapter_dirs: list[Path], data_file: Path, fmt: str, sampl
     some change the base itself (PiSSA/OLoRA move part of each weight into the adapter, BitFit
     can create biases), so reloading is what is exact for every method.
     """
-    from peftctl.data import tokenize_rows
-    from peftctl.rows import read_rows
-    from peftctl.export import base_model_spec, check_same_base, load_adapter
-    from peftctl.model import load_model, load_skeleton, load_tokenizer
-    from peftctl.recipe import DataSpec
+    from peftctl.export import check_same_base, load_adapter
+    from peftctl.model import load_model
 
     adapter_dirs = [Path(folder) for folder in adapter_dirs]
     check_same_base(adapter_dirs, "be evaluated on one base model", named=base is None)
-    spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
-    for folder in adapter_dirs:  # a foreign or mismatched adapter fails before weights load
-        load_adapter(load_skeleton(spec), folder)
-    tokenizer = load_tokenizer(spec)
-    rows = read_rows(data_file, fmt, key="--data")
-    examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
-    model = load_model(spec)
-    base_scores = score(model, tokenizer, examples, rows, fmt, samples)
+    held = held_out_rows(adapter_dirs, data_file, fmt, max_seq_len, base, trust_remote_code)
+    model = load_model(held.spec)
+    base_scores = held.score(model, samples)
     adapter_scores = []
     for i, folder in enumerate(adapter_dirs):
         if i:
             model = None  # the previous adapter's model is let go before the next base loads
-            model = load_model(spec)
+            model = load_model(held.spec)
         load_adapter(model, folder)
-        adapter_scores.append(score(model, tokenizer, examples, rows, fmt, samples))
-    return ComparisonReport(adapter_dirs, Path(data_file), len(examples), base_scores, adapter_scores)
+        adapter_scores.append(held.score(model, samples))
+    return ComparisonReport(adapter_dirs, Path(data_file), len(held.examples), base_scores, adapter_scores)
+
+
+@dataclass
+class HeldOut:
+    """Held-out rows ready to score on one base model: its spec, its tokenizer, the rows and their tokens."""
+
+    spec: Any
+    tokenizer: PreTrainedTokenizerBase
+    rows: list[dict[str, Any]]
+    examples: list[Example]
+    fmt: str
+
+    def score(self, model: nn.Module, samples: int) -> Scores:
+        return score(model, self.tokenizer, self.examples, self.rows, self.fmt, samples)
+
+
+def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_len: int = 1024,
+                  base: str | None = None, trust_remote_code: bool = False) -> HeldOut:
+    """The rows of `data_file` tokenized for the adapters' base model (`base`: another), after
+    checking each adapter against a weightless copy of it: a foreign or mismatched adapter fails
+    before any weights load."""
+    from peftctl.data import tokenize_rows
+    from peftctl.export import base_model_spec, load_adapter
+    from peftctl.model import load_skeleton, load_tokenizer
+    from peftctl.recipe import DataSpec
+    from peftctl.rows import read_rows
+
+    spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
+    for folder in adapter_dirs:
+        load_adapter(load_skeleton(spec), folder)
+    tokenizer = load_tokenizer(spec)
+    rows = read_rows(data_file, fmt, key="--data")
+    examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
+    return HeldOut(spec, tokenizer, rows, examples, fmt)
 
 
 def eval_inputs_of_several(targets: list[Path], data: Path | None, fmt: str | None) -> tuple[list[Path], Path, str, bool]:

@@ -46,3 +46,18 @@ def _glibc():
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory so far: on a GPU the most CUDA memory its tensors held at once
+    (the allocator's cache not counted), else its peak resident size (all of it: Python, the
+    libraries, the weights, the steps' activations), which the kernel keeps for every process."""
+    import resource
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

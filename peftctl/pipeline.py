@@ -90,15 +90,22 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: str | Path | None =
         check_fsdp(recipe, processes.distributed_type)
     with blame(recipe.source, recipe.locate):
         tokenizer, data = _first_checks(recipe, overwrite, resume)
-        found = method_on_skeleton(recipe, data)  # target, shape and size errors before weights load
-        if recipe.train.gradient_checkpointing and methods.get(found.method_cfg.name).feeds_kv_cache:
-            raise prefilled_cache_refusal()  # as the model would at the first step, before weights load
+        found = check_method(recipe, data)
         fingerprint = run_fingerprint(recipe, found.method_cfg, len(data.train), processes.num_processes)
         saved = None
         if resume is not None:  # a checkpoint of another recipe is refused before the weights load
             saved = checkpoint.read(find_checkpoint(recipe.output.dir, resume), named_by="--resume")
             checkpoint.check_compatible(saved, fingerprint)
     return RunPlan(recipe, processes, tokenizer, data, found, fingerprint, saved)
+
+
+def check_method(recipe: Recipe, data: TokenizedData) -> OnSkeleton:
+    """The recipe's method on the weightless model, with the rows: target, shape and size errors, and
+    what gradient checkpointing would refuse at the first step, all before any weights load."""
+    found = method_on_skeleton(recipe, data)
+    if recipe.train.gradient_checkpointing and methods.get(found.method_cfg.name).feeds_kv_cache:
+        raise prefilled_cache_refusal()
+    return found
 
 
 def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:

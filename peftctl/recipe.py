@@ -10,6 +10,7 @@ travel together; `output.dir` is relative to the directory you run peftctl from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -22,7 +23,7 @@ from peftctl.files import check_path
 from peftctl.hub import is_hub_id
 from peftctl.methods import METHODS
 from peftctl.recipe_errors import explain
-from peftctl.recipe_yaml import locate, read_recipe_yaml
+from peftctl.recipe_yaml import RawRecipe, locate, read_recipe_yaml
 
 
 ROLES = ("system", "user", "assistant")
@@ -213,6 +214,13 @@ class DataSpec(Section):
 class TrainSpec(Section):
     epochs: int = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_minutes: float | None = Field(
+        None, gt=0,
+        description="A time budget: stop after the first optimizer step that ends past this many minutes of "
+        "training steps (validation and checkpoints not counted), then validate, checkpoint and export as at a "
+        "normal end. The learning-rate schedule still spans max_steps (or epochs), so a run stopped early stops "
+        "before its schedule ends.",
+    )
     batch_size: int = Field(8, gt=0, description="Rows per forward pass, in each process.")
     grad_accum: int = Field(
         1, gt=0, le=1024,
@@ -329,13 +337,18 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
+                edit: Callable[[RawRecipe], None] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a UserError naming file and key.
 
-    Data files are checked to exist here, so `peftctl validate` catches a wrong path too.
+    Data files are checked to exist here, so `peftctl validate` catches a wrong path too. `edit`
+    changes the mapping read before it is validated (the bake-off's runs: their method, budget and
+    grid values, each with the option it came from in `origins`).
     """
     path = Path(path)
     read = read_recipe_yaml(path, overrides, output_dir)
+    if edit is not None:
+        edit(read)
     try:
         recipe = Recipe.model_validate(read.raw)
     except ValidationError as err:

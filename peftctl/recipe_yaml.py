@@ -135,11 +135,11 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> str:
                             file=path, where=f"{key} (from --set {override})",
                             expected=f"a key path that ends at a value, e.g. --set {section}=VALUE")
         node = node[part]
-    node[parts[-1]] = _parse_value(value)
+    node[parts[-1]] = parse_value(value)
     return key
 
 
-def _parse_value(value: str) -> Any:
+def parse_value(value: str) -> Any:
     """An override's value as YAML (numbers, booleans, lists, null); text that is not YAML stays text."""
     if not value:
         return None

@@ -8,7 +8,7 @@ accelerate places the model and, on GPUs, runs bf16/fp16 autocast; under `accele
 it runs the same loop in every process (DDP, or FSDP2: see sharding.py). Checkpoints (checkpoint.py) every
 `train.save_every` steps, at the end and on Ctrl-C let a run continue exactly where it stopped.
 
-A run reads as its stages, in `train`: set up (accelerate, AdamW and its schedule, the model
+A run reads as its stages, in `train`: set up (accelerate, AdamW and its schedule from optim.py, the model
 prepared by prepare.py), start afresh or restore a checkpoint, then per step `step`, `log`,
 `evaluate` and `save`, and `finish`. Its progress is one `checkpoint.TrainingState`. The loss
 is loss.py's, the memory tuning memory.py's.
@@ -34,8 +34,9 @@ from peftctl.errors import UserError
 from peftctl.files import atomic_write_text, writing
 from peftctl.interrupts import StopRequests
 from peftctl.loss import CausalLMLoss, labelled_tokens, validation_loss
-from peftctl.memory import release_freed_memory, return_free_heap
+from peftctl.memory import peak_memory_bytes, release_freed_memory, return_free_heap
 from peftctl.methods import Adapter
+from peftctl.optim import setup_optimizer
 from peftctl.prepare import prepare_model
 from peftctl.recipe import TrainSpec
 from peftctl.sharding import rebind_trainable, unshard_trainable
@@ -75,6 +76,7 @@ class TrainResult:
     resumed_from: int | None = None  # the step of the checkpoint a resumed run continued from
     processes: int = 1  # under `accelerate launch`
     distributed: str = "NO"  # what accelerate ran them as: MULTI_GPU / MULTI_CPU (DDP), FSDP, NO
+    peak_memory_bytes: int | None = None  # this process's peak: CUDA memory allocated on a GPU, resident size on CPU
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,7 +144,8 @@ class _Run:
         self.per_step = spec.grad_accum * processes  # micro-batches in one optimizer step, over all processes
         steps_per_epoch = math.ceil(math.ceil(len(data.train) / spec.batch_size) / self.per_step)
         self.total_steps = spec.max_steps or spec.epochs * steps_per_epoch
-        optimizer, self.scheduler, self.schedule = _setup_optimizer(adapter, spec, self.total_steps)
+        self.last_step = self.total_steps  # earlier when train.max_minutes runs out
+        optimizer, self.scheduler, self.schedule = setup_optimizer(adapter, spec, self.total_steps)
         self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(adapter.model), optimizer)
         rebind_trainable(adapter)
         self.params = list(adapter.params.values())
@@ -187,6 +190,9 @@ class _Run:
         with StopRequests() as stop:
             for step in range(self.state.step + 1, last + 1):
                 group, grad_norm = self.step(step, micro_batches)
+                if step < last and self.out_of_time():
+                    last = self.last_step = step
+                    self.reporter.note(f"train.max_minutes ({spec.max_minutes:g}) reached: stopping after step {step}")
                 self.log(step, grad_norm)
                 if spec.eval_every and step % spec.eval_every == 0 and step != last:
                     self.evaluate(step)
@@ -196,7 +202,14 @@ class _Run:
                 if stopping and step < last:
                     self.reporter.finish()
                     raise TrainingInterrupted(step, self.last_checkpoint)
+                if step == last:
+                    break
         self.reporter.finish()
+
+    def out_of_time(self) -> bool:
+        """Whether train.max_minutes of training steps are spent, in any process (they stop together)."""
+        limit = self.spec.max_minutes
+        return limit is not None and _any_process(self.accelerator, self.state.train_s >= 60 * limit)
 
     def step(self, step: int, micro_batches: Iterator[Batch]) -> tuple[list[Batch], float | None]:
         """One optimizer step over the next micro-batches; returns them and the gradient norm."""
@@ -232,7 +245,7 @@ class _Run:
                    "lr": self.spec.lr * self.schedule(self.scheduler.last_epoch),
                    "tokens_per_s": (state.tokens + state.window_real) / max(state.train_s, 1e-9)}
         self.reporter.step(step, metrics)
-        if step % self.spec.log_every == 0 or step == self.total_steps:
+        if step % self.spec.log_every == 0 or step == self.last_step:
             self.record({"step": step, **metrics, "grad_norm": grad_norm, "elapsed_s": round(now - self.started, 3)})
             state.train_loss = metrics["loss"]
             state.tokens += state.window_real
@@ -262,17 +275,17 @@ class _Run:
         """The validation loss after training, whole trainable tensors back in the model, the result."""
         return_free_heap()
         self.loss_model.eval()
-        val_after = self.validate(self.total_steps)
+        val_after = self.validate(self.last_step)
         if val_after is not None:
-            self.record({"step": self.total_steps, "val_loss": val_after})
+            self.record({"step": self.last_step, "val_loss": val_after})
         unshard_trainable(self.adapter)
         state, prepared = self.state, self.prepared
-        return TrainResult(self.total_steps, state.tokens, state.train_s, state.train_loss, state.val_loss_before,
+        return TrainResult(self.last_step, state.tokens, state.train_s, state.train_loss, state.val_loss_before,
                            val_after, state.history, packed=prepared.pack_len is not None,
                            padding_reason=prepared.padding_reason, attention=prepared.attention,
                            checkpoint=self.last_checkpoint, resumed_from=self.resumed_from,
                            processes=self.accelerator.num_processes,
-                           distributed=self.accelerator.distributed_type.value)
+                           distributed=self.accelerator.distributed_type.value, peak_memory_bytes=peak_memory_bytes())
 
     def validate(self, step: int) -> float | None:
         val = validation_loss(self.loss_model, self.data.validation, self.spec.batch_size, self.pad_id, self.device)
@@ -308,39 +321,6 @@ def loop_fingerprint(spec: TrainSpec, processes: int) -> dict[str, Any]:
     resumed with the same (see checkpoint.check_compatible)."""
     return {"train.batch_size": spec.batch_size, "train.grad_accum": spec.grad_accum, "train.seed": spec.seed,
             "train.group_by_length": spec.group_by_length, "processes (accelerate launch)": processes}
-
-
-def _setup_optimizer(adapter: Adapter, spec: TrainSpec, total_steps: int) -> tuple[torch.optim.AdamW, Any, Any]:
-    """AdamW over the trainable parameters, one group per learning-rate multiplier, and its schedule."""
-    schedule = lr_schedule(spec, total_steps)
-    optimizer = torch.optim.AdamW(param_groups(adapter, spec.lr), lr=spec.lr, weight_decay=spec.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
-
-
-def param_groups(adapter: Adapter, lr: float) -> list[dict[str, Any]]:
-    """AdamW's parameter groups: one per learning-rate multiplier the method asks for (usually one)."""
-    scales = adapter.lr_scales()
-    by_scale: dict[float, list[str]] = {}
-    for name in adapter.params:
-        by_scale.setdefault(float(scales.get(name, 1.0)), []).append(name)
-    return [{"params": [adapter.params[n] for n in names], "names": names, "lr": lr * scale, "lr_scale": scale}
-            for scale, names in by_scale.items()]
-
-
-def lr_schedule(spec: TrainSpec, total_steps: int):
-    """Multiplier of the peak lr at each step: linear warmup, then the chosen decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < spec.warmup_steps:
-            return (step + 1) / (spec.warmup_steps + 1)
-        if spec.scheduler == "constant":
-            return 1.0
-        progress = (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps)
-        if spec.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def _backward(accelerator: Any, loss_model: nn.Module, group: list[Batch], step_tokens: int,

@@ -23,7 +23,7 @@ from test_cli import ONE_THREAD
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DATA = ROOT / "recipes" / "data" / "tiny"
-TRAIN_KEYS = "epochs, max_steps, batch_size, grad_accum, lr"
+TRAIN_KEYS = "epochs, max_steps, max_minutes, batch_size, grad_accum, lr"
 
 # A valid recipe; each case breaks one thing. Written out key by key so line numbers are known.
 BASE = """\

@@ -18,7 +18,8 @@ from peftctl.data import load_data
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
 from peftctl.recipe import DataSpec, TrainSpec
-from peftctl.train import param_groups, train
+from peftctl.optim import param_groups
+from peftctl.train import train
 from tiny_models import TINY_GPT2, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -224,6 +224,28 @@ def test_init_text_matches_peft(tmp_path, text):
     torch.testing.assert_close(ours, theirs.detach(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["prefix", "prefix_proj"])
+def test_zero_init_prefix_starts_as_peft_init_weights_zero(variant):
+    """`init: zero` is peft's `init_weights: "zero"`: the same logits before training (zero keys and
+    values are not quite no prefix: they take a share of every softmax), and nearer the base's than
+    a random prefix; training moves it off zero."""
+    model = tiny_llama()
+    batch = token_batch(model.config.vocab_size)
+    length = batch["input_ids"].shape[1]
+    base = real_logits(model, batch, length)
+    random_start = real_logits(peftctl.methods.apply(tiny_llama(), VARIANTS[variant]).model, batch, length)
+    adapter = peftctl.methods.apply(model, VARIANTS[variant].model_copy(update={"init": "zero"}))
+    assert not adapter.state_dict()["prompt_embeddings"].any()
+    ours = real_logits(model, batch, length)
+    config = peft_config(variant)
+    config.init_weights = "zero"
+    theirs = real_logits(peft.get_peft_model(tiny_llama(), config).eval(), batch, length)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert (ours - base).abs().max() < (random_start - base).abs().max()
+    train_steps(adapter, batch)
+    assert adapter.state_dict()["prompt_embeddings"].abs().max() > 1e-3
+
+
 def test_init_text_needs_a_known_tokenizer():
     cfg = PromptTuningConfig(name="prompt_tuning", num_virtual_tokens=4, init_text="hello")
     with pytest.raises(UserError) as err:

@@ -202,6 +202,7 @@ class AdaLoRA(WrappingMethod):
     Config = AdaLoraConfig
     peft_type = "ADALORA"
     examples = {"adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "total_step": 5}}
+    comparable_options = {"target_modules": "linear layers"}
 
     def select(self, model: nn.Module, cfg: AdaLoraConfig) -> dict[str, nn.Module]:
         if cfg.target_r >= cfg.init_r:

@@ -72,6 +72,21 @@ class Method:
     # Each should make a non-trivial adapter on a tiny model; the first is the method's plain form.
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    # --- what a comparison of methods on one recipe (`peftctl bakeoff`) trains it with -------------
+    # Named forms of this method that are asked for as methods of their own (LoRA's "dora":
+    # use_dora: true); the plain name means none of their options.
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Options whose value means the same thing in another method that has the option under the same
+    # meaning: option -> meaning. A recipe's value carries over only between equal meanings (LoRA's
+    # `r` to LoHa's, not to VeRA's shared rank).
+    comparable_options: ClassVar[dict[str, str]] = {}
+    # Options given where the recipe gives none, so that the method trains on any model.
+    suggested_options: ClassVar[dict[str, Any]] = {}
+    # The AdamW learning rate the method is trained at by the source named, on the scale where LoRA
+    # trains at 1e-4 (peft's method comparison): methods without a source of their own train as LoRA.
+    suggested_lr: ClassVar[float] = 1e-4
+    lr_source: ClassVar[str | None] = None
+
     def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
         """Freeze `model`, add or select this method's parameters in place, return them."""
         raise NotImplementedError

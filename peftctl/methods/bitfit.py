@@ -103,6 +103,8 @@ class BitFit(WrappingMethod):
     peft_type = "BITFIT"
     in_peft = False
     examples = {"bitfit": {}}
+    # Models with biases train them all either way; bias-free ones (Llama, SmolLM2) get zero biases to train.
+    suggested_options = {"create_missing_biases": True}
 
     def select(self, model: nn.Module, cfg: BitFitConfig) -> dict[str, nn.Module]:
         return bias_layers(model, cfg)

@@ -164,6 +164,9 @@ class Bottleneck(WrappingMethod):
         "a bottleneck adapter has a non-linearity between its down and up projections, so it is "
         "not a linear map that could be folded into the base weights"
     )
+    comparable_options = {key: f"bottleneck {key}" for key in ("reduction_factor", "bottleneck_size",
+                                                               "non_linearity", "dropout")}
+    lr_source = "AdapterHub's training guide: 1e-4 'works well for most settings'"
 
     def select(self, model: nn.Module, cfg: BottleneckConfig) -> dict[str, nn.Module]:
         return adapter_sites(model, self.placements, self.name)

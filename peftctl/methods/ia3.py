@@ -93,6 +93,9 @@ class IA3(WrappingMethod):
     Config = IA3Config
     peft_type = "IA3"
     examples = {"ia3": {}}
+    suggested_lr = 5e-3
+    lr_source = ("peft's method comparison (MetaMathQA, Llama-3.2-3B): (IA)³ at 5e-3; T-Few (Liu et al., 2022): "
+                 "3e-3 with Adafactor")
 
     def select(self, model: nn.Module, cfg: IA3Config) -> dict[str, nn.Module]:
         return match_targets(model, resolved_targets(model, cfg))

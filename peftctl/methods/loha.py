@@ -72,6 +72,7 @@ class LoHa(LycorisMethod):
     Layer = LohaLinear
     peft_type = "LOHA"
     examples = {"loha": {"r": 4}}
+    comparable_options = {"r": "low-rank rank", "alpha": "low-rank alpha", "target_modules": "linear layers"}
 
     def select(self, model: nn.Module, cfg: LohaConfig) -> dict[str, nn.Module]:
         targets = super().select(model, cfg)

@@ -108,6 +108,7 @@ class LoKr(LycorisMethod):
     peft_type = "LOKR"
     own_peft_fields = {"decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
     examples = {"lokr": {"r": 4}, "lokr-decomposed": {"r": 2, "decompose_both": True}}
+    comparable_options = {"r": "low-rank rank", "alpha": "low-rank alpha", "target_modules": "linear layers"}
 
 
 METHOD = LoKr()

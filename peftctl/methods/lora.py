@@ -158,6 +158,11 @@ class LoRA(WrappingMethod):
                 "olora": {"r": 4, "init": "olora", "use_rslora": True},
                 "loraplus": {"r": 4, "loraplus_lr_ratio": 16}, "loraplus_dora": {"r": 4, "use_dora": True,
                                                                                 "loraplus_lr_ratio": 16}}
+    variants = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"init": "pissa"},
+                "olora": {"init": "olora"}, "loraplus": {"loraplus_lr_ratio": 16}}
+    comparable_options = {"r": "low-rank rank", "alpha": "low-rank alpha", "dropout": "LoRA input dropout",
+                          "target_modules": "linear layers"}
+    lr_source = "peft's method comparison (MetaMathQA, Llama-3.2-3B): LoRA at 1e-4"
 
     def select(self, model: nn.Module, cfg: LoraConfig) -> dict[str, nn.Module]:
         if cfg.target_parameters and cfg.use_dora:

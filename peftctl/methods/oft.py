@@ -157,6 +157,7 @@ class OFT(WrappingMethod):
     Config = OftConfig
     peft_type = "OFT"
     examples = {"oft": {"oft_block_size": 16}}
+    comparable_options = {"target_modules": "linear layers"}
 
     def select(self, model: nn.Module, cfg: OftConfig) -> dict[str, nn.Module]:
         targets = match_targets(model, cfg.target_modules)

@@ -131,6 +131,7 @@ class VeRA(WrappingMethod):
     Config = VeraConfig
     peft_type = "VERA"
     examples = {"vera": {"r": 8}}
+    comparable_options = {"target_modules": "linear layers"}
 
     def record(self, model: nn.Module, cfg: VeraConfig, selected: dict[str, nn.Module]) -> VeraApplied:
         applied = super().record(model, cfg, selected)

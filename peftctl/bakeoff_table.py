@@ -1,0 +1,118 @@
+"""What a bake-off shows: one table of its runs, sorted by validation loss after training (failed
+runs below it with their error), as a rich table on the terminal and as Markdown in bakeoff.md."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from peftctl.bakeoff_state import ordered
+from peftctl.console import stderr, stdout
+
+HEADERS = ("run", "lr", "trainable", "peak plan / run", "tokens/s", "wall", "val loss", "token acc", "exact",
+           "adapter", "merges")
+
+
+def _size(value: float | None, unit: float | None = None) -> str:
+    """Bytes in GB, MB or kB (`unit`: the one of another figure, so that two read side by side)."""
+    if value is None:
+        return "-"
+    unit = unit or (1e9 if value >= 1e9 else 1e6 if value >= 1e5 else 1e3)
+    return f"{value / unit:.{2 if unit == 1e9 else 1}f} {({1e9: 'GB', 1e6: 'MB', 1e3: 'kB'})[unit]}"
+
+
+def _peaks(planned: float | None, measured: float | None) -> str:
+    if planned is None or measured is None:
+        return f"{_size(planned)} / {_size(measured)}"
+    unit = 1e9 if max(planned, measured) >= 1e9 else 1e6
+    return f"{_size(planned, unit).split()[0]} / {_size(measured, unit)}"
+
+
+def _number(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def cells(run: dict[str, Any]) -> list[str]:
+    """A done run's row: its label, learning rate and figures (bakeoff_state.FIGURES), formatted."""
+    f = run["figures"]
+    trainable = "-" if f.get("trainable_params") is None else f"{f['trainable_params']:,} ({f['trainable_percent']:.2g}%)"
+    wall = f.get("wall_s")
+    return [run["label"], f"{run['lr']:g}", trainable, _peaks(f.get("planned_peak_bytes"), f.get("measured_peak_bytes")),
+            _number(f.get("tokens_per_s"), ",.0f"), "-" if wall is None else f"{int(wall) // 60}:{int(wall) % 60:02d}",
+            f"{_number(f.get('val_loss_before'), '.4f')} → {_number(f.get('val_loss_after'), '.4f')}",
+            _number(f.get("token_accuracy"), ".3f"), _number(f.get("exact_match"), ".2f"), _size(f.get("adapter_bytes")),
+            {True: "yes", False: "no"}.get(f.get("mergeable"), "-")]
+
+
+def notes(state: dict[str, Any]) -> list[str]:
+    """The lines under the table: the budget, the base model's scores, what the columns mean, the
+    runs not in it (failed with their error, or not run yet)."""
+    budget = state["budget"]
+    lines = [f"budget: {budget['steps']} optimizer steps per run" if "steps" in budget
+             else f"budget: {budget['minutes']:g} minutes of training steps per run"]
+    for base in (state.get("base") or {}).values():
+        lines.append(f"base model ({base['model']}) on {Path(base['data']).name}: loss {base['loss']:.4f}, token accuracy "
+                     f"{base['token_accuracy']:.3f}" + ("" if base.get("exact_match") is None
+                                                        else f", exact match {base['exact_match']:.2f}"))
+    lines += ["val loss: training's own, before → after; token acc, exact: peftctl eval on the held-out rows "
+              f"(exact match of {state['samples']} greedy replies)",
+              "peak: peftctl plan's total / the training process's peak (resident memory on CPU, CUDA memory "
+              "allocated on a GPU); wall: the whole training process, loading included",
+              "lr: the recipe's for its own method, the others' scaled by their suggested_lr (README: Bake-off)"]
+    for run in state["runs"]:
+        if run["status"] == "failed":
+            lines.append(f"failed: {run['label']}: {run['error']}")
+        elif run["status"] != "done":
+            lines.append(f"not run yet: {run['label']} ({run['status']})")
+        elif run.get("eval_note"):
+            lines.append(f"{run['label']}: {run['eval_note']}")
+    return lines
+
+
+def print_bakeoff(state: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"peftctl bakeoff: {state['recipe']}, sorted by validation loss", title_justify="left")
+    for header in HEADERS:
+        table.add_column(header, justify="left" if header == "run" else "right", overflow="fold")
+    for run in ordered(state["runs"]):
+        if run["status"] == "done":
+            table.add_row(*cells(run))
+    # Into a file or a log the table keeps its width: rich would fold it to 80 columns.
+    (stdout if stdout.is_terminal else Console(width=200)).print(table)
+    for line in notes(state):
+        stdout.print(Text(line), highlight=False, soft_wrap=True)
+    stdout.print(Text.assemble(("results: ", "bold"), f"{out / 'bakeoff.json'}, {out / 'bakeoff.md'}"), soft_wrap=True)
+
+
+def markdown(state: dict[str, Any], out: Path) -> str:
+    """bakeoff.md: the table, the notes, and the commands that reproduce the bake-off and each run."""
+    rows = [cells(run) for run in ordered(state["runs"]) if run["status"] == "done"]
+    lines = [f"# Bake-off: {state['recipe']}", "", "| " + " | ".join(HEADERS) + " |",
+             "|" + "|".join("---" if header == "run" else "--:" for header in HEADERS) + "|",
+             *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows), ""]
+    lines += [f"- {line}" for line in notes(state)]
+    lines += ["", "## Reproduce", "", "```bash", state["command"], "```", "",
+              "Each run alone (its recipe, with the bake-off's method, learning rate and budget):", "", "```bash",
+              *(f"peftctl train {shlex.quote(str(out / run['recipe_file']))}  # {run['label']}" for run in state["runs"]),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def print_progress(line: str) -> None:
+    """A bake-off's progress and its runs' own, as plain lines on stderr (stdout is the table)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def print_bakeoff_interrupted(stopped) -> None:
+    if stopped.command is None:
+        stderr.print(Text("aborted while planning: nothing was trained", style="bold red"))
+        return
+    during = f" during {stopped.run}; state saved in {stopped.state_file} (a run in training is checkpointed)" \
+        if stopped.run else " before its first run"
+    stderr.print(Text.assemble(("interrupted", "bold yellow"), during, "\ncontinue with:\n  ", (stopped.command, "bold")),
+                 highlight=False, soft_wrap=True)
