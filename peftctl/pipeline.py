@@ -106,7 +106,7 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
         if processes.is_main_process:  # one run at a time in an output folder; the others of a launch join it
             held.enter_context(output_lock(out, "output.dir"))
         model = load_model(recipe.model)
-        # The base's sample replies come first: once the method is on the model, no method's can be had exactly.
+        # The base's sample replies come first: with the method on, not every method gives the base back exactly.
         base_replies = replies(model, plan.tokenizer, _sample_rows(plan), recipe.data.format, processes.device)
         torch.manual_seed(recipe.train.seed)
         continued = recipe.model.adapter

@@ -137,15 +137,15 @@ def read_run(run_dir: Path) -> RunFolder:
                            "writing it): left out")
     if not run.metrics.entries:
         run.missing.append(f"{METRICS_FILE} has no entry yet: the run stopped before its first logged step")
-    run.summary = _read_json_file(run_dir / SUMMARY_FILE, run.missing, dict,
+    run.summary = _read_json_file(run_dir / SUMMARY_FILE, run.missing,
                                   "the run did not finish (or a peftctl older than the report wrote it)")
     run.generations = _read_generations(run_dir / GENERATIONS_FILE, run.missing)
     recipe_path = run_dir / "adapter" / RECIPE_FILE
     run.checkpoint = checkpoint.latest(run_dir / checkpoint.CHECKPOINTS)
     if recipe_path.is_file():
-        run.recipe = _read_text(recipe_path, "the recipe")
+        run.recipe = _read_optional(recipe_path, run.missing)
     elif run.checkpoint is not None:
-        state = _read_json_file(run.checkpoint / checkpoint.STATE_FILE, run.missing, dict, "")
+        state = _read_json_file(run.checkpoint / checkpoint.STATE_FILE, run.missing, "")
         fingerprint = (state or {}).get("fingerprint")
         run.fingerprint = fingerprint if isinstance(fingerprint, dict) else None
     if run.recipe is None and run.fingerprint is None:
@@ -154,19 +154,29 @@ def read_run(run_dir: Path) -> RunFolder:
     return run
 
 
-def _read_json_file(path: Path, missing: list[str], kind: type, why_absent: str) -> Any:
-    """A JSON file of the run, or None with a note in `missing` (absent: `why_absent`)."""
+def _read_optional(path: Path, missing: list[str]) -> str | None:
+    """The text of a file the report can do without, or None with a note in `missing`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        missing.append(f"{esc(path)} could not be read ({esc(one_line(err, 160))}): left out")
+        return None
+
+
+def _read_json_file(path: Path, missing: list[str], why_absent: str) -> dict[str, Any] | None:
+    """A JSON object file of the run, or None with a note in `missing` (absent: `why_absent`)."""
     if not path.is_file():
         if why_absent:
             missing.append(f"no {esc(path.name)}: {esc(why_absent)}")
         return None
+    text = _read_optional(path, missing)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        missing.append(f"{esc(path)} could not be read ({esc(one_line(err, 160))}): left out")
+        value = json.loads(text) if text is not None else None
+    except (json.JSONDecodeError, RecursionError) as err:
+        missing.append(f"{esc(path)} is not JSON ({esc(one_line(err, 160))}): left out")
         return None
-    if not isinstance(value, kind):
-        missing.append(f"{esc(path)} is not a JSON {kind.__name__}: left out")
+    if text is not None and not isinstance(value, dict):
+        missing.append(f"{esc(path)} is not a JSON object: left out")
         return None
     return value
 
@@ -177,7 +187,7 @@ def _read_generations(path: Path, missing: list[str]) -> list[dict[str, Any]] | 
                        "(completion format) or no validation rows, or the run did not finish")
         return None
     rows = []
-    for number, line in enumerate(_read_text(path, "the generations").splitlines(), 1):
+    for number, line in enumerate((_read_optional(path, missing) or "").splitlines(), 1):
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):

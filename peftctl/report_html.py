@@ -22,10 +22,12 @@ h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-b
 .notes { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.6em 1em; }
 .notes li { margin: 0.2em 0; }
 table { border-collapse: collapse; margin: 0.5em 0; }
+.scroll { overflow-x: auto; }
+th { font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; vertical-align: top; }
 th { background: #f4f4f4; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.text { white-space: pre-wrap; overflow-wrap: anywhere; max-width: 28em; }
+td.text { white-space: pre-wrap; overflow-wrap: break-word; max-width: 28em; }
 .reply { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 14em; overflow-y: auto; }
 .cut { color: #8a5a00; font-size: 0.85em; margin-top: 0.3em; }
 table.generations td.text { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 0.9em; }
@@ -63,9 +65,10 @@ def notes(lines: list[str]) -> str:
 
 def table(table_id: str, headers: list[str], rows: Iterable[list[str]], css: str = "") -> str:
     """A table of cells already rendered by `cell`, `text_cell` or `raw_cell`."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h.replace('_', ' '))}</th>" for h in headers)  # spaces: long headers wrap
     body = "\n".join("<tr>" + "".join(row) + "</tr>" for row in rows)
-    return f"<table id=\"{esc(table_id)}\" class=\"{esc(css)}\">\n<tr>{head}</tr>\n{body}\n</table>"
+    return (f"<div class=\"scroll\"><table id=\"{esc(table_id)}\" class=\"{esc(css)}\">\n<tr>{head}</tr>\n{body}\n"
+            "</table></div>")
 
 
 def cell(key: str, value: Any) -> str:
@@ -94,7 +97,7 @@ def figure_text(key: str, value: Any) -> str:
     if isinstance(value, str) or not isinstance(value, (int, float)):
         return str(value)
     if key.endswith("_bytes"):
-        return f"{value / 2**20:,.1f} MiB"
+        return f"{value / 2**20:,.1f} MiB" if value >= 2**20 else f"{value / 2**10:,.1f} KiB"
     if key.endswith("_percent"):
         return f"{value:.3f}%"
     if key == "seconds" or key.endswith("_s") and key != "tokens_per_s":

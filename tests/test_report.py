@@ -134,6 +134,26 @@ def test_samples_and_the_report_leave_the_training_unchanged(trained, tmp_path):
     assert (plain / "summary.json").is_file()
 
 
+def test_a_resumed_run_drops_the_summary_of_the_finish_it_continues(trained, tmp_path, monkeypatch):
+    """Resuming a finished run (to train further) makes its summary and samples stale: they go
+    before training, so a resumed run that stops again is reported as unfinished."""
+    from peftctl import pipeline
+    from peftctl.recipe import load_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train", stopped)
+    overrides = [option for option in RUN_OPTIONS if option != "--set"]
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(load_recipe(SMOKE, overrides, output_dir=run), resume="latest")
+    assert not (run / "summary.json").exists() and not (run / "generations.jsonl").exists()
+    assert (run / "metrics.jsonl").is_file() and (run / "adapter").is_dir()
+
+
 def test_an_interrupted_run_is_reported_from_its_metrics_and_checkpoint(trained, tmp_path):
     """What an interrupted run leaves: metrics.jsonl (its last line cut short by the kill) and
     checkpoints, no adapter, summary or samples."""
@@ -181,10 +201,12 @@ def test_text_from_files_is_escaped(tmp_path):
         "prompt": "<script>alert('prompt')</script>", "reference": "<img src=http://example.com/x.png>",
         "generated": "a & b <b>bold</b>", "stopped_at_eos": True, "base": "\"><iframe>", "base_stopped_at_eos": False,
     }) + "\n")
+    (run / "summary.json").write_text("[1, 2]")  # damaged: the page says so and goes on
     result = invoke("report", run)
     assert result.exit_code == 0, result.output
     page = (run / "report.html").read_text()
     assert_self_contained(page)
+    assert "summary.json is not a JSON object: left out" in page
     for tag in ("<iframe", "<img", "<b>", "</pre><"):
         assert tag not in page
     assert "&lt;script&gt;alert(&#x27;prompt&#x27;)&lt;/script&gt;" in page
