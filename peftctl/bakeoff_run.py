@@ -89,12 +89,14 @@ def write_recipes(plan: Plan) -> None:
 
 
 def write_reports(out: Path, state: dict[str, Any]) -> None:
-    """bakeoff.md: the table and the commands that reproduce it."""
+    """bakeoff.md (the table and the commands that reproduce it) and report.html with every run's
+    validation curve in one chart (val_loss.png beside it), as `peftctl report` writes them."""
     from peftctl.bakeoff_table import markdown
+    from peftctl.report_bakeoff import write_bakeoff_report
 
     with writing(out / "bakeoff.md", "the bake-off report"):
         atomic_write_text(out / "bakeoff.md", markdown(state, out))
-    # The HTML report with every run's validation curve (the `report` command's) is written here too.
+    write_bakeoff_report(out)
 
 
 def _run_one(plan: Plan, state: dict[str, Any], run: Run, entry: dict[str, Any], position: str, say: Progress) -> None:

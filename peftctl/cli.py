@@ -136,9 +136,9 @@ def train(
         leave_process_group()
     if not summary.main_process:
         return
-    from peftctl.console import print_train_summary, train_figures
+    from peftctl.console import print_train_summary
 
-    figures = train_figures(summary)
+    figures = pipeline.train_figures(summary)
     if json_:
         print(jsontext.dumps(figures))
     else:
@@ -167,6 +167,24 @@ def bakeoff(recipe: RecipeArg, methods: MethodsOpt, grid: GridOpt = None, set_: 
         print(jsontext.dumps(state))
     else:
         show.print_bakeoff(state, out)
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="A run's output folder, or a bake-off's (it holds bakeoff.json).",
+                                           metavar="DIR", show_default=False)],
+    json_: JsonOpt = False,
+) -> None:
+    """Rebuild the report (report.html and its chart) of a run, old or interrupted, from its
+    metrics.jsonl; or of a bake-off, every run's validation loss in one chart."""
+    from peftctl.report import rebuild
+
+    with user_errors(json_):
+        written = rebuild(folder)
+    if json_:
+        print(jsontext.dumps(written))
+    else:
+        print_summary_lines([("report", written["report"]), ("chart", written["chart"])])
 
 
 @app.command()

@@ -156,33 +156,6 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def train_figures(summary) -> dict:
-    """`peftctl train`'s figures (its --json object) from the pipeline's RunSummary."""
-    result = summary.result
-    return {
-        "adapter_dir": str(summary.adapter_dir),
-        "trainable_params": summary.trainable_params,
-        "total_params": summary.total_params,
-        "trainable_percent": 100 * summary.trainable_params / summary.total_params,
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from,
-        "packed": result.packed,
-        "processes": result.processes,
-        "distributed": result.distributed,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "train_rows": summary.train_rows,
-        "validation_rows": summary.validation_rows,
-        "dropped_rows": summary.dropped_rows,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 2),
-        "tokens_per_s": round(result.tokens_per_second, 1),
-        "train_loss": result.train_loss,
-        "val_loss_before": result.val_loss_before,
-        "val_loss_after": result.val_loss_after,
-        "peak_memory_bytes": result.peak_memory_bytes,
-    }
-
-
 def print_train_summary(summary, figures: dict) -> None:
     """`peftctl train`'s table, then the paths it wrote."""
     result = summary.result
@@ -203,6 +176,7 @@ def print_train_summary(summary, figures: dict) -> None:
     ], [
         ("adapter", str(summary.adapter_dir)),
         ("metrics", str(summary.output_dir / "metrics.jsonl")),
+        *([("report", str(summary.report))] if summary.report else []),
         ("last checkpoint", str(result.checkpoint)),
     ])
 

@@ -14,7 +14,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,8 @@ class TokenizedData:
     dropped: int  # rows whose prompt filled max_seq_len, leaving no response token to learn
     packing: bool | Literal["auto"] = False  # DataSpec.packing: how the loop lays out training batches
     max_seq_len: int | None = None  # the longest packed row; None: the longest example
+    # The validation rows as read (the format's fields): prompts for the run's sample replies.
+    validation_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> TokenizedData:
@@ -65,7 +67,7 @@ def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
     if not train:
         raise UserError("no training row has a response token left after truncation",
                         file=spec.train, where="data.max_seq_len", fix="raise data.max_seq_len")
-    return TokenizedData(train, validation, dropped_train + dropped_val, spec.packing, spec.max_seq_len)
+    return TokenizedData(train, validation, dropped_train + dropped_val, spec.packing, spec.max_seq_len, val_rows)
 
 
 # --- tokenizing ---------------------------------------------------------------------------------

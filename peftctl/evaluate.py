@@ -66,7 +66,7 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: di
     messages = to_messages(row, fmt)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
@@ -76,6 +76,12 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: di
         new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
     return {"prompt": messages[last - 1]["content"], "reference": messages[last]["content"],
             "generated": tokenizer.decode(new_tokens, skip_special_tokens=True), "stopped_at_eos": stopped}
+
+
+def paired_generations(base: list[dict[str, Any]], adapter: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's reply by base + adapter (`generated`) with the base's beside it (`base`): the
+    rows of `peftctl eval --json`'s generations and of a run's generations.jsonl."""
+    return [{**a, "base": b["generated"], "base_stopped_at_eos": b["stopped_at_eos"]} for a, b in zip(adapter, base)]
 
 
 def answer_words(text: str) -> list[str]:
@@ -104,8 +110,7 @@ class EvalReport:
     def as_dict(self) -> dict[str, Any]:
         return {"adapter_dir": str(self.adapter_dir), "data": str(self.data_file), "rows": self.rows,
                 "base": self.base.figures(), "adapter": self.adapter.figures(),
-                "generations": [{**a, "base": b["generated"], "base_stopped_at_eos": b["stopped_at_eos"]}
-                                for a, b in zip(self.adapter.generations, self.base.generations)]}
+                "generations": paired_generations(self.base.generations, self.adapter.generations)}
 
 
 @dataclass

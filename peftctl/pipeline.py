@@ -5,7 +5,8 @@ It runs in two steps. `prepare` does every check that needs no weights, once: th
 output folder, the tokenizer and the data rows, the method on a weightless skeleton of the model
 (skeleton.py), and with `--resume` the checkpoint against this run's fingerprint; it returns
 a `RunPlan`. `execute` then loads the weights, puts the method (or the adapter to continue) on
-them, trains and exports. `run` is the two in a row.
+them, trains and exports, and writes what the run's report shows (summary.json, the sample
+replies, report.html). `run` is the two in a row.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftctl import checkpoint, methods
+from peftctl import checkpoint, jsontext, methods
 from peftctl.data import TokenizedData, load_data
 from peftctl.errors import ErrorGroup, UserError, blame
 from peftctl.export import load_adapter, save_adapter
-from peftctl.files import check_replaceable, output_lock, writing
+from peftctl.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model import load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.quantize import parameter_count
 from peftctl.recipe import Recipe
+from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
+from peftctl.samples import replies, sample_rows, write_generations
 from peftctl.sharding import check_fsdp
 from peftctl.skeleton import OnSkeleton, method_on_skeleton
 from peftctl.trackers import check_installed, tracking
@@ -70,6 +73,7 @@ class RunSummary:
     dropped_rows: int
     result: TrainResult
     main_process: bool = True  # False in the other processes of `accelerate launch`: they print nothing
+    report: Path | None = None  # <output>/report.html, when output.report wrote one
 
 
 def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False,
@@ -115,6 +119,8 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
         if processes.is_main_process:  # one run at a time in an output folder; the others of a launch join it
             held.enter_context(output_lock(out, "output.dir"))
         model = load_model(recipe.model)
+        # The base's sample replies come first: with the method on, not every method gives the base back exactly.
+        base_replies = replies(model, plan.tokenizer, _sample_rows(plan), recipe.data.format, processes.device)
         torch.manual_seed(recipe.train.seed)
         continued = recipe.model.adapter
         adapter = load_adapter(model, continued) if continued is not None else methods.apply(model, plan.method_cfg)
@@ -124,6 +130,8 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
                     fresh_output_dir(out)
                 else:
                     out.mkdir(parents=True, exist_ok=True)
+                    for name in FINISHED_FILES:  # they told of a finish that this run continues from
+                        (out / name).unlink(missing_ok=True)
         # train.report_to's trackers, in the main process; finished however the run ends (held exits them).
         on_record = held.enter_context(tracking(
             recipe.train.report_to if processes.is_main_process else (), out,
@@ -132,21 +140,22 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
         processes.wait_for_everyone()
         result = train(adapter, plan.data, recipe.train, out, plan.tokenizer.pad_token_id, reporter,
                        resume=plan.saved, fingerprint=plan.fingerprint, on_record=on_record)
-        adapter_dir = out / "adapter"
+        summary = RunSummary(
+            output_dir=out,
+            adapter_dir=out / "adapter",
+            trainable_params=adapter.trainable_count(),
+            total_params=parameter_count(model),
+            train_rows=len(plan.data.train),
+            validation_rows=len(plan.data.validation),
+            dropped_rows=plan.data.dropped,
+            result=result,
+            main_process=processes.is_main_process,
+        )
         if processes.is_main_process:
-            _export(plan, adapter, adapter_dir)
+            _export(plan, adapter, summary.adapter_dir)
+            summary.report = _write_run_files(plan, summary, adapter, base_replies)
         processes.wait_for_everyone()  # every process ends the run together
-    return RunSummary(
-        output_dir=out,
-        adapter_dir=adapter_dir,
-        trainable_params=adapter.trainable_count(),
-        total_params=parameter_count(model),
-        train_rows=len(plan.data.train),
-        validation_rows=len(plan.data.validation),
-        dropped_rows=plan.data.dropped,
-        result=result,
-        main_process=processes.is_main_process,
-    )
+    return summary
 
 
 def _join_processes() -> PartialState:
@@ -164,6 +173,57 @@ def _export(plan: RunPlan, adapter: Adapter, adapter_dir: Path) -> None:
     recipe_yaml = plan.resolved_recipe.to_yaml()
     with writing(adapter_dir, "the adapter"):
         save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml, revision=recipe.model.revision)
+
+
+def _sample_rows(plan: RunPlan) -> list[dict[str, Any]]:
+    """The validation rows whose replies the run shows (output.samples): the main process's only."""
+    from accelerate.utils import DistributedType
+
+    processes = plan.processes
+    if not processes.is_main_process or processes.distributed_type == DistributedType.FSDP:
+        return []  # FSDP shards the model over the processes: one of them alone cannot run it
+    return sample_rows(plan.data, plan.recipe.data.format, plan.recipe.output.samples)
+
+
+def _write_run_files(plan: RunPlan, summary: RunSummary, adapter: Adapter,
+                     base_replies: list[dict[str, Any]]) -> Path | None:
+    """summary.json, the sample replies and the report (output.report), once the adapter is saved:
+    the report's path, if it wrote one."""
+    out = summary.output_dir
+    with writing(out / SUMMARY_FILE, "the run's summary"):
+        atomic_write_text(out / SUMMARY_FILE, jsontext.dumps(train_figures(summary), indent=1) + "\n")
+    if base_replies:
+        rows = _sample_rows(plan)
+        write_generations(out / GENERATIONS_FILE, base_replies,
+                          replies(adapter.model, plan.tokenizer, rows, plan.recipe.data.format))
+    return write_run_report(out) if plan.recipe.output.report else None
+
+
+def train_figures(summary: RunSummary) -> dict[str, Any]:
+    """The run's figures: `peftctl train --json`'s object, and <output>/summary.json."""
+    result = summary.result
+    return {
+        "adapter_dir": str(summary.adapter_dir),
+        "trainable_params": summary.trainable_params,
+        "total_params": summary.total_params,
+        "trainable_percent": 100 * summary.trainable_params / summary.total_params,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "packed": result.packed,
+        "processes": result.processes,
+        "distributed": result.distributed,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "train_rows": summary.train_rows,
+        "validation_rows": summary.validation_rows,
+        "dropped_rows": summary.dropped_rows,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_second, 1),
+        "train_loss": result.train_loss,
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "peak_memory_bytes": result.peak_memory_bytes,
+    }
 
 
 def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) -> tuple[Any, Any]:
@@ -219,6 +279,8 @@ def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int, p
 
 # What a peftctl run leaves in its output folder: --overwrite only ever deletes such a folder.
 RUN_MARKERS = ("metrics.jsonl", "adapter", checkpoint.CHECKPOINTS)
+# What a run writes once it has finished, and a resumed run rewrites when it finishes in turn.
+FINISHED_FILES = (SUMMARY_FILE, GENERATIONS_FILE)
 
 
 def check_output_dir(recipe: Recipe, overwrite: bool, model_found: bool = True) -> None:

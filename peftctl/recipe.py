@@ -313,6 +313,18 @@ class OutputSpec(Section):
     dir: Path | None = Field(
         None, description="Where metrics and the adapter are written; default runs/<recipe file name>."
     )
+    report: bool = Field(
+        True, description="At the end of training write report.html into the output folder (one self-contained "
+        "page: the loss curve, learning rate, tokens/s and gradient norm over the steps, the closing figures, the "
+        "sample replies and the recipe) and the loss curve as loss.png beside it. `peftctl report DIR` rebuilds "
+        "both from metrics.jsonl, also for an interrupted run."
+    )
+    samples: int = Field(
+        3, ge=0, le=100, description="Validation rows whose greedy replies (at most 64 new tokens) by the base model "
+        "and by base + adapter go into generations.jsonl in the output folder and into the report; 0: none. The base "
+        "answers before the method is applied. None for completion data (no prompt to reply to), without validation "
+        "data, or under FSDP."
+    )
 
 
 class Recipe(Section):
