@@ -117,7 +117,8 @@ def svg(figure: Figure, name: str) -> str:
 
 
 def write_png(figure: Figure, path: Path) -> None:
-    figure.savefig(path, format="png", dpi=PNG_DPI, metadata={"Software": None})
+    # zlib's fastest level: a third of the time of the default for a few KiB more.
+    figure.savefig(path, format="png", dpi=PNG_DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
 
 
 def _slug(text: str) -> str:
