@@ -120,7 +120,8 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
             held.enter_context(output_lock(out, "output.dir"))
         model = load_model(recipe.model)
         # The base's sample replies come first: with the method on, not every method gives the base back exactly.
-        base_replies = replies(model, plan.tokenizer, _sample_rows(plan), recipe.data.format, processes.device)
+        rows = _sample_rows(plan)
+        base_replies = replies(model, plan.tokenizer, rows, recipe.data.format, processes.device)
         torch.manual_seed(recipe.train.seed)
         continued = recipe.model.adapter
         adapter = load_adapter(model, continued) if continued is not None else methods.apply(model, plan.method_cfg)
@@ -153,7 +154,7 @@ def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
         )
         if processes.is_main_process:
             _export(plan, adapter, summary.adapter_dir)
-            summary.report = _write_run_files(plan, summary, adapter, base_replies)
+            summary.report = _write_run_files(plan, summary, adapter, rows, base_replies)
         processes.wait_for_everyone()  # every process ends the run together
     return summary
 
@@ -177,23 +178,23 @@ def _export(plan: RunPlan, adapter: Adapter, adapter_dir: Path) -> None:
 
 def _sample_rows(plan: RunPlan) -> list[dict[str, Any]]:
     """The validation rows whose replies the run shows (output.samples): the main process's only."""
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     processes = plan.processes
-    if not processes.is_main_process or processes.distributed_type == DistributedType.FSDP:
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP") or processes.distributed_type == DistributedType.FSDP
+    if not processes.is_main_process or fsdp:
         return []  # FSDP shards the model over the processes: one of them alone cannot run it
     return sample_rows(plan.data, plan.recipe.data.format, plan.recipe.output.samples)
 
 
-def _write_run_files(plan: RunPlan, summary: RunSummary, adapter: Adapter,
+def _write_run_files(plan: RunPlan, summary: RunSummary, adapter: Adapter, rows: list[dict[str, Any]],
                      base_replies: list[dict[str, Any]]) -> Path | None:
     """summary.json, the sample replies and the report (output.report), once the adapter is saved:
     the report's path, if it wrote one."""
     out = summary.output_dir
     with writing(out / SUMMARY_FILE, "the run's summary"):
         atomic_write_text(out / SUMMARY_FILE, jsontext.dumps(train_figures(summary), indent=1) + "\n")
-    if base_replies:
-        rows = _sample_rows(plan)
+    if rows:
         write_generations(out / GENERATIONS_FILE, base_replies,
                           replies(adapter.model, plan.tokenizer, rows, plan.recipe.data.format))
     return write_run_report(out) if plan.recipe.output.report else None

@@ -89,8 +89,12 @@ def one_process(tmp_path_factory):
 def test_two_processes_train_like_one_and_only_the_main_one_writes(tmp_path, one_process, fsdp):
     one_process, total_params = one_process
     out = tmp_path / "two"
-    proc = launch(out, "--set", "train.report_to=tensorboard", fsdp=fsdp)
+    proc = launch(out, "--set", "train.report_to=tensorboard", "--set", "output.samples=2", fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The main process answers the sample rows alone; under FSDP no process holds the whole model.
+    assert (out / "report.html").is_file()
+    samples = (out / "generations.jsonl").read_text().splitlines() if not fsdp else []
+    assert len(samples) == (0 if fsdp else 2) and (out / "generations.jsonl").exists() != fsdp
     figures = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(figures) == 1 and figures[0]["steps"] == 20  # printed by the main process only
     assert figures[0]["processes"] == 2
