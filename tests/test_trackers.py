@@ -9,8 +9,6 @@ reaches a network: WANDB_MODE=offline, MLflow on a local file, every folder unde
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
 import sys
 from pathlib import Path
@@ -23,7 +21,8 @@ from peftctl import pipeline, trackers
 from peftctl.cli import app
 from peftctl.errors import UserError
 from peftctl.recipe import TRACKERS, load_recipe
-from peftctl.train import SilentReporter, TrainingInterrupted
+from peftctl.train import TrainingInterrupted
+from test_checkpoint import StopAt  # SIGINT during a given step, as a Ctrl-C would
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"
@@ -169,15 +168,6 @@ def test_metric_names_are_the_hugging_face_trainers():
     assert set(trackers.TRACKER_CLASSES) == set(TRACKERS)
 
 
-class StopAt(SilentReporter):
-    """Sends this process SIGINT during step `step`, as a Ctrl-C would."""
-
-    def __init__(self, step: int):
-        self.at = step
-
-    def step(self, step, metrics):
-        if step == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ctrl_c_closes_the_trackers_and_resume_continues_their_runs(tmp_path):
