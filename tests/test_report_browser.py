@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from cli_checks import invoke
+from test_report import Tags  # the page's elements as a browser's parser finds them
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,6 @@ def chromium(profile: Path, page: Path, *options: str) -> subprocess.CompletedPr
 def console_errors(log: str) -> list[str]:
     """The page's console messages and uncaught exceptions in Chromium's log."""
     return [line for line in log.splitlines() if "CONSOLE" in line or "Uncaught" in line]
-
-
-class Elements(HTMLParser):
-    def __init__(self, text: str):
-        super().__init__()
-        self.found: list[tuple[str, dict]] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.found.append((tag, dict(attrs)))
 
 
 def image_stats(path: Path) -> tuple[tuple[int, int], float]:
@@ -78,7 +68,7 @@ def test_chromium_draws_the_report_with_its_chart_and_tables(tmp_path):
     dumped = chromium(tmp_path / "profile", report, "--dump-dom")
     assert dumped.returncode == 0, dumped.stderr[-3000:]
     assert not console_errors(dumped.stderr), console_errors(dumped.stderr)
-    elements = Elements(dumped.stdout).found
+    elements = Tags(dumped.stdout).found
     ids = {attrs.get("id") for _, attrs in elements}
     assert {"summary", "metrics-table", "generations-table", "loss-loss-train", "loss-loss-validation"} <= ids
     charts = [attrs for tag, attrs in elements if tag == "svg"]
