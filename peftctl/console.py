@@ -292,10 +292,13 @@ def plan_table(plan) -> Table:
     for part in parts:
         table.add_row(part, *[_gb(getattr(memory, part)) for memory in memories])
     table.add_row("total", *[_gb(memory.total) for memory in memories], style="bold")
-    per_layer = "hidden (1 layer: 34·hidden, gradient checkpointing)" if plan.gradient_checkpointing else "34·hidden"
-    table.caption = (f"activations: ~{per_layer} bytes-per-value per layer and token for {plan.tokens_per_step:,} tokens "
-                     "(batch_size × max_seq_len, every row full) + fp32 logits of labelled tokens (with a frozen output head, "
-                     "one 32 MiB chunk at a time); optimizer: AdamW, 8 B per trainable parameter"
+    kept = "each layer's input, one layer rebuilt at a time: gradient checkpointing" if plan.gradient_checkpointing \
+        else "every layer's activations"
+    table.caption = (f"activations: what a step of {plan.tokens_per_step:,} tokens (batch_size × max_seq_len, every row "
+                     f"full) keeps for the backward pass ({kept}) with {plan.attention} attention"
+                     + (" under a GPU's autocast" if plan.autocast else "")
+                     + " (peftctl/activations.py), + fp32 logits of labelled tokens (with a frozen output head, one "
+                     "chunk at a time); optimizer: AdamW, 8 B per trainable parameter"
                      + ("; gathered: whole weights of 2 transformer blocks (computed and prefetched; full fine-tuning: and their gradients)" if plan.shards > 1 else ""))
     return table
 

@@ -61,3 +61,23 @@ def peak_memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def kept_for_backward(forward, exclude=()):
+    """Run `forward()` and count what autograd keeps of it for the backward pass: (its result, the
+    bytes of the distinct tensor storages saved during it, those of `exclude` left out, e.g. the
+    model's weights, which are held anyway). Exact, unlike a process's resident size; plan's
+    activation figures (activations.py) are checked against it."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        result = forward()
+    held = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    return result, sum(size for ptr, size in storages.items() if ptr not in held)

@@ -8,7 +8,10 @@ are exact for any size (a 70B config takes seconds). Memory, per parameter:
   * PEFT: the frozen base at its storage precision, and for the trainable weights only: weights,
     gradients and AdamW moments. peftctl keeps trainable weights and their gradients in fp32
     (4 B each), so they cost 16 B per trainable parameter.
-Activations come on top: see `activation_bytes`.
+Activations come on top: what one step keeps for its backward pass, with every row `max_seq_len`
+tokens long and every token labelled, as activations.py counts it for the kernels training will
+run here (on a GPU: SDPA and 16-bit autocast; on a CPU: `train.attention`'s choice). A quantized
+base adds its largest layer dequantized, which bitsandbytes builds for each matmul.
 
 With `shards` > 1 (FSDP2 over that many GPUs, `accelerate launch --use_fsdp`) every figure is per
 GPU: weights, gradients and optimizer state are divided among the GPUs, and each GPU holds whole
@@ -27,10 +30,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from peftctl import methods, quantize
+from peftctl import attention, methods, quantize
+from peftctl.activations import Kernels, activation_bytes
 from peftctl.errors import blame
-from peftctl.loss import HeadCrossEntropy
+from peftctl.layers import linear_layers, linear_shape
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
+from peftctl.prepare import auto_attention
 from peftctl.recipe import Recipe
 from peftctl.sharding import check_fsdp_recipe
 from peftctl.skeleton import method_options
@@ -71,33 +76,6 @@ def peft_memory(n_frozen: int, n_trainable: int, frozen_bytes: float = MIXED_PRE
     )
 
 
-def activation_bytes(config, tokens: int, labelled_tokens: int, activation_bytes_per_value: float,
-                     checkpointed: bool = False, chunked_head: bool = False) -> float:
-    """Activations kept for the backward pass, estimated per token.
-
-    Per decoder layer and token a transformer keeps about 34·h values for the backward pass
-    (Korthikanti et al., 2022, without their 5·a·s/h attention-score term). Even with a frozen
-    base these are needed: the gradient flows back through every layer to reach the adapters.
-    With gradient checkpointing each layer keeps only its input (h values per token), and one
-    layer's 34·h are rebuilt at a time in the backward pass. The loss adds fp32 logits (and
-    their gradient) for the labelled tokens only, which is all peftctl computes; with a frozen
-    bias-free output head (`chunked_head`, see loss.HeadCrossEntropy) only one chunk of them
-    exists at a time. Checked against a real run: for SmolLM2 LoRA with full 256-token rows the
-    estimate was within a few percent of the measured peak resident memory above the runtime's
-    own (tests/test_plan.py, slow).
-    """
-    hidden = config.hidden_size
-    layers = config.num_hidden_layers
-    per_layer = 34 * hidden * tokens * activation_bytes_per_value
-    # Chunked: a chunk's logits in the activations' dtype (their gradient overwrites them) and one
-    # block's fp32 log-probabilities and gradient. Else the labelled logits and their gradient, in fp32.
-    chunk = HeadCrossEntropy.CHUNK_VALUES * activation_bytes_per_value + 3 * HeadCrossEntropy.BLOCK_VALUES * 4
-    logits = chunk if chunked_head else 2 * labelled_tokens * config.vocab_size * 4
-    if checkpointed:
-        return layers * hidden * tokens * activation_bytes_per_value + per_layer + logits
-    return layers * per_layer + logits
-
-
 @dataclass
 class Plan:
     model: str
@@ -113,6 +91,8 @@ class Plan:
     # The same method on the unquantized base (`weight_dtype`), when the plan is for a quantized one.
     unquantized: Memory | None = None
     shards: int = 1  # GPUs FSDP shards over; the memories are per GPU
+    attention: str = "sdpa"  # the attention kernel the activations are counted for
+    autocast: bool = False  # counted for a GPU's 16-bit autocast
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -123,19 +103,33 @@ class Plan:
         return data
 
 
-def plan(recipe: Recipe, shards: int = 1) -> Plan:
-    """Parameter counts and memory for `recipe`; per GPU of FSDP over `shards` GPUs when > 1."""
+def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> Plan:
+    """Parameter counts and memory for `recipe`; per GPU of FSDP over `shards` GPUs when > 1.
+    `cuda`: activations as training on a GPU keeps them (default: whether this machine has one)."""
     with blame(recipe.source, recipe.locate):
-        return _plan(recipe, shards)
+        return _plan(recipe, shards, torch.cuda.is_available() if cuda is None else cuda)
 
 
-def _plan(recipe: Recipe, shards: int) -> Plan:
+def training_kernels(model: torch.nn.Module, recipe: Recipe, cuda: bool) -> Kernels:
+    """The kernels `train` will run the recipe with (prepare.py, train._mixed_precision)."""
+    current = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    chosen = recipe.train.attention
+    if chosen == "auto":
+        # Eager here means peftctl's grouped kernel, which prepare.py takes where it matches eager.
+        chosen = auto_attention(current, recipe.data.max_seq_len, cuda)
+        chosen = attention.NAME if chosen == "eager" else chosen
+    dtype = resolve_dtype(recipe.model.dtype)
+    return Kernels(chosen, cuda and dtype in (torch.bfloat16, torch.float16), recipe.train.gradient_checkpointing)
+
+
+def _plan(recipe: Recipe, shards: int, cuda: bool) -> Plan:
     spec = recipe.model
     if shards > 1:
         check_fsdp_recipe(recipe)
     model = load_skeleton(spec)
     n_base = sum(p.numel() for p in model.parameters())
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
+    largest = max((_weights(layer) for layer in linear_layers(model).values()), default=0)
     # A continued adapter (model.adapter) brings its own options; the recipe may name only the method.
     adapter = methods.apply(model, method_options(recipe))
     # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
@@ -146,20 +140,21 @@ def _plan(recipe: Recipe, shards: int) -> Plan:
     n_frozen = n_total - n_trainable
     dtype = resolve_dtype(recipe.model.dtype)
     weight_bytes = torch.finfo(dtype).bits / 8
-    tokens = recipe.train.batch_size * recipe.data.max_seq_len
-    config = model.config
+    rows, row_len = recipe.train.batch_size, recipe.data.max_seq_len
+    tokens = rows * row_len
+    kernels = training_kernels(model, recipe, cuda)
     peft = peft_memory(n_frozen, n_trainable, frozen_bytes=weight_bytes)
-    chunked = HeadCrossEntropy.takes(model.get_output_embeddings())
-    peft.activations = activation_bytes(config, tokens, tokens, weight_bytes, recipe.train.gradient_checkpointing,
-                                        chunked)
+    # Every token labelled, as every row is full: the most a step of this shape can keep.
+    peft.activations = activation_bytes(model, kernels, rows, row_len, tokens, weight_bytes)
     full = full_finetune_memory(n_base, weight_bytes=weight_bytes)
-    # Full fine-tuning trains the output head, so its logits are kept whole.
-    full.activations = activation_bytes(config, tokens, tokens, weight_bytes, recipe.train.gradient_checkpointing)
+    # Full fine-tuning keeps every linear layer's input, and trains the output head: whole logits.
+    full.activations = activation_bytes(model, kernels, rows, row_len, tokens, weight_bytes, full=True)
     unquantized = None
     if spec.quantization != "none":
         unquantized = peft
         peft = replace(peft, weights=peft.weights - weight_bytes * (n_quantized + n_norm)
-                       + quantized_bytes + ADAPTER_BYTES * n_norm)
+                       + quantized_bytes + ADAPTER_BYTES * n_norm,
+                       activations=peft.activations + largest * weight_bytes)
     if shards > 1:
         # Gathered at the weights' 16-bit storage size, for full fine-tuning too (full_finetune_memory).
         gathered = 2 * largest_block(model) * weight_bytes
@@ -167,7 +162,12 @@ def _plan(recipe: Recipe, shards: int) -> Plan:
         peft, full = peft.sharded(shards, gathered), full.sharded(shards, 2 * gathered)
     return Plan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
                 tokens, peft, full, quantize.describe(spec), recipe.train.gradient_checkpointing, unquantized,
-                shards)
+                shards, kernels.attention, kernels.autocast)
+
+
+def _weights(layer: torch.nn.Module) -> int:
+    in_features, out_features, _ = linear_shape(layer)
+    return in_features * out_features
 
 
 def largest_block(model: torch.nn.Module) -> int:

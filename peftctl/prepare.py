@@ -89,13 +89,20 @@ def _use_attention(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, dat
     wanted = spec.attention
     if wanted == "auto":
         longest = data.max_seq_len if data.packing and data.max_seq_len else max(len(e.input_ids) for e in data.train)
-        wanted = "eager" if not torch.cuda.is_available() and longest <= EAGER_MAX_ROW else current
+        wanted = auto_attention(current, longest, torch.cuda.is_available())
         if wanted == "eager" and hasattr(model, "set_attn_implementation"):
             wanted = _grouped_if_same(model, loss_model, data, pad_id, device)
     if current is None or wanted == current or not hasattr(model, "set_attn_implementation"):
         return None
     model.set_attn_implementation(wanted)
     return current
+
+
+def auto_attention(current: str | None, longest_row: int, cuda: bool) -> str | None:
+    """What `train.attention: auto` picks before its probe: eager on CPU for rows up to
+    EAGER_MAX_ROW tokens (then peftctl's grouped kernel where it matches), else the model's own.
+    plan.py sizes the activations from the same rule."""
+    return "eager" if not cuda and longest_row <= EAGER_MAX_ROW else current
 
 
 def _grouped_if_same(model: nn.Module, loss_model: nn.Module, data: TokenizedData, pad_id: int,

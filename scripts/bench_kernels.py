@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl import attention, fused, methods
 from peftctl.loss import CausalLMLoss
+from peftctl.memory import kept_for_backward
 from peftctl.methods import lora
 from peftctl.methods.lora import LoraConfig
 
@@ -81,20 +82,11 @@ def main() -> None:
         lora.low_rank_update = fused_update if dropout_inside else plain_update
 
     def kept_mib() -> float:
-        storages: dict[int, int] = {}
-
-        def keep(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            loss_sum, count = loss_model(**batch)
+        (loss_sum, count), kept = kept_for_backward(lambda: loss_model(**batch), exclude=model.parameters())
         (loss_sum / count).backward()
         for param in adapter.params.values():
             param.grad = None
-        frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights are kept anyway
-        return sum(size for ptr, size in storages.items() if ptr not in frozen) / 2**20
+        return kept / 2**20
 
     def step() -> float:
         started = time.perf_counter()
