@@ -1,7 +1,7 @@
 """QLoRA: adapters on a 4-bit (or 8-bit) bitsandbytes base, gradient checkpointing, merge and plan.
 
 bitsandbytes runs its 4-bit and 8-bit layers on CPUs (slowly), so everything here runs without a
-GPU on tiny models; tests/test_qlora.py::test_gpu_check_* covers the GPU script's CPU behaviour.
+GPU on tiny models; tests/test_gpu_proof.py covers the GPU proof's CPU behaviour.
 Tolerances: our layers and peft's compute the same fp32 operations on the same quantized bytes,
 so logits agree to 1e-5; a merge into the dequantized base differs from the quantized base +
 adapter by fp32 rounding only (< 1e-4 on these models' logits).
@@ -366,27 +366,6 @@ def test_a_model_without_linear_layers_is_refused():
     with pytest.raises(UserError, match="no linear layers to quantize") as err:
         quantize.quantize(model, ModelSpec(name_or_path="x", quantization="4bit"))
     assert err.value.where == "model.quantization" and "none" in err.value.fix
-
-
-# --- the GPU check script --------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's behaviour without CUDA")
-def test_gpu_check_says_there_is_no_gpu_and_exits_0():
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "no CUDA GPU" in proc.stdout
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_check_measures_qlora_and_lora(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--steps", "5", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
-    by_name = {row["name"]: row for row in rows}
-    assert by_name["qlora"]["peak_gpu_memory_gb"] < by_name["lora-16bit"]["peak_gpu_memory_gb"]
 
 
 @pytest.mark.slow
