@@ -10,17 +10,18 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from peftctl import jsontext
-from peftctl.cli_parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, GridOpt,
-                                 MethodsOpt, OptionalValueCommand, SamplesOpt, SeveralNumbersCommand)
-from peftctl.console import print_error, print_interrupted, print_summary, print_summary_lines, stdout
+from peftctl.cli_boundary import leave_process_group, quiet_libraries, user_errors
+from peftctl.cli_parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
+                                 GridOpt, JsonOpt, MethodsOpt, OptionalValueCommand, OverwriteModelOpt, RecipeArg,
+                                 SamplesOpt, SetOpt, SeveralNumbersCommand, TrustOpt)
+from peftctl.console import print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
@@ -48,50 +49,6 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     """Parameter-efficient fine-tuning of language models from YAML recipes."""
     if not sys.warnoptions:  # a library's warning that gets through is shown once, not once per step or layer
         warnings.filterwarnings("once", append=True)
-
-
-RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for programs instead of a "
-                                       "table; an error too (on stdout, exit 2).")]
-TrustOpt = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Run the Python code a model folder ships (its own architecture). Only for models "
-    "whose code you trust; an adapter folder never turns this on.")]
-
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 "
-                                                 "or float16 (default: the base model's own).")]
-OverwriteModelOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a model folder peftctl wrote.")]
-
-
-@contextmanager
-def user_errors(json_: bool = False) -> Iterator[None]:
-    """A UserError ends the command with exit 2: its message on stderr, or with --json one JSON
-    object on stdout ({"error", "file", "key", "line", "expected", "fix", "also"}) for programs."""
-    try:
-        yield
-    except UserError as err:
-        if json_:
-            print(jsontext.dumps(err.as_dict()))
-        else:
-            print_error(err)
-        raise typer.Exit(2) from None
-
-
-def quiet_libraries() -> None:
-    """Our own progress bar and tables are the output; silence the libraries' bars and advice."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def leave_process_group() -> None:
-    """End this process's part in an `accelerate launch` group, if it joined one: a process that
-    exits with its gloo/NCCL group still up can abort ("terminate called without an active
-    exception") and fail the whole launch."""
-    torch = sys.modules.get("torch")  # not imported: no group was formed (a recipe error, say)
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @app.command(cls=OptionalValueCommand)

@@ -2,7 +2,8 @@
 
 Two options take values typer has no form for: `train --resume` with or without a value, and
 `merge --weights 0.5 0.3 0.2` (several numbers after one option). Their command classes rewrite
-the argument list before click parses it. Also here: the help shows a flag bare.
+the argument list before click parses it. Also here: the help shows a flag bare, and the option
+types the commands share.
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def _is_number(text: str) -> bool:
 
 
 # `peftctl bakeoff`'s options, here so that cli.py stays the list of commands.
+# Options several commands share.
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for programs instead of a "
+                                       "table; an error too (on stdout, exit 2).")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run the Python code a model folder ships (its own architecture). Only for models "
+    "whose code you trust; an adapter folder never turns this on.")]
+
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Precision of the saved weights: float32, bfloat16 "
+                                                 "or float16 (default: the base model's own).")]
+OverwriteModelOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a model folder peftctl wrote.")]
+
+# The bake-off's options.
 MethodsOpt = Annotated[str, typer.Option(
     "--methods", show_default=False, help="The methods to compare, by name, separated by commas: "
     "lora,dora,ia3,bitfit,houlsby,prompt_tuning,prefix_tuning (also rslora, pissa, olora, loraplus).")]

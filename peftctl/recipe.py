@@ -4,8 +4,8 @@ A recipe is a YAML file with five sections (model, method, data, train, output).
 models are the single source of truth for its keys, defaults, validation, the JSON schema
 (`peftctl schema`) and the README's reference (recipe_docs.py). Unknown keys are errors, never
 ignored; reading the YAML is recipe_yaml.py, explaining a validation error recipe_errors.py.
-Relative data paths are resolved against the recipe file's folder, so a recipe and its data
-travel together; `output.dir` is relative to the directory you run peftctl from.
+Relative data paths are resolved against the recipe file's folder (recipe_paths.py), so a recipe
+and its data travel together; `output.dir` is relative to the directory you run peftctl from.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, WithJsonSchema,
                       field_validator)
 
-from peftctl.errors import UserError, blame, did_you_mean
-from peftctl.files import check_path
-from peftctl.hub import is_hub_id
+from peftctl.errors import blame, did_you_mean
 from peftctl.methods import METHODS
 from peftctl.recipe_errors import explain
+from peftctl.recipe_paths import DATA_SUFFIXES, check_data_files, check_paths, resolve_paths
 from peftctl.recipe_yaml import RawRecipe, locate, read_recipe_yaml
 
 
@@ -31,7 +30,6 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 # The fields each data format reads from a row, which `data.columns` may rename.
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
                  "chat": ("messages", "role", "content")}
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # The experiment trackers `train.report_to` may name (trackers.py has one class for each).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS = get_args(Tracker)
@@ -366,52 +364,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | P
     except ValidationError as err:
         raise explain(err, read.raw, path, read.locate, Recipe) from None
     recipe._source, recipe._text, recipe._origins = path, read.text, read.origins
-    _resolve_paths(recipe, path)
+    resolve_paths(recipe, path)
     with blame(path, recipe.locate):
-        for key, value in (("model.name_or_path", recipe.model.name_or_path), ("model.adapter", recipe.model.adapter),
-                           ("data.train", recipe.data.train), ("data.validation", recipe.data.validation),
-                           ("output.dir", recipe.output.dir)):
-            if isinstance(value, (str, Path)):
-                check_path(value, key)
-    _check_data_files(recipe, path)
+        check_paths(recipe)
+    check_data_files(recipe, path)
     return recipe
-
-
-def _resolve_paths(recipe: Recipe, path: Path) -> None:
-    base = path.resolve().parent
-    data = recipe.data
-    data.train = _data_source(data.train, base)
-    if isinstance(data.validation, (str, Path)):
-        data.validation = _data_source(data.validation, base)
-    if recipe.model.adapter is not None:
-        recipe.model.adapter = base / recipe.model.adapter.expanduser()
-    if recipe.output.dir is None:
-        recipe.output.dir = Path("runs") / path.stem
-
-
-def _data_source(value: str | Path, base: Path) -> str | Path:
-    """A local file or folder (a Path, resolved from `base`, the recipe's folder) when one exists
-    or the name is not a Hub id; otherwise a Hub dataset id (a str). A file name is a Path already
-    (DataSpec._file_names_are_paths)."""
-    if isinstance(value, Path):
-        return base / value.expanduser()
-    local = base / Path(value).expanduser()
-    try:
-        exists = local.exists()
-    except OSError:  # a name too long to exist: check_path reports it
-        exists = True
-    return local if exists or not is_hub_id(value) else value
-
-
-def _check_data_files(recipe: Recipe, path: Path) -> None:
-    locate = recipe.locate
-    for key, file in (("data.train", recipe.data.train), ("data.validation", recipe.data.validation)):
-        if not isinstance(file, Path):
-            continue
-        if not file.exists():
-            raise UserError(f"data file not found: {file}", file=path, where=locate(key),
-                            expected=f"a {', '.join(DATA_SUFFIXES)} file, a folder of them, or a Hub dataset id (org/name)",
-                            fix="check the path; relative paths are resolved from the recipe's folder")
-        if file.is_file() and file.suffix.lower() not in DATA_SUFFIXES:
-            raise UserError(f"unsupported data file type '{file.suffix}': {file}", file=path, where=locate(key),
-                            expected=f"a {', '.join(DATA_SUFFIXES)} file")
