@@ -145,7 +145,7 @@ def test_an_interrupted_run_is_trained_again_and_done_runs_are_kept(done, tmp_pa
 
 def test_ctrl_c_stops_the_run_in_training_with_a_checkpoint_and_the_same_command_continues_it(tmp_path):
     out = tmp_path / "stopped"
-    options = ["--methods", "lora,ia3", "--budget-steps", "150", "--set", "train.log_every=1",
+    options = ["--methods", "lora,ia3", "--budget-steps", "60", "--set", "train.log_every=1",
                "--set", "train.save_every=1000", "--samples", "0", "--output", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "peftctl", "bakeoff", str(SMOKE), *options], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -167,7 +167,7 @@ def test_ctrl_c_stops_the_run_in_training_with_a_checkpoint_and_the_same_command
     state = state_of(out)
     assert [run["status"] for run in state["runs"]] == ["done", "done"]
     assert snapshot(out / "lora") == kept
-    assert 1 <= state["runs"][1]["train"]["resumed_from_step"] < 150 and state["runs"][1]["train"]["steps"] == 150
+    assert 1 <= state["runs"][1]["train"]["resumed_from_step"] < 60 and state["runs"][1]["train"]["steps"] == 60
 
 
 def test_another_bake_off_in_the_same_folder_is_refused_and_overwrite_starts_again(done, tmp_path):
