@@ -256,6 +256,12 @@ def load_model(spec: ModelSpec) -> nn.Module:
             # transformers dequantized the GGUF into plain layers but still tags the model as
             # quantized, which blocks training and saving; the tag is all that is removed.
             model.hf_quantizer.remove_quantization_config(model)
+    return finish_base(model, spec)
+
+
+def finish_base(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """A base with its weights as the rest of peftctl takes it: quantized as `spec` says, marked
+    with what it was loaded from, in eval mode (scripts/gpu_proof.py builds random ones so too)."""
     if spec.quantization != "none":
         quantize.quantize(model, spec)
     model.config.name_or_path = spec.name_or_path  # what the adapter's config names as its base

@@ -81,7 +81,7 @@ def matrix(shapes=tuple(SHAPES), methods=tuple(METHODS), lengths=LENGTHS, peers:
     if peers and PEER_METHOD in methods:
         runs += [Run(s, PEER_METHOD, n, c, peer=True) for s in shapes for c in (False, True) for n in lengths]
     words = [w for w in (only or []) if w]
-    return [run for run in runs if all(w in run.name.split() or w in run.name for w in words)]
+    return [run for run in runs if all(w in run.name for w in words)]
 
 
 def write_config(shape: dict, folder: Path) -> Path:
@@ -110,25 +110,21 @@ def recipe_for(run: Run, folder: Path, out: Path, steps: int, batch_size: int):
 
 def build_model(spec, device: str):
     """The config in spec.name_or_path with random weights, made on `device` in spec.dtype (a 7B is
-    never made in fp32 on the CPU), quantized as spec says, with the marks load_model puts on a model."""
+    never made in fp32 on the CPU), then quantized and marked as load_model finishes a base."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from peftctl import quantize
     from peftctl.layers import resolve_dtype
+    from peftctl.model import finish_base, load_config
 
-    config = AutoConfig.from_pretrained(spec.name_or_path)
     if spec.quantization != "none":
         quantize.check_quantization(spec)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(spec.dtype))
+        model = AutoModelForCausalLM.from_config(load_config(spec), dtype=resolve_dtype(spec.dtype))
     model.to(device)  # nothing to move where from_config honoured the device, as it does today
-    if spec.quantization != "none":
-        quantize.quantize(model, spec)
-    model.config.name_or_path = spec.name_or_path
-    model.peftctl_spec = spec
-    return model.eval()
+    return finish_base(model, spec)
 
 
 def synthetic_rows(vocab: int, rows: int, row_len: int, seed: int = 0):
