@@ -5,9 +5,9 @@ the forward pass to the backward pass (distinct storages; tests/test_activations
 figures against such a count on Llama-shaped models trained as peftctl trains them). Per decoder
 layer and token, with e the activations' width (2 bytes in bf16), h the hidden size, q and kv the
 widths of the query and of the key/value projections, i the MLP's:
-  * RMSNorms keep their input, h·e each, as `fused.recomputed` runs them; without it (under
-    gradient checkpointing, in the one layer being rebuilt) torch's rms_norm keeps an fp32 copy of
-    its input and 1/rms instead, 4·h + 4. Other norms (LayerNorm): input, mean and 1/std (estimated).
+  * RMSNorms keep their input and an fp32 1/rms, h·e + 4 each, as `fused.RMSNorm` runs them (the
+    first layer's first norm nothing: its input, the frozen embeddings, needs no gradient). Other
+    norms (LayerNorm): input, mean and 1/std (estimated).
   * SDPA (on GPUs; on CPUs for rows over 512 tokens) keeps q, k, v, its output and an fp32
     log-sum-exp per head: (2·q + 2·kv)·e + 4·heads. peftctl's grouped eager kernel (CPU rows up to
     512, `train.attention: auto`) keeps q, k, v and the probabilities, heads·s values for rows of s
@@ -71,6 +71,8 @@ def activation_bytes(model: nn.Module, kernels: Kernels, rows: int, row_len: int
         per_token = layers * config.hidden_size * e + layer_bytes(block, config, kernels, row_len, e, readers, False)
     else:
         per_token = layers * layer_bytes(block, config, kernels, row_len, e, readers, True)
+        if not full and any(fused._epsilon(module) is not None for module in block.modules()):
+            per_token -= config.hidden_size * e + FP32  # layer 0's first norm reads the frozen embeddings
     head = model.get_output_embeddings()
     chunked = not full and HeadCrossEntropy.takes(head)
     # Chunked: a chunk's logits in the activations' dtype (their gradient overwrites them) and one
@@ -78,7 +80,7 @@ def activation_bytes(model: nn.Module, kernels: Kernels, rows: int, row_len: int
     values = labelled * config.vocab_size
     chunk = min(HeadCrossEntropy.CHUNK_VALUES, values) * e + 3 * min(HeadCrossEntropy.BLOCK_VALUES, values) * FP32
     logits = chunk if chunked else 2 * values * FP32
-    final_norm = config.hidden_size * e if not kernels.checkpointed else FP32 * config.hidden_size + FP32
+    final_norm = config.hidden_size * e + FP32
     # The head's input and int64 targets at the labelled tokens, and the one-byte mask that picked them.
     head_input = labelled * (config.hidden_size * e + 8) + tokens
     # Autocast's 16-bit copies of the trainable weights, held for the step.
@@ -95,7 +97,7 @@ def layer_bytes(block: nn.Module, config, kernels: Kernels, row_len: int, e: flo
     q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     rms = any(fused._epsilon(module) is not None for module in block.modules())
     if rms:
-        norms = 2 * (h * e if recompute else FP32 * h + FP32)
+        norms = 2 * (h * e + FP32)
     else:
         norms = 2 * (h * e + 2 * FP32)
     if kernels.attention == attention.NAME:

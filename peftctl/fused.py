@@ -1,19 +1,21 @@
 """Faster kernels for layers of the frozen base, used only where they compute the same thing.
 
 transformers' RMSNorm (Llama and the families that copy it) upcasts to fp32, squares, takes the
-mean, the reciprocal square root, multiplies twice and casts back: six element-wise kernels and
-two dtype copies per call, forward and backward, about a tenth of a SmolLM2 LoRA step on CPU.
-torch's `F.rms_norm` does the same in one fused kernel (fp32 inside for 16-bit inputs): about 4×
-faster for forward + backward at [1024, 576] bf16, with bit-identical outputs and input gradients.
+mean and the reciprocal square root, normalizes, casts back and multiplies by its weight in the
+input's dtype; autograd keeps the fp32 copy of the input (twice the bf16 input) and runs a dozen
+element-wise kernels backward. `RMSNorm` computes the same: torch's fused kernel normalizes (fp32
+inside for 16-bit inputs, the same single rounding), the weight multiplies in the input's dtype,
+and the backward pass is autograd's own formula through those ops, in the same order, from the
+16-bit input and the [tokens, 1] reciprocal RMS, which is all it keeps. Norms that multiply by
+their weight before casting back (OLMo2's) take torch's `F.rms_norm` instead, which does that.
 
 Architectures differ (Gemma scales by 1 + w, some norms upcast the weight too), so each norm
-class is probed before it is swapped: its own forward and the fused one on a random input of
-its width must give bit-identical outputs and input gradients, else that class keeps its own.
-Norms whose weight trains keep theirs too (the fused kernel rounds the weight's gradient
-differently, by one bf16 ulp).
+class is probed before it is swapped: its own forward and each candidate on a random input of its
+width, with its own weights, must give bit-identical outputs and input gradients, else that class
+keeps its own. Norms whose weight trains keep theirs too (the weight's gradient is not computed here).
 
 Element-wise work between the frozen matmuls also keeps more for the backward pass than it needs:
-torch's RMSNorm keeps an fp32 copy of its input (twice the bf16 input), a gated MLP keeps the gate,
+torch's `F.rms_norm` keeps an fp32 copy of its input (twice the bf16 input), a gated MLP keeps the gate,
 the up projection and the activated gate (three [tokens, intermediate] tensors). `recomputed`
 keeps only the inputs and runs the same kernels again in the backward pass: bit-identical
 results. Not used under gradient checkpointing, where the whole layer is recomputed anyway.
@@ -43,9 +45,9 @@ def recomputed(fn):
 
 
 def fuse_rms_norms(model: nn.Module, recompute: bool = False) -> list[nn.Module]:
-    """Give every RMSNorm of `model` that the fused kernel matches exactly that kernel (which
-    `recompute`s in the backward pass, see `recomputed`); the changed modules."""
-    verdicts: dict[type, bool] = {}
+    """Give every RMSNorm of `model` the first of `RMSNorm` and `F.rms_norm` (which `recompute`s in
+    the backward pass, see `recomputed`) that matches its class exactly; the changed modules."""
+    verdicts: dict[type, object] = {}
     swapped = []
     for module in model.modules():
         if "forward" in vars(module) or _epsilon(module) is None:  # swapped already, or not an RMSNorm
@@ -54,11 +56,34 @@ def fuse_rms_norms(model: nn.Module, recompute: bool = False) -> list[nn.Module]
             continue
         kind = type(module)
         if kind not in verdicts:
-            verdicts[kind] = _fused_matches(module)
+            verdicts[kind] = next((make for make in (_own_order_forward, _fused_forward)
+                                   if _same_as_own(module, make(module, True), width=module.weight.shape[0])), None)
         if verdicts[kind]:
-            module.forward = _fused_forward(module, recompute)
+            module.forward = verdicts[kind](module, recompute)
             swapped.append(module)
     return swapped
+
+
+class RMSNorm(torch.autograd.Function):
+    """w · (x / rms(x)) with the normalized x rounded to x's dtype first (transformers' Llama order);
+    the backward pass is autograd's through transformers' ops, from x and 1/rms alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        normed, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        grad_normed = (grad * weight).to(x.dtype).float()  # through `weight *`, then the cast down
+        xf = x.float()
+        # x·rstd: d/drstd sums over the row; rsqrt(var + eps): -0.5·rstd³; mean(x²): 2x/n.
+        grad_var = (-0.5 * (grad_normed * xf).sum(-1, keepdim=True)) * rstd.pow(3)
+        # (g/n)·(2x) as (2g/n)·x: scaling by 2 is exact, so the same bits without a [tokens, h] pass.
+        grad_x = grad_normed * rstd + (grad_var / x.shape[-1] * 2) * xf
+        return grad_x.to(x.dtype), None, None
 
 
 def recompute_gated_mlps(model: nn.Module) -> list[nn.Module]:
@@ -98,6 +123,16 @@ def _epsilon(module: nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
+def _own_order_forward(module: nn.Module, recompute: bool = False):
+    """`module`'s forward through `RMSNorm` (which keeps only x and 1/rms: `recompute` is moot)."""
+    eps = _epsilon(module)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return RMSNorm.apply(hidden, module.weight, eps)
+
+    return forward
+
+
 def _fused_forward(module: nn.Module, recompute: bool = False):
     """`module`'s forward through F.rms_norm, its width and epsilon read once, not on every call."""
     shape, eps = (module.weight.shape[0],), _epsilon(module)
@@ -121,10 +156,6 @@ def _gated_forward(module: nn.Module):
 def _in_features(linear: nn.Module) -> int | None:
     """The input width of a linear layer, also when a method wraps it (its `base_layer`)."""
     return next((m.in_features for m in linear.modules() if isinstance(getattr(m, "in_features", None), int)), None)
-
-
-def _fused_matches(module: nn.Module) -> bool:
-    return _same_as_own(module, _fused_forward(module, recompute=True), width=module.weight.shape[0])
 
 
 @torch.enable_grad()

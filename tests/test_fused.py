@@ -1,6 +1,8 @@
-"""peftctl/fused.py: torch's fused RMSNorm kernel replaces a model's own norms, and gated MLPs
-recompute their activation in the backward pass, only where the two compute bit-identical outputs
-and input gradients, on every architecture the contract suite builds."""
+"""peftctl/fused.py: peftctl's RMSNorm (or torch's F.rms_norm) replaces a model's own norms, and gated
+MLPs recompute their activation in the backward pass, only where the two compute bit-identical
+outputs and input gradients, on every architecture the contract suite builds. Norm weights are
+drawn at random first: a model built from its config has norms of ones, which hide the order in
+which a norm multiplies by its weight and casts (a real checkpoint's do not)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,21 @@ from test_architectures import ARCHITECTURES, build
 from tiny_models import token_batch
 
 
+def with_trained_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every norm weight drawn from U(0.5, 1.5) (or, for Gemma's 1 + w, U(-0.5, 0.5))."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor):
+                drawn = torch.rand(module.weight.shape, generator=generator)
+                module.weight.copy_(drawn - 0.5 if "gemma" in type(module).__module__ else drawn + 0.5)
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_fused_norms_compute_the_same_logits(arch, dtype):
-    model = build(arch).to(dtype).requires_grad_(False)  # a method freezes the base first
+    model = with_trained_norms(build(arch)).to(dtype).requires_grad_(False)  # a method freezes the base first
     batch = token_batch(128)
     with torch.no_grad():
         before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -56,9 +69,11 @@ def test_recomputed_mlps_compute_the_same_logits_and_gradients(arch, dtype):
 
 
 def test_recomputing_keeps_less_for_the_backward_pass():
+    """peftctl's RMSNorm keeps the bf16 input and 1/rms either way; recomputing gated MLPs drops the
+    activated gate, [tokens, intermediate] per layer, exactly."""
     kept = []
     for recompute in (False, True):
-        model = build("llama").to(torch.bfloat16)
+        model = with_trained_norms(build("llama")).to(torch.bfloat16)
         lora_with_random_b(model, ["q_proj", "v_proj"])
         fused.fuse_rms_norms(model, recompute)
         if recompute:
@@ -73,8 +88,8 @@ def test_recomputing_keeps_less_for_the_backward_pass():
             CausalLMLoss(model).train()(**token_batch(128))
         frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept.append(sum(size for ptr, size in storages.items() if ptr not in frozen))
-    # Per layer: the norms' fp32 input copies become bf16 inputs, and the activated gate goes.
-    assert kept[1] < 0.8 * kept[0]
+    config, tokens = model.config, token_batch(128)["input_ids"].numel()
+    assert kept[0] - kept[1] == config.num_hidden_layers * tokens * config.intermediate_size * 2
 
 
 def test_a_gated_mlp_that_computes_otherwise_keeps_its_own_forward():
@@ -94,7 +109,7 @@ def test_a_gated_mlp_that_computes_otherwise_keeps_its_own_forward():
 def test_lora_gradients_are_unchanged_on_a_bf16_llama():
     grads = []
     for fuse in (False, True):
-        model = build("llama").to(torch.bfloat16)
+        model = with_trained_norms(build("llama")).to(torch.bfloat16)
         adapter = lora_with_random_b(model, ["q_proj", "v_proj"])
         swapped = fused.fuse_rms_norms(model, recompute=True) if fuse else []
         assert bool(swapped) == fuse
@@ -109,3 +124,19 @@ def test_a_trainable_norm_keeps_its_own_kernel():
     model.model.norm.weight.requires_grad_(True)  # the fused kernel rounds the weight's gradient differently
     swapped = fused.fuse_rms_norms(model)
     assert model.model.norm not in swapped and len(swapped) == 4
+
+
+def test_a_norm_keeps_its_16_bit_input_and_the_reciprocal_rms():
+    """What peftctl's RMSNorm holds for the backward pass: x as it came and a [tokens, 1] fp32 1/rms,
+    where transformers' own keeps an fp32 copy of x; and on the real model's norm arithmetic
+    (weights not ones) it is the one the probe picks."""
+    model = with_trained_norms(build("llama")).to(torch.bfloat16).requires_grad_(False)
+    norm = model.model.norm
+    assert norm in fused.fuse_rms_norms(model)
+    assert norm.forward.__qualname__.startswith("_own_order_forward")
+    x = torch.randn(3, 7, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x)
+    assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not norm.weight) == [
+        ((3, 7, 1), torch.float32), (tuple(x.shape), torch.bfloat16)]

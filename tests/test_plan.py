@@ -154,9 +154,10 @@ def test_plan_counts_4bit_and_8bit_llama2_7b_weights(tmp_path):
 
 def test_plan_with_gradient_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):
     """activations.py's terms for a Llama-2-7B, LoRA r=8 on q/v, one row of 512 tokens on a CPU
-    (peftctl's grouped eager attention), per token: each layer keeps norm inputs, q/k/v and the
-    probabilities, gate and up, LoRA's shared input and two fp32 rank-8 intermediates; checkpointed,
-    each layer's input, and one layer rebuilt with fp32 norm copies and the whole gated MLP."""
+    (peftctl's grouped eager attention), per token: each layer keeps norm inputs and 1/rms (but the
+    first layer's first norm, which reads the frozen embeddings), q/k/v and the probabilities, gate
+    and up, LoRA's shared input and two fp32 rank-8 intermediates; checkpointed, each layer's input,
+    and one layer rebuilt with the whole gated MLP."""
     recipe = llama2_7b_recipe(tmp_path)
     plain = plan(recipe)
     recipe.train.gradient_checkpointing = True
@@ -165,11 +166,11 @@ def test_plan_with_gradient_checkpointing_keeps_one_hidden_state_per_layer(tmp_p
     tokens, h, i, layers, heads = 512, 4096, 11008, 32, 32
     lora = h * 2 + 2 * 8 * 4
     attention = 3 * h * 2 + heads * tokens * 2
-    kept = 2 * h * 2 + attention + 2 * i * 2 + lora
-    rebuilt = 2 * (4 * h + 4) + attention + 3 * i * 2 + lora
-    final_norm, final_norm_fp32 = h * 2, 4 * h + 4
+    norm = h * 2 + 4
+    kept = 2 * norm + attention + 2 * i * 2 + lora
+    rebuilt = 2 * norm + attention + 3 * i * 2 + lora
     assert plain.peft.activations - checkpointed.peft.activations == tokens * (
-        layers * kept + final_norm - (layers * h * 2 + rebuilt + final_norm_fp32))
+        layers * kept - norm - (layers * h * 2 + rebuilt))
 
 
 def test_plan_on_a_gpu_counts_sdpa_and_autocast_and_a_4bit_7b_fits_6_gb(tmp_path):
