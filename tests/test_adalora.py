@@ -130,7 +130,9 @@ def test_same_gradients_give_peft_s_masks_at_every_step(case):
 
 
 def test_training_through_the_hooks_equals_peft_training():
-    """Loss with the orthogonality term, AdamW and the allocation: the same run as peft's."""
+    """Loss with the orthogonality term, AdamW and the allocation: the same run as peft's. Losses of
+    ~50 agree to 1e-6 relative (a few fp32 ulps: seen 3 on an AMD EPYC, whose oneDNN kernels sum in
+    another order than the Intel CPUs this was written on, where they agreed within 1e-5 absolute)."""
     factory, targets = CASES["llama"]
     batch = token_batch(128)
     torch.manual_seed(0)
@@ -139,7 +141,7 @@ def test_training_through_the_hooks_equals_peft_training():
     copy_peft_weights_into(adapter, reference)
     ours = train_with_hooks(adapter, batch)
     theirs = train_peft(reference, batch)
-    assert ours == pytest.approx(theirs, abs=1e-5)
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=0)
     assert METHOD.rank_pattern(adapter) == peft_rank_pattern(reference)
     torch.testing.assert_close(batch_logits(adapter.model, batch), batch_logits(reference, batch), atol=ATOL, rtol=0)
 
