@@ -93,9 +93,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     Plain autograd would keep the logits over the vocabulary (for SmolLM2 49k values per
     position, the fp32 log-probabilities among them) from the loss until the backward pass has
     gone back through the output layer, that is while every activation of the model is alive
-    too. Here only `hidden` is kept: the forward and backward passes each recompute the logits a
-    chunk of positions at a time. That costs one more output-layer matmul over the labelled
-    positions (~2% of a SmolLM2 step) and takes the logits out of the peak memory. The arithmetic
+    too. Here the forward pass computes the logits a chunk of positions at a time and keeps only
+    the last chunk's (alive at the forward's end anyway, where the peak is, and the first thing
+    the backward pass reads); the backward pass recomputes the others. With up to CHUNK_VALUES
+    labelled logits a step (SmolLM2: ~170 positions) nothing is recomputed; beyond, one more
+    output-layer matmul over the earlier chunks, and the logits stay out of the peak memory. The arithmetic
     is autograd's own (log_softmax, then its gradient scaled before the matmul), so gradients
     match plain `cross_entropy(hidden @ weight.T)` to rounding.
     """
@@ -114,29 +116,37 @@ class HeadCrossEntropy(torch.autograd.Function):
                 and not (head._forward_hooks or head._forward_pre_hooks))
 
     @staticmethod
-    def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        """(first row, targets, row blocks of the logits in the weight's dtype) for each chunk."""
+    def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                last: torch.Tensor | None = None):
+        """(first row, targets, logits in the weight's dtype, their row blocks) for each chunk;
+        `last`: the last chunk's logits, already computed."""
         rows = max(1, HeadCrossEntropy.CHUNK_VALUES // weight.shape[0])
         block = max(1, HeadCrossEntropy.BLOCK_VALUES // weight.shape[0])
         for start in range(0, hidden.shape[0], rows):
-            logits = F.linear(hidden[start : start + rows], weight)
+            is_last = start + rows >= hidden.shape[0]
+            logits = last if is_last and last is not None else F.linear(hidden[start : start + rows], weight)
             yield start, targets[start : start + rows], logits, logits.split(block)
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight, targets)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for _, t, _, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
+        logits = hidden.new_empty(0)
+        for _, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
             for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
                 log_probs = torch.log_softmax(block.float(), dim=-1)
                 loss -= log_probs.gather(1, block_targets[:, None]).sum()
+        ctx.save_for_backward(hidden, weight, targets)
+        # Not a saved tensor: the backward pass writes the gradient over it, so it serves one pass
+        # (a second, with retain_graph, recomputes it), which autograd's version check would refuse.
+        ctx.last_logits = logits if logits.numel() else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         hidden, weight, targets = ctx.saved_tensors
+        last, ctx.last_logits = ctx.last_logits, None
         grad = torch.empty_like(hidden)
-        for start, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
+        for start, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets, last):
             for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
                 # d loss / d logits = softmax - one_hot(target), times the incoming gradient
                 grad_logits = torch.log_softmax(block.float(), dim=-1).exp_().mul_(grad_loss)
