@@ -71,7 +71,7 @@ def activation_bytes(model: nn.Module, kernels: Kernels, rows: int, row_len: int
         per_token = layers * config.hidden_size * e + layer_bytes(block, config, kernels, row_len, e, readers, False)
     else:
         per_token = layers * layer_bytes(block, config, kernels, row_len, e, readers, True)
-        if not full and any(fused._epsilon(module) is not None for module in block.modules()):
+        if not full and _has_rms_norm(block):
             per_token -= config.hidden_size * e + FP32  # layer 0's first norm reads the frozen embeddings
     head = model.get_output_embeddings()
     chunked = not full and HeadCrossEntropy.takes(head)
@@ -95,8 +95,7 @@ def layer_bytes(block: nn.Module, config, kernels: Kernels, row_len: int, e: flo
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    rms = any(fused._epsilon(module) is not None for module in block.modules())
-    if rms:
+    if _has_rms_norm(block):
         norms = 2 * (h * e + FP32)
     else:
         norms = 2 * (h * e + 2 * FP32)
@@ -111,6 +110,10 @@ def layer_bytes(block: nn.Module, config, kernels: Kernels, row_len: int, e: flo
                 for m in block.modules())
     mlp = (2 if recompute else 3) * intermediate * e if gated else 2 * intermediate * e
     return norms + scores + mlp + _reader_bytes(readers, kernels, e)
+
+
+def _has_rms_norm(block: nn.Module) -> bool:
+    return any(fused._epsilon(module) is not None for module in block.modules())
 
 
 @dataclass(frozen=True)
