@@ -140,3 +140,16 @@ def test_a_norm_keeps_its_16_bit_input_and_the_reciprocal_rms():
         norm(x)
     assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not norm.weight) == [
         ((3, 7, 1), torch.float32), (tuple(x.shape), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norms_backward_leaves_its_input_as_it_was(dtype):
+    """The backward pass writes over its fp32 temporaries: never over the input it saved, which in
+    fp32 is the same tensor as its fp32 view (the residual stream's hidden state in a model)."""
+    model = with_trained_norms(build("llama")).to(dtype).requires_grad_(False)
+    norm = model.model.norm
+    assert norm in fused.fuse_rms_norms(model)
+    x = torch.randn(3, 7, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    before = x.detach().clone()
+    norm(x).backward(torch.randn(3, 7, model.config.hidden_size, dtype=dtype))
+    assert torch.equal(x.detach(), before) and x.grad is not None

@@ -44,3 +44,11 @@ def test_loss_and_gradient_equal_plain_cross_entropy(chunks, dtype, monkeypatch)
     scale = plain_grad.abs().max().item()
     tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
     torch.testing.assert_close(grad.float(), plain_grad.float(), rtol=0, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize(("threads", "rows"), [(1, 5), (2, 4), (3, 3), (8, 8)])
+def test_element_wise_blocks_give_every_thread_whole_rows(threads, rows, monkeypatch):
+    """SmolLM2's vocabulary: 1 MiB of fp32 logits is 5 rows; blocks hold a multiple of the threads
+    (torch's softmax splits a block by rows), at least one row each."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert HeadCrossEntropy.block_rows(49152) == rows
