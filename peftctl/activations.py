@@ -71,14 +71,14 @@ def activation_bytes(model: nn.Module, kernels: Kernels, rows: int, row_len: int
         per_token = layers * config.hidden_size * e + layer_bytes(block, config, kernels, row_len, e, readers, False)
     else:
         per_token = layers * layer_bytes(block, config, kernels, row_len, e, readers, True)
-        if not full and _has_rms_norm(block):
+        if not full and _has_rms_norm(block) and not _trains_before_blocks(model, blocks):
             per_token -= config.hidden_size * e + FP32  # layer 0's first norm reads the frozen embeddings
     head = model.get_output_embeddings()
     chunked = not full and HeadCrossEntropy.takes(head)
     # Chunked: a chunk's logits in the activations' dtype (their gradient overwrites them) and one
     # block's fp32 log-probabilities and gradient. Else the labelled logits and their gradient, in fp32.
     values = labelled * config.vocab_size
-    chunk = min(HeadCrossEntropy.CHUNK_VALUES, values) * e + 3 * min(HeadCrossEntropy.BLOCK_VALUES, values) * FP32
+    chunk = min(HeadCrossEntropy.CHUNK_VALUES, values) * e + 3 * min(HeadCrossEntropy.block_rows(config.vocab_size), labelled) * config.vocab_size * FP32
     logits = chunk if chunked else 2 * values * FP32
     final_norm = config.hidden_size * e + FP32
     # The head's input and int64 targets at the labelled tokens, and the one-byte mask that picked them.
@@ -114,6 +114,15 @@ def layer_bytes(block: nn.Module, config, kernels: Kernels, row_len: int, e: flo
 
 def _has_rms_norm(block: nn.Module) -> bool:
     return any(fused._epsilon(module) is not None for module in block.modules())
+
+
+def _trains_before_blocks(model: nn.Module, blocks: list[nn.Module]) -> bool:
+    """Whether a trainable weight outside the decoder layers and the output head may feed layer 0's
+    input, which then needs its gradient: trained embeddings, prompt tuning's virtual tokens.
+    (Prefix tuning's, which feed the attention instead, are counted too: one norm's input over.)"""
+    inside = {id(p) for module in [*blocks, model.get_output_embeddings()] if module is not None
+              for p in module.parameters()}
+    return any(p.requires_grad and id(p) not in inside for p in model.parameters())
 
 
 @dataclass(frozen=True)

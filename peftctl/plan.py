@@ -144,8 +144,10 @@ def _plan(recipe: Recipe, shards: int, cuda: bool) -> Plan:
     tokens = rows * row_len
     kernels = training_kernels(model, recipe, cuda)
     peft = peft_memory(n_frozen, n_trainable, frozen_bytes=weight_bytes)
-    # Every token labelled, as every row is full: the most a step of this shape can keep.
-    peft.activations = activation_bytes(model, kernels, rows, row_len, tokens, weight_bytes)
+    # Every token labelled, as every row is full: the most a step of this shape can keep. Prompt-style
+    # methods make each row n positions longer (prefix tuning: n more keys, counted as positions too).
+    virtual = getattr(adapter.cfg, "num_virtual_tokens", 0)
+    peft.activations = activation_bytes(model, kernels, rows, row_len + virtual, tokens, weight_bytes)
     full = full_finetune_memory(n_base, weight_bytes=weight_bytes)
     # Full fine-tuning keeps every linear layer's input, and trains the output head: whole logits.
     full.activations = activation_bytes(model, kernels, rows, row_len, tokens, weight_bytes, full=True)

@@ -22,6 +22,7 @@ from peftctl.data import Example, TokenizedData, collate
 from peftctl.loss import CausalLMLoss, HeadCrossEntropy
 from peftctl.memory import kept_for_backward
 from peftctl.methods.lora import LoraConfig
+from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model import transformer_blocks
 from peftctl.prepare import prepare_model
 from peftctl.recipe import TrainSpec
@@ -30,7 +31,7 @@ ROWS, ROW_LEN, LAYERS = 2, 128, 3
 QV, ALL = ["q_proj", "v_proj"], "all-linear"
 # Chunk logits exist only while the head's loss runs, never across the step: not a saved tensor.
 LOGITS = ROWS * (ROW_LEN - 1) * 1000  # labelled tokens × vocabulary: less than one chunk here
-CHUNK = LOGITS * 2 + 3 * min(HeadCrossEntropy.BLOCK_VALUES, LOGITS) * 4
+CHUNK = LOGITS * 2 + 3 * min(HeadCrossEntropy.block_rows(1000), ROWS * (ROW_LEN - 1)) * 1000 * 4
 
 
 def config(layers: int = LAYERS) -> LlamaConfig:
@@ -43,11 +44,12 @@ def lora(targets, dropout: float = 0.0) -> LoraConfig:
 
 
 def measured(targets, attn: str, checkpointed: bool = False, autocast: bool = False, dropout: float = 0.0,
-             layers: int = LAYERS) -> tuple[int, str]:
-    """Bytes kept by one training forward of the tiny Llama as peftctl prepares it; the kernel it ran."""
+             layers: int = LAYERS, method=None) -> tuple[int, str]:
+    """Bytes kept by one training forward of the tiny Llama as peftctl prepares it; the kernel it ran.
+    `method`: another method's config instead of LoRA on `targets`."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(config(layers)).to(torch.bfloat16)
-    methods.apply(model, lora(targets, dropout))
+    methods.apply(model, method or lora(targets, dropout))
     loss_model = CausalLMLoss(model)
     g = torch.Generator().manual_seed(1)
     rows = [Example(ids, list(ids)) for ids in torch.randint(3, 999, (ROWS, ROW_LEN), generator=g).tolist()]
@@ -64,11 +66,11 @@ def measured(targets, attn: str, checkpointed: bool = False, autocast: bool = Fa
     return kept, model.config._attn_implementation
 
 
-def planned(targets, kernels: Kernels, dropout: float = 0.0) -> float:
+def planned(targets, kernels: Kernels, dropout: float = 0.0, method=None, row_len: int = ROW_LEN) -> float:
     with torch.device("meta"):
         model = LlamaForCausalLM(config())
-    methods.apply(model, lora(targets, dropout))
-    return activation_bytes(model, kernels, ROWS, ROW_LEN, ROWS * (ROW_LEN - 1), 2) - CHUNK
+    methods.apply(model, method or lora(targets, dropout))
+    return activation_bytes(model, kernels, ROWS, row_len, ROWS * (ROW_LEN - 1), 2) - CHUNK
 
 
 @pytest.mark.parametrize("targets", [QV, ALL], ids=["q-v", "all-linear"])
@@ -95,6 +97,25 @@ def test_plan_counts_lora_dropout_masks():
     estimate = planned(QV, Kernels("sdpa", False, False), dropout=0.1)
     assert estimate - no_dropout == LAYERS * 2 * 256 * ROWS * ROW_LEN  # a byte per input value, q and v each
     assert estimate == pytest.approx(kept, rel=0.025), (estimate, kept)
+
+
+def test_plan_keeps_the_first_norms_input_where_virtual_tokens_train():
+    """Under LoRA layer 0's first norm reads the frozen embeddings and keeps nothing; prompt tuning's
+    virtual tokens train, so there it keeps its input and 1/rms: h·e + 4 bytes a token more, and
+    the plan meets the count (rows 4 virtual tokens longer; the plan is given the longer rows)."""
+    prompt = PromptTuningConfig(name="prompt_tuning", num_virtual_tokens=4)
+    grouped = Kernels(attention.NAME, autocast=False, checkpointed=False)
+    kept, ran = measured(None, "auto", method=prompt)
+    assert ran == attention.NAME
+    estimate = planned(None, grouped, method=prompt, row_len=ROW_LEN + 4)
+    assert estimate == pytest.approx(kept, rel=0.025), (estimate, kept)
+    with torch.device("meta"):
+        frozen = LlamaForCausalLM(config())
+    methods.apply(frozen, prompt)
+    frozen.requires_grad_(False)  # nothing trains before the layers: the norm's input is not kept
+    tokens = ROWS * (ROW_LEN + 4)
+    less = activation_bytes(frozen, grouped, ROWS, ROW_LEN + 4, ROWS * (ROW_LEN - 1), 2) - CHUNK
+    assert estimate - less == tokens * (256 * 2 + 4)
 
 
 @pytest.mark.parametrize("targets", [QV, ALL], ids=["q-v", "all-linear"])
