@@ -78,7 +78,8 @@ def activation_bytes(model: nn.Module, kernels: Kernels, rows: int, row_len: int
     # Chunked: a chunk's logits in the activations' dtype (their gradient overwrites them) and one
     # block's fp32 log-probabilities and gradient. Else the labelled logits and their gradient, in fp32.
     values = labelled * config.vocab_size
-    chunk = min(HeadCrossEntropy.CHUNK_VALUES, values) * e + 3 * min(HeadCrossEntropy.block_rows(config.vocab_size), labelled) * config.vocab_size * FP32
+    block = min(HeadCrossEntropy.block_rows(config.vocab_size), labelled) * config.vocab_size
+    chunk = min(HeadCrossEntropy.CHUNK_VALUES, values) * e + 3 * block * FP32
     logits = chunk if chunked else 2 * values * FP32
     final_norm = config.hidden_size * e + FP32
     # The head's input and int64 targets at the labelled tokens, and the one-byte mask that picked them.

@@ -66,10 +66,15 @@ def measured(targets, attn: str, checkpointed: bool = False, autocast: bool = Fa
     return kept, model.config._attn_implementation
 
 
-def planned(targets, kernels: Kernels, dropout: float = 0.0, method=None, row_len: int = ROW_LEN) -> float:
+def planned(targets, kernels: Kernels, dropout: float = 0.0, method=None, row_len: int = ROW_LEN,
+            frozen: bool = False) -> float:
+    """The plan's figure for the tiny Llama's skeleton; `frozen`: with every weight frozen after the
+    method is applied."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config())
     methods.apply(model, method or lora(targets, dropout))
+    if frozen:
+        model.requires_grad_(False)
     return activation_bytes(model, kernels, ROWS, row_len, ROWS * (ROW_LEN - 1), 2) - CHUNK
 
 
@@ -109,13 +114,9 @@ def test_plan_keeps_the_first_norms_input_where_virtual_tokens_train():
     assert ran == attention.NAME
     estimate = planned(None, grouped, method=prompt, row_len=ROW_LEN + 4)
     assert estimate == pytest.approx(kept, rel=0.025), (estimate, kept)
-    with torch.device("meta"):
-        frozen = LlamaForCausalLM(config())
-    methods.apply(frozen, prompt)
-    frozen.requires_grad_(False)  # nothing trains before the layers: the norm's input is not kept
-    tokens = ROWS * (ROW_LEN + 4)
-    less = activation_bytes(frozen, grouped, ROWS, ROW_LEN + 4, ROWS * (ROW_LEN - 1), 2) - CHUNK
-    assert estimate - less == tokens * (256 * 2 + 4)
+    # Nothing trains before the layers: the norm's input is not kept.
+    less = planned(None, grouped, method=prompt, row_len=ROW_LEN + 4, frozen=True)
+    assert estimate - less == ROWS * (ROW_LEN + 4) * (256 * 2 + 4)
 
 
 @pytest.mark.parametrize("targets", [QV, ALL], ids=["q-v", "all-linear"])
