@@ -12,7 +12,7 @@ import argparse
 import importlib.metadata
 from pathlib import Path
 
-import bench_train
+import bench_runs
 import gpu_proof
 
 
@@ -36,7 +36,7 @@ def measure_trl(run, folder: Path, work: Path, warmup: int, steps: int, batch_si
         def on_step_end(self, *_, **__):
             times.step(0, {})
 
-    settings = bench_train.trainer_settings(argparse.Namespace(
+    settings = bench_runs.trainer_settings(argparse.Namespace(
         batch_size=batch_size, steps=warmup + steps, lr=recipe.train.lr, seed=recipe.train.seed,
         peer_precision="native", dtype="bfloat16"), work, "trl")
     # One loss read at the end, not a device sync every step; no log lines between the proof's.
@@ -57,7 +57,7 @@ def measure_trl(run, folder: Path, work: Path, warmup: int, steps: int, batch_si
 
 def quiet() -> None:
     """transformers', peft's and datasets' logs and progress bars off: the proof's table is the output."""
-    bench_train.quiet()
+    bench_runs.quiet()
     try:
         import datasets
     except ImportError:  # the peer's rows will say so

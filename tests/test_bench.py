@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_module():
+    sys.path.insert(0, str(ROOT / "scripts"))  # its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
