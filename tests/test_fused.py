@@ -68,6 +68,32 @@ def test_recomputed_mlps_compute_the_same_logits_and_gradients(arch, dtype):
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def _backward_nodes(output: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("arch, silu", [("llama", True), ("gemma2", False)])
+def test_silu_mlps_take_the_silu_gate_and_others_the_recomputed_one(arch, silu):
+    """SiLU gated MLPs get SiluGate (its gradients in buffers of their own); Gemma's GELU the generic
+    recomputation; both are held to the same bits by the test above."""
+    model = build(arch).to(torch.bfloat16)
+    lora_with_random_b(model, "all-linear")
+    assert fused.recompute_gated_mlps(model)
+    mlp = next(m for m in model.modules() if "forward" in vars(m))
+    hidden = torch.randn(2, 8, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    nodes = _backward_nodes(mlp(hidden))
+    assert ("SiluGateBackward" in nodes) is silu
+    assert ("GeluBackward0" in nodes) is not silu  # Gemma's activation, under autograd (recomputed)
+
+
 def test_recomputing_keeps_less_for_the_backward_pass():
     """peftctl's RMSNorm keeps the bf16 input and 1/rms either way; recomputing gated MLPs drops the
     activated gate, [tokens, intermediate] per layer, exactly."""
