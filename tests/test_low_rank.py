@@ -14,7 +14,7 @@ from peftctl.methods.lora import LoraConfig, LoraLinear
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_low_rank_update_matches_plain_autograd(dtype, dropout, monkeypatch):
     """Output and gradients of x, A and B equal plain autograd through (x ⊙ keep)/(1-p) @ Aᵀ @ Bᵀ · s
-    in fp32, given the same mask: equal to 1e-6 without dropout (the same products; s scales the
+    in fp32, added to the base's output as peft adds it, given the same mask: equal to 1e-6 without dropout (the same products; s scales the
     r-wide x·Aᵀ: fp32 rounding), to 1e-5 with it (1/(1-p) joins s instead of scaling x), absolute
     errors relative to the largest entry (x's gradient sums base and update terms that cancel).
     Nothing input-sized is kept in fp32 for a 16-bit x."""
@@ -40,7 +40,8 @@ def test_low_rank_update_matches_plain_autograd(dtype, dropout, monkeypatch):
         xf = xf * keep * keep_scale
     else:
         assert not masks
-    expected = base(x) + ((xf @ layer.lora_A.weight.T) @ layer.lora_B.weight.T * layer.scaling).to(dtype)
+    # peft's order: the fp32 update added to the base's output in fp32, rounded to x's dtype once.
+    expected = (base(x) + (xf @ layer.lora_A.weight.T) @ layer.lora_B.weight.T * layer.scaling).to(dtype)
     expected.float().square().sum().backward()
     tolerance = 1e-5 if dropout else 1e-6
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
