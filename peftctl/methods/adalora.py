@@ -46,7 +46,7 @@ from peftctl.methods.base import (
     reject_unsupported,
     suffix_list_from_peft,
 )
-from peftctl.methods.low_rank import low_rank_update
+from peftctl.methods.low_rank import add_update, low_rank_update
 from peftctl.state_dicts import load_strict
 
 FACTORS = ("lora_A", "lora_E", "lora_B")  # Q, Λ, P
@@ -109,7 +109,7 @@ class SVDLinear(nn.Module):
             update = low_rank_update(x, weighted, self.lora_B, self.scaling, self.dropout)
         else:
             update = F.linear(F.linear(self.dropout(x.to(weighted.dtype)), weighted), self.lora_B) * self.scaling
-        return result + (update / (self.ranknum + 1e-5)).to(result.dtype)
+        return add_update(result, update / (self.ranknum + 1e-5))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as [out, in], in fp32."""

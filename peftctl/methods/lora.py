@@ -44,7 +44,7 @@ from peftctl.methods.lora_init import (
     initialise,
     loraplus_scales,
 )
-from peftctl.methods.low_rank import low_rank_update
+from peftctl.methods.low_rank import add_update, low_rank_update
 
 
 class LoraConfig(MethodConfig):
@@ -111,12 +111,7 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)
         if self.lora_magnitude_vector is None and not torch.is_autocast_enabled(x.device.type):
             update = low_rank_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
-            # As peft: the fp32 update added to the 16-bit result in fp32, rounded once (a cast
-            # first would round twice); in place where autograd allows it (one pass, no new
-            # tensor): not into a view, which bitsandbytes' 4-bit matmul returns.
-            if result._is_view():
-                return torch.add(result, update).to(result.dtype)
-            return result.add_(update)
+            return add_update(result, update)
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         # x·A then ·B: never materialise the [out, in] product during training.
         update = self.lora_B(self.lora_A(x)) * self.scaling

@@ -42,6 +42,16 @@ def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
     return LowRankUpdate.apply(x, a, b, scaling, None)
 
 
+def add_update(result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """result + update as peft adds them: in the wider dtype (fp32 for a 16-bit base), rounded to
+    result's once; a cast of the update first would round twice. In place where autograd allows it
+    (one pass, no new tensor): not into a view, which bitsandbytes' 4-bit matmul returns. The base
+    layers (nn.Linear, Conv1D, bitsandbytes') keep their inputs for backward, not their output."""
+    if result._is_view():
+        return torch.add(result, update).to(result.dtype)
+    return result.add_(update)
+
+
 class LowRankUpdate(torch.autograd.Function):
     """(s·x'·Aᵀ)·Bᵀ with x' = x where `keep` (all of x without a mask), in the adapter's precision.
 
