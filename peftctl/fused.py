@@ -96,7 +96,7 @@ def recompute_gated_mlps(model: nn.Module) -> list[nn.Module]:
     Each class is probed first: its own forward and the recomputing one (`SiluGate` for SiLU,
     `recomputed` for any other activation) must give bit-identical outputs and input gradients on
     a random input, else the class keeps its own."""
-    verdicts: dict[type, bool] = {}
+    verdicts: dict[type, object] = {}  # per class: the gate maker that matched, or None
     swapped = []
     for module in model.modules():
         if "forward" in vars(module) or not all(isinstance(getattr(module, name, None), nn.Module)

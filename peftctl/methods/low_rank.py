@@ -45,8 +45,9 @@ def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
 def add_update(result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """result + update as peft adds them: in the wider dtype (fp32 for a 16-bit base), rounded to
     result's once; a cast of the update first would round twice. In place where autograd allows it
-    (one pass, no new tensor): not into a view, which bitsandbytes' 4-bit matmul returns. The base
-    layers (nn.Linear, Conv1D, bitsandbytes') keep their inputs for backward, not their output."""
+    (one pass, no new tensor, nn.Linear's output): not into a view, which GPT-2's Conv1D and
+    bitsandbytes' 4-bit matmul return. The base layers (nn.Linear, Conv1D, bitsandbytes') keep
+    their inputs for backward, not their output."""
     if result._is_view():
         return torch.add(result, update).to(result.dtype)
     return result.add_(update)
