@@ -36,7 +36,6 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.logits_buffer = LogitsBuffer()
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -84,7 +83,7 @@ class CausalLMLoss(nn.Module):
         hidden, targets = self.labelled_hidden(input_ids, attention_mask, labels, position_ids)
         head = self.model.get_output_embeddings()
         if HeadCrossEntropy.takes(head):
-            return HeadCrossEntropy.summed(hidden, head.weight, targets, self.logits_buffer), targets.numel()
+            return HeadCrossEntropy.apply(hidden, head.weight, targets), targets.numel()
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum"), targets.numel()
 
 
@@ -126,99 +125,44 @@ class HeadCrossEntropy(torch.autograd.Function):
                 and not (head._forward_hooks or head._forward_pre_hooks))
 
     @staticmethod
-    def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, out: torch.Tensor,
+    def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 last: torch.Tensor | None = None):
-        """(first row, targets, logits in the weight's dtype, their row blocks) for each chunk, the
-        logits written into `out` ([chunk rows, vocab]); `last`: the last chunk's, already computed
-        (in `out`), which then comes first."""
+        """(first row, targets, logits in the weight's dtype, their row blocks) for each chunk;
+        `last`: the last chunk's logits, already computed."""
         rows = max(1, HeadCrossEntropy.CHUNK_VALUES // weight.shape[0])
         block = HeadCrossEntropy.block_rows(weight.shape[0])
-        starts = list(range(0, hidden.shape[0], rows))
-        if last is not None:  # the others' logits go into `out` after it: rows are independent
-            starts = starts[-1:] + starts[:-1]
-        for start in starts:
-            n = min(rows, hidden.shape[0] - start)
-            logits = last if last is not None and start == starts[0] else \
-                HeadCrossEntropy._logits(hidden[start : start + n], weight, out[:n])
-            yield start, targets[start : start + n], logits, logits.split(block)
+        for start in range(0, hidden.shape[0], rows):
+            is_last = start + rows >= hidden.shape[0]
+            logits = last if is_last and last is not None else F.linear(hidden[start : start + rows], weight)
+            yield start, targets[start : start + rows], logits, logits.split(block)
 
     @staticmethod
-    def _logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """hidden @ weight.T into `out` (F.linear's product, the same bits); a fresh tensor where
-        autocast or mixed dtypes decide the result's dtype."""
-        if hidden.dtype != weight.dtype or torch.is_autocast_enabled(hidden.device.type):
-            return F.linear(hidden, weight)
-        return torch.mm(hidden, weight.T, out=out)
-
-    @staticmethod
-    def summed(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, buffer: LogitsBuffer):
-        """The loss, its logits written into `buffer`'s memory. (Inside the forward the grad mode is
-        always off, so whether a backward pass will follow is decided here.)"""
-        backward_follows = torch.is_grad_enabled() and hidden.requires_grad
-        return HeadCrossEntropy.apply(hidden, weight, targets, buffer, backward_follows)
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                buffer: LogitsBuffer, backward_follows: bool) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         logits = hidden.new_empty(0)
-        out = buffer.take(min(hidden.shape[0], HeadCrossEntropy.CHUNK_VALUES // weight.shape[0]), weight)
-        for _, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets, out):
+        for _, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets):
             for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
                 log_probs = torch.log_softmax(block.float(), dim=-1)
                 loss -= log_probs.gather(1, block_targets[:, None]).sum()
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.buffer = buffer
-        if not backward_follows:  # nothing will read the logits again
-            buffer.give(out)
-            return loss
         # Not a saved tensor: the backward pass writes the gradient over it, so it serves one pass
         # (a second, with retain_graph, recomputes it), which autograd's version check would refuse.
-        ctx.last_logits = (logits if logits.numel() else None, out)
+        ctx.last_logits = logits if logits.numel() else None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         hidden, weight, targets = ctx.saved_tensors
-        last, out = ctx.last_logits or (None, None)
-        ctx.last_logits = None
-        if out is None:
-            out = ctx.buffer.take(min(hidden.shape[0], HeadCrossEntropy.CHUNK_VALUES // weight.shape[0]), weight)
+        last, ctx.last_logits = ctx.last_logits, None
         grad = torch.empty_like(hidden)
-        for start, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets, out, last):
+        for start, t, logits, blocks in HeadCrossEntropy._chunks(hidden, weight, targets, last):
             for block, block_targets in zip(blocks, t.split(len(blocks[0]))):
                 # d loss / d logits = softmax - one_hot(target), times the incoming gradient
                 grad_logits = torch.log_softmax(block.float(), dim=-1).exp_().mul_(grad_loss)
                 grad_logits[torch.arange(len(block_targets), device=t.device), block_targets] -= grad_loss
                 block.copy_(grad_logits)  # in the weight's dtype, where the logits were
             grad[start : start + len(t)] = logits @ weight
-        ctx.buffer.give(out)
-        return grad, None, None, None, None
-
-
-class LogitsBuffer:
-    """The memory HeadCrossEntropy writes a chunk's logits into, handed from one step to the next.
-
-    A fresh [rows, vocab] tensor every step (16 MiB for SmolLM2) is above glibc's mmap threshold
-    (memory.release_freed_memory): a new mapping, page-faulted in on first write. SmolLM2's head
-    forward (170 rows, bf16, 2 threads, an AMD host) took 39 ms that way against 20 ms written
-    into reused memory. One holder at a time: a forward takes the buffer, and its backward pass
-    (or the forward itself, where no gradient will be asked for) gives it back; whoever finds
-    none, or one too small, allocates. Between steps it holds what the peak held anyway."""
-
-    def __init__(self):
-        self._flat: torch.Tensor | None = None
-
-    def take(self, rows: int, weight: torch.Tensor) -> torch.Tensor:
-        """A [rows, vocab] tensor in the weight's dtype and device, its values undefined."""
-        flat, self._flat = self._flat, None
-        values = rows * weight.shape[0]
-        if flat is None or flat.numel() < values or flat.dtype != weight.dtype or flat.device != weight.device:
-            flat = weight.new_empty(values)
-        return flat[:values].view(rows, weight.shape[0])
-
-    def give(self, logits: torch.Tensor) -> None:
-        self._flat = logits._base if logits._base is not None else logits
+        return grad, None, None
 
 
 @torch.no_grad()

@@ -8,33 +8,22 @@ Both functions do nothing off glibc.
 from __future__ import annotations
 
 
-# The glibc tunables release_freed_memory sets (bytes); the benchmark gives every contender the same.
-MMAP_THRESHOLD = 4 * 1024 * 1024
-TRIM_THRESHOLD = 1024 * 1024 * 1024
-
-
 def release_freed_memory() -> None:
-    """Give blocks of MMAP_THRESHOLD and more mappings of their own, returned to the OS when freed,
-    and keep the smaller ones on the heap for the next step.
+    """Make glibc hand large freed blocks back to the OS instead of keeping them on the heap.
 
     PyTorch on CPU allocates activations of a different size every step (batches vary in
-    length). With glibc's adaptive thresholds (up to 32 MiB) the big ones land on the heap too and
-    fragment it: the resident size of a SmolLM2 run grew from 1.4 to 2.1 GB over 25 steps. With
-    64 MiB here, 1.31 to 1.52 GB over 60 steps of the benchmark. At 1 MiB (this function's earlier
-    value) every fresh activation of a megabyte or more is a new mapping, page-faulted in on first
-    write, ~25,000 faults a step: on a virtualized AMD host a fresh 1.3 MB copy took 0.53 ms
-    against 0.03 ms in reused heap memory, and the step's profiled time fell by a fifth without
-    them. 4 MiB keeps every activation of a SmolLM2 step on the heap (~3,500 faults a step) for
-    +13 MiB of peak (60 steps); what still gets a mapping is the few large blocks (the head's
-    logits are reused by loss.HeadCrossEntropy). The trim threshold keeps glibc from handing the
-    heap's free top back between steps (only to fault it in again); return_free_heap trims once
-    training is done. No-op off glibc.
+    length); with glibc's adaptive thresholds these land on the heap and fragment it, and the
+    resident size of a SmolLM2 run grew from 1.4 to 2.1 GB over 25 steps. Blocks of 1 MiB and
+    more now get their own mappings, returned when freed. A lower threshold keeps the heap
+    smaller still (128 KiB: peak 1.36 instead of 1.71 GB, SmolLM2 benchmark) but maps and
+    zeroes so many pages each step that training ran 1.9× slower (72 s instead of 38 s, same
+    run). No-op off glibc.
     """
     libc = _glibc()
     if libc is not None:
         m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-        libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
+        libc.mallopt(m_mmap_threshold, 1024 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
 
 
 def return_free_heap() -> None:

@@ -54,19 +54,17 @@ from pathlib import Path
 import bench_flops
 import bench_runs
 
-from peftctl import memory
-
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "quickstart"
 LAST_STEPS = 5  # the final training loss is the mean over this many last steps
 CONTENDERS = {"peftctl": "peftctl", "flat": "Trainer + flattening", "trl": "TRL SFT padding-free",
               "stock": "stock Trainer (padded, sdpa)"}
-# peftctl/memory.py's release_freed_memory() calls mallopt(M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD)
-# and mallopt(M_TRIM_THRESHOLD, memory.TRIM_THRESHOLD) when training starts. glibc reads these variables at process
+# peftctl/memory.py's release_freed_memory() calls mallopt(M_MMAP_THRESHOLD, 1 MiB) and
+# mallopt(M_TRIM_THRESHOLD, 128 KiB) when training starts. glibc reads these variables at process
 # start with the same effect (either form also turns off the adaptive thresholds), so every
 # contender gets the same allocator from its first allocation; in peftctl's process the
 # in-process calls then set the same values again.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(memory.MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(memory.TRIM_THRESHOLD)}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
