@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftctl.errors import ErrorGroup, UserError, blame, did_you_mean
+from peftctl.core.errors import ErrorGroup, UserError, blame, did_you_mean
 from peftctl.methods import METHODS, Method
 from peftctl.recipe import Recipe, load_recipe
 from peftctl.recipe_yaml import RawRecipe, parse_value

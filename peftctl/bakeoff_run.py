@@ -30,8 +30,8 @@ from peftctl import checkpoint
 from peftctl.bakeoff import Plan, Request, Run, plan_bakeoff
 from peftctl.bakeoff_state import open_state, save_state, start_folder
 from peftctl.console import PROGRESS_LABEL
-from peftctl.errors import UserError, one_line
-from peftctl.files import atomic_write_text, output_lock, writing
+from peftctl.core.errors import UserError, one_line
+from peftctl.core.files import atomic_write_text, output_lock, writing
 from peftctl.methods import METHODS
 
 Progress = Callable[[str], None]

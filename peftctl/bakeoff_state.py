@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from peftctl import jsontext
+from peftctl.core import jsontext
 from peftctl.bakeoff import Plan
-from peftctl.errors import UserError
-from peftctl.files import atomic_write_text, check_replaceable, writing
+from peftctl.core.errors import UserError
+from peftctl.core.files import atomic_write_text, check_replaceable, writing
 from peftctl.model import model_files
 
 STATE_FILE = "bakeoff.json"

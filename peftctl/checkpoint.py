@@ -32,8 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peftctl.errors import UserError
-from peftctl.files import atomic_directory, check_path, writing
+from peftctl.core.errors import UserError
+from peftctl.core.files import atomic_directory, check_path, writing
 from peftctl.methods import Adapter
 from peftctl.sharding import shard_like, whole
 
@@ -252,7 +252,7 @@ def check_compatible(checkpoint: Checkpoint, fingerprint: dict[str, Any]) -> Non
 
 def load_into(targets: dict[str, torch.Tensor], checkpoint: Checkpoint, name: str) -> None:
     """Copy the checkpoint's `name` tensors into `targets`: all keys and shapes must match exactly."""
-    from peftctl.state_dicts import load_strict
+    from peftctl.core.state_dicts import load_strict
 
     load_strict(targets, checkpoint.tensors[name], str(checkpoint.path / f"{name}.safetensors"),
                 whose="checkpoint", headline="the checkpoint does not match this run",

@@ -16,13 +16,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftctl import jsontext
+from peftctl.core import jsontext
 from peftctl.cli_boundary import leave_process_group, quiet_libraries, user_errors
 from peftctl.cli_parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
                                  GridOpt, JsonOpt, MethodsOpt, OptionalValueCommand, OverwriteModelOpt, RecipeArg,
                                  SamplesOpt, SetOpt, SeveralNumbersCommand, TrustOpt)
 from peftctl.console import print_interrupted, print_summary, print_summary_lines, stdout
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
 # datasets) would interleave with them. Set before any library imports tqdm.

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import typer
 
-from peftctl import jsontext
+from peftctl.core import jsontext
 from peftctl.console import print_error
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from peftctl.errors import UserError, did_you_mean
+from peftctl.core.errors import UserError, did_you_mean
 from peftctl.export import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -43,7 +43,7 @@ from peftctl.export import (
     saved_base,
     save_adapter,
 )
-from peftctl.files import check_path, check_replaceable, writing
+from peftctl.core.files import check_path, check_replaceable, writing
 from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX
 from peftctl.methods.lora import METHOD as LORA, LoraConfig

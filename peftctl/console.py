@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.markup import escape
 from rich.text import Text
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 stdout = Console()
 stderr = Console(stderr=True)

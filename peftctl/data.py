@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.recipe import DataSpec
 from peftctl.rows import read_source
 

@@ -207,7 +207,7 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
 def eval_inputs_of_several(targets: list[Path], data: Path | None, fmt: str | None) -> tuple[list[Path], Path, str, bool]:
     """`eval_inputs` for several targets: their adapter folders, and the one data file and format
     they are all scored on (--data, else the one their recipes name; different ones are an error)."""
-    from peftctl.errors import UserError
+    from peftctl.core.errors import UserError
 
     found = [eval_inputs(target, data, fmt) for target in targets]
     _, data_file, data_format, _ = found[0]
@@ -229,9 +229,9 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     trusted only where the target is a recipe that says so (the user's own file); a recipe saved
     inside an adapter folder grants nothing.
     """
-    from peftctl.errors import UserError
+    from peftctl.core.errors import UserError
     from peftctl.export import saved_recipe
-    from peftctl.files import check_path
+    from peftctl.core.files import check_path
     from peftctl.recipe import DataSpec, load_recipe
 
     for where, path in (("the adapter folder or recipe", target), ("--data", data)):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftctl import methods
-from peftctl.errors import UserError, one_line
-from peftctl.files import atomic_directory, check_replaceable, writing
+from peftctl.core.errors import UserError, one_line
+from peftctl.core.files import atomic_directory, check_replaceable, writing
 from peftctl.methods import Adapter, Method, MethodConfig
 
 CONFIG_FILE = "adapter_config.json"

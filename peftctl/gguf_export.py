@@ -22,10 +22,10 @@ from typing import Any
 from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFType, GGUFWriter, Keys, LlamaFileType
 
 from peftctl import methods, ollama
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, Merged, base_model_spec, load_adapter, merge_adapter, \
     read_adapter_config, read_weights
-from peftctl.files import atomic_file, atomic_write_text, check_new_file, writing
+from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, writing
 from peftctl.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
 from peftctl.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
     lora_tensors, model_tensors

@@ -27,7 +27,7 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, TensorNameM
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX
 

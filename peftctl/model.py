@@ -2,7 +2,7 @@
 
 `model.name_or_path` is one of:
   * a Hugging Face Hub id (`org/name`, at `model.revision`): read from the Hugging Face cache or
-    downloaded into it (safetensors weights only; see hub.py);
+    downloaded into it (safetensors weights only; see core/hub.py);
   * a local Hugging Face model folder (safetensors weights only);
   * a `.gguf` file, or a folder or Hub repo with `model.gguf_file` naming one (dequantized by
     transformers);
@@ -37,9 +37,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from peftctl import hub, quantize
-from peftctl.errors import UserError, one_line
-from peftctl.files import check_path
+from peftctl import quantize
+
+from peftctl.core import hub
+from peftctl.core.errors import UserError, one_line
+from peftctl.core.files import check_path
 from peftctl.layers import resolve_dtype
 from peftctl.kv_cache import decoder_stack, passed_cache
 from peftctl.recipe import ModelSpec

@@ -18,7 +18,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 Messages = list[dict[str, str]]
 

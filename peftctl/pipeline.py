@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftctl import checkpoint, jsontext, methods
+from peftctl import checkpoint, methods
+
+from peftctl.core import jsontext
 from peftctl.data import TokenizedData, load_data
-from peftctl.errors import ErrorGroup, UserError, blame
+from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.export import load_adapter, save_adapter
-from peftctl.files import atomic_write_text, check_replaceable, output_lock, writing
+from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model import load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.quantize import parameter_count

@@ -19,7 +19,7 @@ from torch import nn
 from peftctl import attention, fused
 from peftctl import model as model_loading
 from peftctl.data import TokenizedData, collate
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.loss import packing_problem, probing
 from peftctl.recipe import TrainSpec
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.errors import UserError, one_line
+from peftctl.core.errors import UserError, one_line
 from peftctl.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
 
 if TYPE_CHECKING:

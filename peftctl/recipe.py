@@ -18,7 +18,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, WithJsonSchema,
                       field_validator)
 
-from peftctl.errors import blame, did_you_mean
+from peftctl.core.errors import blame, did_you_mean
 from peftctl.methods import METHODS
 from peftctl.recipe_errors import explain
 from peftctl.recipe_paths import DATA_SUFFIXES, check_data_files, check_paths, resolve_paths

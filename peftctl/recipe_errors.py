@@ -13,7 +13,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from peftctl.errors import UserError, did_you_mean
+from peftctl.core.errors import UserError, did_you_mean
 from peftctl.methods import METHODS
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftctl.errors import UserError
-from peftctl.files import check_path
-from peftctl.hub import is_hub_id
+from peftctl.core.errors import UserError
+from peftctl.core.files import check_path
+from peftctl.core.hub import is_hub_id
 
 if TYPE_CHECKING:  # recipe.py imports this module
     from peftctl.recipe import Recipe

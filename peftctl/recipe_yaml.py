@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 
 @dataclass

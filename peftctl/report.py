@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from peftctl import checkpoint
-from peftctl.errors import UserError, one_line
+from peftctl.core.errors import UserError, one_line
 from peftctl.export import RECIPE_FILE
-from peftctl.files import atomic_file, atomic_write_text, check_path, writing
+from peftctl.core.files import atomic_file, atomic_write_text, check_path, writing
 from peftctl.report_html import cell, esc, figures_table, notes, page, raw_cell, section, table, text_cell
 
 METRICS_FILE = "metrics.jsonl"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from peftctl.errors import UserError, one_line
+from peftctl.core.errors import UserError, one_line
 from peftctl.report import METRICS_FILE, RUN_REPORT, Metrics, read_metrics, write_chart, write_page
 from peftctl.report_html import cell, esc, notes, page, raw_cell, section, table, text_cell
 

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from peftctl import hub
-from peftctl.errors import UserError, did_you_mean, one_line
+from peftctl.core import hub
+from peftctl.core.errors import UserError, did_you_mean, one_line
 from peftctl.recipe import DATA_SUFFIXES, FORMAT_FIELDS, ROLES, DataSpec
 
 _LAYOUTS = {

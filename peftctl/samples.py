@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftctl import jsontext
+from peftctl.core import jsontext
 from peftctl.data import TokenizedData
 from peftctl.evaluate import generate_reply, paired_generations
-from peftctl.files import atomic_write_text, writing
+from peftctl.core.files import atomic_write_text, writing
 
 # A preview, not an evaluation (`peftctl eval` is that): a base that runs on to the limit costs
 # 64 tokens a row, and a one-paragraph reply fits.

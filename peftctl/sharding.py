@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from peftctl.errors import UserError, blame
+from peftctl.core.errors import UserError, blame
 from peftctl.methods import Adapter
 
 if TYPE_CHECKING:

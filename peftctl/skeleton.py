@@ -19,7 +19,7 @@ from torch import nn
 
 from peftctl import methods
 from peftctl.architectures import TESTED
-from peftctl.errors import UserError, blame
+from peftctl.core.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
 from peftctl.model import load_skeleton

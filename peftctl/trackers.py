@@ -32,9 +32,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from peftctl import jsontext
-from peftctl.errors import UserError, one_line
-from peftctl.files import atomic_write_text, writing
+from peftctl.core import jsontext
+from peftctl.core.errors import UserError, one_line
+from peftctl.core.files import atomic_write_text, writing
 
 TENSORBOARD_DIR = "tensorboard"  # under the output folder: `tensorboard --logdir runs` shows every run
 RUN_IDS = "tracker_runs.json"  # the wandb and MLflow run ids a resumed run continues

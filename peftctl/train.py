@@ -27,11 +27,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from peftctl import checkpoint, jsontext
+from peftctl import checkpoint
+
+from peftctl.core import jsontext
 from peftctl.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
 from peftctl.data import TokenizedData, epochs_of_batches, stream_position
-from peftctl.errors import UserError
-from peftctl.files import atomic_write_text, writing
+from peftctl.core.errors import UserError
+from peftctl.core.files import atomic_write_text, writing
 from peftctl.interrupts import StopRequests
 from peftctl.loss import CausalLMLoss, labelled_tokens, validation_loss
 from peftctl.memory import peak_memory_bytes, release_freed_memory, return_free_heap

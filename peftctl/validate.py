@@ -6,8 +6,8 @@ experiment trackers report (each installed, as training checks before the weight
 
 from __future__ import annotations
 
-from peftctl.errors import blame
-from peftctl.hub import is_hub_id
+from peftctl.core.errors import blame
+from peftctl.core.hub import is_hub_id
 from peftctl.recipe import Recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton
 from peftctl.trackers import check_installed, describe

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods.adalora import METHOD, AdaLoraConfig
 from peftctl.recipe import ModelSpec

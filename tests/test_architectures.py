@@ -20,7 +20,7 @@ import torch
 import transformers as T
 
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import METHODS
 from peftctl.loss import CausalLMLoss

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import peftctl.methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias

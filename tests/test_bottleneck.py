@@ -21,7 +21,7 @@ from tiny_models import TINY_GPT2, batch_logits, real_difference, tiny_gpt2, tin
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.model import load_model
 from peftctl.recipe import load_recipe

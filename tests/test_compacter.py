@@ -25,7 +25,7 @@ from test_bottleneck import sites as bottleneck_sites
 from tiny_models import TINY_GPT2, batch_logits, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, load_adapter, save_adapter
 from peftctl.model import load_skeleton
 from peftctl.recipe import load_recipe

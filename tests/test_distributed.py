@@ -175,7 +175,7 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(tm
 def test_fsdp_launches_peftctl_cannot_serve_are_refused(monkeypatch, version, sets, expected):
     from accelerate.utils import DistributedType
 
-    from peftctl.errors import UserError
+    from peftctl.core.errors import UserError
 
     monkeypatch.setenv("FSDP_VERSION", version)
     with pytest.raises(UserError, match=expected):

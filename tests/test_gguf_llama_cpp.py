@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from peftctl import methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import save_adapter
 from peftctl.gguf_export import write_lora_gguf, write_model_gguf
 from peftctl.gguf_tensors import architecture, lora_tensors

@@ -279,7 +279,7 @@ def test_a_full_disk_while_saving_is_a_message_naming_what_survived(tmp_path, mo
 
 def test_json_output_writes_null_for_non_finite_numbers():
     """`--json` and metrics.jsonl go through this: Python's json would write NaN, which is not JSON."""
-    from peftctl import jsontext
+    from peftctl.core import jsontext
 
     text = jsontext.dumps({"loss": float("nan"), "steps": [1, float("inf")], "ok": 0.5})
     assert text == '{"loss": null, "steps": [1, null], "ok": 0.5}'

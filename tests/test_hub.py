@@ -25,7 +25,7 @@ from huggingface_hub.utils import hf_raise_for_status
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 from hub_cache import cache_repo
-from peftctl import hub
+from peftctl.core import hub
 from peftctl.data import IGNORE, load_data
 from peftctl.model import load_tokenizer
 from peftctl.recipe import DataSpec, ModelSpec

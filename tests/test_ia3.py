@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peftctl.methods
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.ia3 import METHOD, IA3Config, IA3Linear
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases

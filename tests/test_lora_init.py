@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 
 import peftctl.methods
 from method_checks import assert_smoke_run
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig
 from peftctl.recipe import ModelSpec

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peftctl.methods
 from method_checks import ROOT, assert_smoke_run, with_random_biases
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods import METHODS
 from peftctl.methods.lycoris import LycorisLinear

@@ -29,7 +29,7 @@ from peftctl.plan import plan
 from peftctl.cli import app
 from peftctl.data import tokenize_rows
 from peftctl.rows import read_rows
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from peftctl.model import load_model, load_tokenizer
 from peftctl.recipe import DataSpec, ModelSpec, load_recipe

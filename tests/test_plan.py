@@ -71,7 +71,7 @@ def test_plan_per_gpu_under_fsdp_divides_the_state_and_adds_two_whole_blocks(tmp
 
 
 def test_plan_refuses_fsdp_on_a_quantized_base(tmp_path):
-    from peftctl.errors import UserError
+    from peftctl.core.errors import UserError
 
     recipe = llama2_7b_recipe(tmp_path, ["q_proj", "v_proj"])
     recipe.model.quantization = "4bit"

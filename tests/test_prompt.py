@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 import peftctl.methods
 from peftctl.cli import app
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model import byte_level_tokenizer

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from method_checks import EXAMPLES, ROOT, assert_smoke_run, examples_where, on_llama
 from peftctl import methods, quantize
 from peftctl.cli import app
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adapter
 from peftctl.model import enable_gradient_checkpointing, load_model
 from peftctl.recipe import ModelSpec

@@ -149,7 +149,7 @@ def test_merge_spares_its_base_and_its_adapter(trained, tmp_path, out):
 def test_an_output_folder_in_use_is_refused_naming_the_run(tmp_path):
     import os
 
-    from peftctl.files import output_lock
+    from peftctl.core.files import output_lock
 
     out = tmp_path / "run"
     with output_lock(out, "output.dir"):  # as a run in progress holds it

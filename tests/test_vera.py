@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import peftctl.methods
 from cli_checks import assert_refused, invoke
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods.vera import METHOD, PROJECTIONS, VeraConfig, VeraLinear
 from test_qlora import trained_gpt2_adapter

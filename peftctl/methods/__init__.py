@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from peftctl.errors import UserError, did_you_mean
+from peftctl.core.errors import UserError, did_you_mean
 from peftctl.methods.base import Adapter, Method, MethodConfig, options_named
 
 METHODS: dict[str, Method] = {}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     PEFT_KEY_PREFIX,
@@ -47,7 +47,7 @@ from peftctl.methods.base import (
     suffix_list_from_peft,
 )
 from peftctl.methods.low_rank import add_update, low_rank_update
-from peftctl.state_dicts import load_strict
+from peftctl.core.state_dicts import load_strict
 
 FACTORS = ("lora_A", "lora_E", "lora_B")  # Q, Λ, P
 

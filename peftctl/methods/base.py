@@ -26,9 +26,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import linear_layers, linear_shape
-from peftctl.state_dicts import load_strict
+from peftctl.core.state_dicts import load_strict
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.
 PEFT_KEY_PREFIX = "base_model.model."

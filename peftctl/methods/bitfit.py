@@ -25,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftctl.architectures import BIAS_FLAGS
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import LINEAR_TYPES, linear_layers, linear_shape
 from peftctl.methods.base import (
     Adapter,

@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftctl.architectures import BOTTLENECK_SITES
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import LINEAR_TYPES, linear_shape
 from peftctl.methods.base import Adapter, Applied, MethodConfig, WrappingMethod
 

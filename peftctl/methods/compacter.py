@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import linear_shape
 from peftctl.methods.base import Adapter, MethodConfig
 from peftctl.methods.bottleneck import ACTIVATIONS, Bottleneck, BottleneckApplied, BottleneckConfig

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.architectures import IA3_DEFAULTS
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,

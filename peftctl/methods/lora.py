@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight, linear_shape, quantized_kind
 from peftctl.methods.base import (
     PEFT_KEY_PREFIX,

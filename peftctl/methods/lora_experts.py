@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 
 class LoraExperts(nn.Module):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight
 
 # Initialisations that move part of the base weight into A and B (the others leave it alone).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,

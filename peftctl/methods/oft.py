@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,

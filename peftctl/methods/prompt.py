@@ -22,12 +22,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, reject_unsupported
 from peftctl.methods.virtual_tokens import (
     DecoderHooks, Geometry, LSTMHead, PrefixHooks, PrependHooks, PromptEncoder, check_cache_layout, text_embeddings,
 )
-from peftctl.state_dicts import load_strict
+from peftctl.core.state_dicts import load_strict
 
 # Where the trainable encoder lives in the model, so that moving the model moves it too.
 ENCODER = "prompt_encoder"

@@ -37,7 +37,7 @@ from peftctl.methods.base import (
     reject_unsupported,
     suffix_list_from_peft,
 )
-from peftctl.state_dicts import load_strict
+from peftctl.core.state_dicts import load_strict
 
 # Where the shared projections sit: an attribute of the model's root, and their saved keys.
 PROJECTIONS = "vera_projections"

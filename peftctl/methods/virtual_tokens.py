@@ -27,7 +27,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftctl.architectures import key_value_heads
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 from peftctl.kv_cache import cache_keyword, decoder_stack, pop_cache
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 
 def load_strict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from peftctl.errors import UserError
+from peftctl.core.errors import UserError
 
 
 @contextmanager

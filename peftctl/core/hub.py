@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftctl.errors import UserError, one_line
+from peftctl.core.errors import UserError, one_line
 
 # org/name as the Hub spells repo ids: letters, digits, '-', '_', '.'; no '--' or '..' inside.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
