@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftctl import attention, fused
-from peftctl.layers import LINEAR_TYPES, linear_shape
+from peftctl.arch.layers import LINEAR_TYPES, linear_shape
 from peftctl.loss import HeadCrossEntropy
 from peftctl.model import transformer_blocks
 

@@ -42,8 +42,8 @@ from peftctl import quantize
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
-from peftctl.layers import resolve_dtype
-from peftctl.kv_cache import decoder_stack, passed_cache
+from peftctl.arch.layers import resolve_dtype
+from peftctl.arch.kv_cache import decoder_stack, passed_cache
 from peftctl.recipe import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"

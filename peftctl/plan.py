@@ -33,7 +33,7 @@ import torch
 from peftctl import attention, methods, quantize
 from peftctl.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
-from peftctl.layers import linear_layers, linear_shape
+from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.prepare import auto_attention
 from peftctl.recipe import Recipe

@@ -38,7 +38,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftctl.core.errors import UserError, one_line
-from peftctl.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
+from peftctl.arch.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
 
 if TYPE_CHECKING:
     from peftctl.recipe import ModelSpec

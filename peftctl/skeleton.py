@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from peftctl import methods
-from peftctl.architectures import TESTED
+from peftctl.arch.architectures import TESTED
 from peftctl.core.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig

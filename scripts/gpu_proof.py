@@ -115,7 +115,7 @@ def build_model(spec, device: str):
     from transformers import AutoModelForCausalLM
 
     from peftctl import quantize
-    from peftctl.layers import resolve_dtype
+    from peftctl.arch.layers import resolve_dtype
     from peftctl.model import finish_base, load_config
 
     if spec.quantization != "none":

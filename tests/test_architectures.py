@@ -204,7 +204,7 @@ def test_validate_lists_the_targets_and_refuses_a_pair_that_cannot_work(tmp_path
 @pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch not in ("mixtral", "qwen3_moe")])
 def test_ia3_targets_the_architecture_tables_layers_in_every_block(arch):
     """IA3 with no target_modules: exactly the table's layers, once in each of the 2 decoder layers."""
-    from peftctl.architectures import IA3_DEFAULTS
+    from peftctl.arch.architectures import IA3_DEFAULTS
 
     model_type = build(arch).config.model_type
     targets, _ = IA3_DEFAULTS[model_type]

@@ -60,7 +60,7 @@ def test_every_recipe_plans_on_its_real_shape(tmp_path):
 
 
 def test_the_builder_makes_random_bf16_weights_and_a_4bit_base(tiny, tmp_path):
-    from peftctl.layers import quantized_kind
+    from peftctl.arch.layers import quantized_kind
 
     recipes = {m: gpu_proof.recipe_for(gpu_proof.Run("tiny", m, 32, False), tiny["tiny"], tmp_path / m, 4, 1)
                for m in ("lora-qv", "qlora")}

@@ -130,7 +130,7 @@ def test_the_cache_keyword_is_read_from_the_decoder_signature():
     deprecation shim (functools.wraps): either way the hooks pass the cache under the declared name."""
     from transformers.utils.deprecation import deprecate_kwarg
 
-    from peftctl.kv_cache import cache_keyword, pop_cache
+    from peftctl.arch.kv_cache import cache_keyword, pop_cache
 
     class Old(torch.nn.Module):
         def forward(self, input_ids=None, past_key_values=None, **kwargs): ...

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.layers import linear_layers, linear_shape
+from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.core.state_dicts import load_strict
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.

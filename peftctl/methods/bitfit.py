@@ -24,9 +24,9 @@ from pydantic import Field, ValidationError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.architectures import BIAS_FLAGS
+from peftctl.arch.architectures import BIAS_FLAGS
 from peftctl.core.errors import UserError
-from peftctl.layers import LINEAR_TYPES, linear_layers, linear_shape
+from peftctl.arch.layers import LINEAR_TYPES, linear_layers, linear_shape
 from peftctl.methods.base import (
     Adapter,
     AllLinear,

@@ -32,9 +32,9 @@ import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
-from peftctl.architectures import BOTTLENECK_SITES
+from peftctl.arch.architectures import BOTTLENECK_SITES
 from peftctl.core.errors import UserError
-from peftctl.layers import LINEAR_TYPES, linear_shape
+from peftctl.arch.layers import LINEAR_TYPES, linear_shape
 from peftctl.methods.base import Adapter, Applied, MethodConfig, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16
@@ -144,7 +144,7 @@ def adapter_sites(model: nn.Module, placements: tuple[str, ...], method: str) ->
         f"{' and '.join(placements)} block{'s' if len(placements) > 1 else ''} in its decoder layers",
         where="model.name_or_path",
         expected="a model whose decoder layers end their blocks in linear layers peftctl knows (GPT-2, the "
-        "Llama family, GPT-NeoX, Falcon, OPT; see peftctl/architectures.py)",
+        "Llama family, GPT-NeoX, Falcon, OPT; see peftctl/arch/architectures.py)",
         fix="use another method such as lora on this model",
     )
 

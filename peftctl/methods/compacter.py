@@ -39,7 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.layers import linear_shape
+from peftctl.arch.layers import linear_shape
 from peftctl.methods.base import Adapter, MethodConfig
 from peftctl.methods.bottleneck import ACTIVATIONS, Bottleneck, BottleneckApplied, BottleneckConfig
 

@@ -19,9 +19,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from peftctl.architectures import IA3_DEFAULTS
+from peftctl.arch.architectures import IA3_DEFAULTS
 from peftctl.core.errors import UserError
-from peftctl.layers import dense_weight, linear_shape
+from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,
     AllLinear,

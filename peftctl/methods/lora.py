@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.layers import dense_weight, linear_shape, quantized_kind
+from peftctl.arch.layers import dense_weight, linear_shape, quantized_kind
 from peftctl.methods.base import (
     PEFT_KEY_PREFIX,
     Adapter,

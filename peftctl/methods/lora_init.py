@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.layers import dense_weight
+from peftctl.arch.layers import dense_weight
 
 # Initialisations that move part of the base weight into A and B (the others leave it alone).
 BASE_CHANGING = ("pissa", "olora")

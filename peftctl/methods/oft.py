@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.layers import dense_weight, linear_shape
+from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     Adapter,
     AllLinear,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.layers import dense_weight, linear_shape
+from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
     PEFT_KEY_PREFIX,
     Adapter,

@@ -26,9 +26,9 @@ from torch import nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from peftctl.architectures import key_value_heads
+from peftctl.arch.architectures import key_value_heads
 from peftctl.core.errors import UserError
-from peftctl.kv_cache import cache_keyword, decoder_stack, pop_cache
+from peftctl.arch.kv_cache import cache_keyword, decoder_stack, pop_cache
 
 
 # --- model facts --------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _widen(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 class DecoderHooks:
     """Shared plumbing: the decoder's positional arguments by name (GPT-2 passes input_ids by position),
-    and its KV cache under whichever keyword the decoder declares (see `peftctl.kv_cache`)."""
+    and its KV cache under whichever keyword the decoder declares (see `peftctl.arch.kv_cache`)."""
 
     def __init__(self, model: nn.Module, encoder: PromptEncoder):
         self.encoder = encoder
