@@ -39,8 +39,8 @@ from typing import Any
 
 from peftctl.core.errors import ErrorGroup, UserError, blame, did_you_mean
 from peftctl.methods import METHODS, Method
-from peftctl.recipe import Recipe, load_recipe
-from peftctl.recipe_yaml import RawRecipe, parse_value
+from peftctl.recipe.schema import Recipe, load_recipe
+from peftctl.recipe.yaml_file import RawRecipe, parse_value
 
 # Recipe keys the bake-off sets itself, by the option that sets them: a grid over one would contradict it.
 OWN_KEYS = {"method.name": "--methods", "train.max_steps": "--budget-steps", "train.max_minutes": "--budget-minutes",

@@ -66,7 +66,7 @@ def train(
     """Train the recipe's adapter and export it in peft's format."""
     from peftctl import pipeline
     from peftctl.console import reporter
-    from peftctl.recipe import load_recipe
+    from peftctl.recipe.schema import load_recipe
     from peftctl.train import TrainingInterrupted
 
     quiet_libraries()
@@ -148,7 +148,7 @@ def report(
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe, and what its method trains on the model (from its config alone), and print
     the recipe with every default filled in."""
-    from peftctl.recipe import load_recipe
+    from peftctl.recipe.schema import load_recipe
     from peftctl.validate import findings
 
     quiet_libraries()
@@ -164,7 +164,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON schema (for editor completion and validation)."""
-    from peftctl.recipe import Recipe
+    from peftctl.recipe.schema import Recipe
 
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
@@ -353,7 +353,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
     from peftctl.console import plan_table
     from peftctl.plan import plan as make_plan
-    from peftctl.recipe import load_recipe
+    from peftctl.recipe.schema import load_recipe
 
     quiet_libraries()
     with user_errors(json_):

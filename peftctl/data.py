@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.core.errors import UserError
-from peftctl.recipe import DataSpec
+from peftctl.recipe.schema import DataSpec
 from peftctl.rows import read_source
 
 IGNORE = -100  # label of tokens that carry no loss

@@ -192,7 +192,7 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     from peftctl.data import tokenize_rows
     from peftctl.export import base_model_spec, load_adapter
     from peftctl.model import load_skeleton, load_tokenizer
-    from peftctl.recipe import DataSpec
+    from peftctl.recipe.schema import DataSpec
     from peftctl.rows import read_rows
 
     spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
@@ -232,7 +232,7 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     from peftctl.core.errors import UserError
     from peftctl.export import saved_recipe
     from peftctl.core.files import check_path
-    from peftctl.recipe import DataSpec, load_recipe
+    from peftctl.recipe.schema import DataSpec, load_recipe
 
     for where, path in (("the adapter folder or recipe", target), ("--data", data)):
         if path is not None:

@@ -185,7 +185,7 @@ def check_same_base(folders: list[Path], what: str, named: bool = True) -> None:
     quantization): `what` they are to do together (be combined, be evaluated on one base) needs one.
     A local folder counts by its resolved path, so ./base and /abs/base are one model. Without
     `named` (the user passed --base) an adapter that names no base is not compared."""
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     def identity(folder: Path) -> dict[str, Any] | None:
         base = saved_base(folder, named)
@@ -220,7 +220,7 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
     never from the adapter folder: an adapter downloaded from anywhere must not be able to make
     peftctl run a model's Python code, so the saved recipe's setting is ignored.
     """
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     folder = Path(folder)
     own = saved_base(folder, named=base is None)
@@ -352,7 +352,7 @@ def export_base(name: str, out: Path, dtype: str | None = None, trust_remote_cod
     import torch
 
     from peftctl.model import load_config, load_model, load_tokenizer, model_files
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     spec = ModelSpec(name_or_path=name, trust_remote_code=trust_remote_code)
     check_replaceable(out, overwrite, "--out", ("config.json",), inputs={"the model": model_files(spec)})

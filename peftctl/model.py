@@ -44,7 +44,7 @@ from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.arch.layers import resolve_dtype
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
 SMOLLM2 = "builtin:smollm2-135m"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from peftctl.methods import Adapter
-from peftctl.recipe import TrainSpec
+from peftctl.recipe.schema import TrainSpec
 
 
 def setup_optimizer(adapter: Adapter, spec: TrainSpec, total_steps: int) -> tuple[torch.optim.AdamW, Any, Any]:

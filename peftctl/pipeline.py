@@ -29,7 +29,7 @@ from peftctl.core.files import atomic_write_text, check_replaceable, output_lock
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model import load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.quantize import parameter_count
-from peftctl.recipe import Recipe
+from peftctl.recipe.schema import Recipe
 from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.samples import replies, sample_rows, write_generations
 from peftctl.sharding import check_fsdp

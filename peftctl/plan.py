@@ -36,7 +36,7 @@ from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.prepare import auto_attention
-from peftctl.recipe import Recipe
+from peftctl.recipe.schema import Recipe
 from peftctl.sharding import check_fsdp_recipe
 from peftctl.skeleton import method_options
 

@@ -21,7 +21,7 @@ from peftctl import model as model_loading
 from peftctl.data import TokenizedData, collate
 from peftctl.core.errors import UserError
 from peftctl.loss import packing_problem, probing
-from peftctl.recipe import TrainSpec
+from peftctl.recipe.schema import TrainSpec
 
 # Longer rows than this train faster with the fused (sdpa) kernel than with eager attention on CPU.
 EAGER_MAX_ROW = 512

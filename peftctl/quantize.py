@@ -41,7 +41,7 @@ from peftctl.core.errors import UserError, one_line
 from peftctl.arch.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
 
 if TYPE_CHECKING:
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
 BLOCKSIZE = 64  # 4-bit: weights per absmax scale (bitsandbytes' and transformers' default)
 NESTED_BLOCKSIZE = 256  # double quantization: 8-bit scales per fp32 second-level scale

@@ -16,7 +16,7 @@ from typing import Any
 
 from peftctl.core import hub
 from peftctl.core.errors import UserError, did_you_mean, one_line
-from peftctl.recipe import DATA_SUFFIXES, FORMAT_FIELDS, ROLES, DataSpec
+from peftctl.recipe.schema import DATA_SUFFIXES, FORMAT_FIELDS, ROLES, DataSpec
 
 _LAYOUTS = {
     "alpaca": '{"instruction": "...", "input": "... (optional)", "output": "..."}',

@@ -25,7 +25,7 @@ from peftctl.methods import Adapter
 if TYPE_CHECKING:
     from accelerate.utils import DistributedType
 
-    from peftctl.recipe import Recipe
+    from peftctl.recipe.schema import Recipe
 
 DDP_LAUNCH = "accelerate launch --multi_gpu --num_processes N -m peftctl train RECIPE"
 

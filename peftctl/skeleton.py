@@ -27,7 +27,7 @@ from peftctl.quantize import parameter_count
 
 if TYPE_CHECKING:
     from peftctl.data import TokenizedData
-    from peftctl.recipe import Recipe
+    from peftctl.recipe.schema import Recipe
 
 
 @dataclass

@@ -40,7 +40,7 @@ from peftctl.memory import peak_memory_bytes, release_freed_memory, return_free_
 from peftctl.methods import Adapter
 from peftctl.optim import setup_optimizer
 from peftctl.prepare import prepare_model
-from peftctl.recipe import TrainSpec
+from peftctl.recipe.schema import TrainSpec
 from peftctl.sharding import rebind_trainable, unshard_trainable
 
 Batch = dict[str, torch.Tensor]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from peftctl.core.errors import blame
 from peftctl.core.hub import is_hub_id
-from peftctl.recipe import Recipe
+from peftctl.recipe.schema import Recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton
 from peftctl.trackers import check_installed, describe
 

@@ -94,7 +94,7 @@ def write_config(shape: dict, folder: Path) -> Path:
 
 def recipe_for(run: Run, folder: Path, out: Path, steps: int, batch_size: int):
     """The recipe of `run` on the model in `folder`: what `plan` sizes and the loop trains."""
-    from peftctl.recipe import Recipe
+    from peftctl.recipe.schema import Recipe
 
     method, model = METHODS[run.method]
     return Recipe.model_validate({

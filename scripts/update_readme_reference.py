@@ -1,4 +1,4 @@
-"""Regenerate the README's recipe reference from the recipe schema (peftctl/recipe.py, via peftctl/recipe_docs.py).
+"""Regenerate the README's recipe reference from the recipe schema (peftctl/recipe/schema.py, via peftctl/recipe/reference.py).
 
     python scripts/update_readme_reference.py          # rewrite README.md in place
     python scripts/update_readme_reference.py --check  # exit 1 if README.md is out of date
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from peftctl.recipe_docs import markdown_reference
+from peftctl.recipe.reference import markdown_reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"

@@ -25,7 +25,7 @@ from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model import transformer_blocks
 from peftctl.prepare import prepare_model
-from peftctl.recipe import TrainSpec
+from peftctl.recipe.schema import TrainSpec
 
 ROWS, ROW_LEN, LAYERS = 2, 128, 3
 QV, ALL = ["q_proj", "v_proj"], "all-linear"

@@ -23,7 +23,7 @@ from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods.adalora import METHOD, AdaLoraConfig
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from peftctl.train import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch
 
@@ -257,7 +257,7 @@ def test_a_bf16_base_trains_fp32_factors_under_autocast(dropout):
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from peftctl.data import load_data
     from peftctl.model import load_tokenizer
-    from peftctl.recipe import DataSpec, TrainSpec
+    from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import train
     from method_checks import ROOT
     from tiny_models import TINY_GPT2

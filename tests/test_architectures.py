@@ -282,7 +282,7 @@ def test_qlora_on_architecture(arch, tmp_path):
     """QLoRA: LoRA on a 4-bit (NF4, bitsandbytes) base: trains, reloads, and peft loads the export
     onto the same quantized base with equal logits."""
     from peftctl import quantize
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     def quantized() -> torch.nn.Module:
         model = build(arch)
@@ -312,7 +312,7 @@ def test_lora_trains_on_a_bf16_and_a_4bit_base(arch, base, tmp_path):
     """LoRA on all linear layers, 30 steps, on the base as users load it: 16-bit or quantized
     (bitsandbytes 4-bit NF4 on CPU). The loss falls and the export reloads with equal logits."""
     from peftctl import quantize
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     def base_model() -> torch.nn.Module:
         model = build(arch)

@@ -21,7 +21,7 @@ from cli_checks import assert_refused, invoke, snapshot
 from peftctl.bakeoff import Request, learning_rate, method_options, plan_bakeoff, split_values
 from peftctl.bakeoff_state import FIGURES, ordered
 from peftctl.methods import METHODS
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"
@@ -256,7 +256,7 @@ def test_max_minutes_stops_the_loop_after_the_step_that_spends_them(tmp_path):
     from peftctl.data import load_data
     from peftctl.methods.lora import LoraConfig
     from peftctl.model import load_tokenizer
-    from peftctl.recipe import DataSpec, TrainSpec
+    from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import train
     from tiny_models import TINY_GPT2, tiny_gpt2
 

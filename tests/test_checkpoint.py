@@ -28,7 +28,7 @@ from peftctl.core.errors import UserError
 from peftctl.interrupts import StopRequests as _StopRequests
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
-from peftctl.recipe import DataSpec, TrainSpec
+from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.train import SilentReporter, TrainingDiverged, TrainingInterrupted, train
 from tiny_models import TINY_GPT2, tiny_gpt2
 
@@ -270,7 +270,7 @@ def test_a_nan_loss_in_the_cli_exits_without_traceback(tmp_path):
 
 def test_ctrl_c_checkpoints_exits_130_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
     from peftctl import pipeline
-    from peftctl.recipe import load_recipe
+    from peftctl.recipe.schema import load_recipe
 
     sets = ["--set", "train.max_steps=150", "--set", "train.log_every=1", "--set", "train.save_every=100"]
     out = tmp_path / "run"

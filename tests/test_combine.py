@@ -29,7 +29,7 @@ from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_model
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 

@@ -7,7 +7,7 @@ import torch
 
 from peftctl.data import IGNORE, collate, load_data, tokenize_chat
 from peftctl.model import load_tokenizer
-from peftctl.recipe import DataSpec, ModelSpec
+from peftctl.recipe.schema import DataSpec, ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from peftctl import pipeline, sharding
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from test_trackers import tensorboard_curves
 
 ROOT = Path(__file__).resolve().parent.parent

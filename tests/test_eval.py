@@ -21,7 +21,7 @@ from peftctl import pipeline
 from peftctl.cli import app
 from peftctl.evaluate import token_f1
 from peftctl.export import RECIPE_FILE
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"

@@ -32,7 +32,7 @@ from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model import load_model, load_tokenizer, tiny_gpt2_config
 from peftctl.ollama import CHATML, LLAMA3, modelfile, translate
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import SMOLLM2_TEMPLATE, chatml_bpe_tokenizer, save_tiny_llama
 from tiny_models import random_lora_b

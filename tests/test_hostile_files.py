@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from peftctl import pipeline
 from peftctl.export import RECIPE_FILE, WEIGHTS_FILE, merge_to_folder
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from test_bad_input import recipe_text
 

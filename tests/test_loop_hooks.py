@@ -17,7 +17,7 @@ from peftctl import methods
 from peftctl.data import load_data
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
-from peftctl.recipe import DataSpec, TrainSpec
+from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.optim import param_groups
 from peftctl.train import train
 from tiny_models import TINY_GPT2, tiny_gpt2

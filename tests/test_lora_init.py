@@ -24,7 +24,7 @@ from method_checks import assert_smoke_run
 from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from tiny_models import (batch_logits, real_difference, tiny_gpt2, tiny_llama, tiny_llama_config, token_batch,
                          train_steps)
 
@@ -243,7 +243,7 @@ def test_pissa_with_loraplus_resumes_exactly(tmp_path):
     checkpoint) and rebuilds LoRA+'s two groups: it ends where the uninterrupted run ends."""
     from peftctl.data import load_data
     from peftctl.model import load_tokenizer
-    from peftctl.recipe import DataSpec, TrainSpec
+    from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import TrainingInterrupted, train
     from test_checkpoint import ROOT, SPEC, TINY_GPT2, StopAt
 

@@ -25,7 +25,7 @@ from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, merge_to_folder, save_adapter
 from peftctl.methods import METHODS
 from peftctl.methods.lycoris import LycorisLinear
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from test_qlora import trained_gpt2_adapter
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 

@@ -33,7 +33,7 @@ from peftctl.methods.bitfit import BitFitConfig
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_model
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from method_checks import examples_where, on_llama
 from tiny_models import token_batch, train_steps

@@ -116,7 +116,7 @@ def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
 
     from peftctl.export import load_adapter
     from peftctl.model import load_model
-    from peftctl.recipe import ModelSpec
+    from peftctl.recipe.schema import ModelSpec
 
     ids = torch.tensor([[5, 17, 99, 3, 250, 42]])
     with torch.no_grad():

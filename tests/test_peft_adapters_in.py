@@ -32,7 +32,7 @@ from peftctl.rows import read_rows
 from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from peftctl.model import load_model, load_tokenizer
-from peftctl.recipe import DataSpec, ModelSpec, load_recipe
+from peftctl.recipe.schema import DataSpec, ModelSpec, load_recipe
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from tiny_models import token_batch
 

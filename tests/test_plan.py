@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from peftctl.cli import app
 from peftctl.plan import full_finetune_memory, peft_memory, plan
-from peftctl.recipe import Recipe
+from peftctl.recipe.schema import Recipe
 
 LORA_QV_7B = 32 * 2 * 8 * (4096 + 4096)  # layers × (q, v) × r × (in + out)
 
@@ -84,7 +84,7 @@ import json, resource, sys, threading, time
 from pathlib import Path
 from peftctl import pipeline
 from peftctl.plan import plan
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from peftctl.train import SilentReporter
 
 def rss():

@@ -27,7 +27,7 @@ from peftctl.cli import app
 from peftctl.core.errors import UserError
 from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adapter
 from peftctl.model import enable_gradient_checkpointing, load_model
-from peftctl.recipe import ModelSpec
+from peftctl.recipe.schema import ModelSpec
 from peftctl.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 

@@ -21,7 +21,7 @@ from peftctl.export import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model import load_model
 from peftctl.pipeline import run
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton
 
 RECIPES = ROOT / "recipes"

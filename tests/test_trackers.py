@@ -20,7 +20,7 @@ from cli_checks import assert_refused
 from peftctl import pipeline, trackers
 from peftctl.cli import app
 from peftctl.core.errors import UserError
-from peftctl.recipe import TRACKERS, load_recipe
+from peftctl.recipe.schema import TRACKERS, load_recipe
 from peftctl.train import TrainingInterrupted
 from test_checkpoint import StopAt  # SIGINT during a given step, as a Ctrl-C would
 

@@ -11,7 +11,7 @@ from peftctl.data import load_data
 from peftctl.loss import CausalLMLoss
 from peftctl.methods.lora import LoraConfig
 from peftctl.model import load_tokenizer
-from peftctl.recipe import DataSpec, TrainSpec
+from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.optim import lr_schedule
 from peftctl.train import train
 from tiny_models import TINY_GPT2, tiny_gpt2, token_batch

@@ -16,7 +16,7 @@ import yaml
 
 from peftctl import pipeline
 from peftctl.export import RECIPE_FILE
-from peftctl.recipe import load_recipe
+from peftctl.recipe.schema import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 

@@ -1,6 +1,10 @@
 """The registry of PEFT methods: recipe `method.name` → the `Method` that implements it.
 
 Adding a method means adding its file to this folder and its name to MODULES; nothing else changes.
+A method knows the model only through what `Method.apply` is given (base.py): the model, its
+options and `BaseFacts` (quantized or not, the tokenizer).
+
+May import: peftctl.arch, peftctl.core.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from peftctl.core.errors import UserError
 from peftctl.core.files import check_path
 from peftctl.core.hub import is_hub_id
 
-if TYPE_CHECKING:  # recipe.py imports this module
-    from peftctl.recipe import Recipe
+if TYPE_CHECKING:  # schema.py imports this module
+    from peftctl.recipe.schema import Recipe
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from peftctl.methods import METHODS
-from peftctl.recipe import Recipe
+from peftctl.recipe.schema import Recipe
 
 
 def markdown_reference() -> str:

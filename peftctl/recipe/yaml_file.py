@@ -2,7 +2,7 @@
 cannot blow a short file up), the `--set key.path=value` overrides, and where a key was set
 (its line in the file, or the override), for error messages.
 
-The result is the raw mapping recipe.py validates; nothing here knows the recipe's keys.
+The result is the raw mapping schema.py validates; nothing here knows the recipe's keys.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 A recipe is a YAML file with five sections (model, method, data, train, output). These pydantic
 models are the single source of truth for its keys, defaults, validation, the JSON schema
-(`peftctl schema`) and the README's reference (recipe_docs.py). Unknown keys are errors, never
-ignored; reading the YAML is recipe_yaml.py, explaining a validation error recipe_errors.py.
-Relative data paths are resolved against the recipe file's folder (recipe_paths.py), so a recipe
+(`peftctl schema`) and the README's reference (reference.py). Unknown keys are errors, never
+ignored; reading the YAML is yaml_file.py, explaining a validation error validation_errors.py.
+Relative data paths are resolved against the recipe file's folder (paths.py), so a recipe
 and its data travel together; `output.dir` is relative to the directory you run peftctl from.
 """
 
@@ -20,9 +20,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from peftctl.core.errors import blame, did_you_mean
 from peftctl.methods import METHODS
-from peftctl.recipe_errors import explain
-from peftctl.recipe_paths import DATA_SUFFIXES, check_data_files, check_paths, resolve_paths
-from peftctl.recipe_yaml import RawRecipe, locate, read_recipe_yaml
+from peftctl.recipe.validation_errors import explain
+from peftctl.recipe.paths import DATA_SUFFIXES, check_data_files, check_paths, resolve_paths
+from peftctl.recipe.yaml_file import RawRecipe, locate, read_recipe_yaml
 
 
 ROLES = ("system", "user", "assistant")
