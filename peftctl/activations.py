@@ -41,7 +41,7 @@ from torch import nn
 from peftctl import attention, fused
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
 from peftctl.loss import HeadCrossEntropy
-from peftctl.model import transformer_blocks
+from peftctl.model.loading import transformer_blocks
 
 FP32 = 4
 # Layers that read the same input tensor within their parent module (one storage kept for all).

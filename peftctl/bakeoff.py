@@ -339,7 +339,7 @@ def _check_runs(runs: list[Run]) -> None:
     weightless model with the rows, its planned memory. The tokenizer and the rows are read once
     for all runs that share them."""
     from peftctl.data import load_data
-    from peftctl.model import load_tokenizer
+    from peftctl.model.loading import load_tokenizer
     from peftctl.pipeline import check_method, check_output_dir
     from peftctl.plan import plan
 

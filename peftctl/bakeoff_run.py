@@ -215,7 +215,7 @@ def _evaluate(plan: Plan, state: dict[str, Any], run: Run, position: str, say: P
     set; (None, why) where there is nothing to score on or scoring fails."""
     from peftctl.evaluate import held_out_rows
     from peftctl.export import load_adapter
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
 
     recipe, samples = run.recipe, plan.request.samples
     validation = recipe.data.validation

@@ -25,7 +25,7 @@ from peftctl.core import jsontext
 from peftctl.bakeoff import Plan
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, check_replaceable, writing
-from peftctl.model import model_files
+from peftctl.model.loading import model_files
 
 STATE_FILE = "bakeoff.json"
 VERSION = 1

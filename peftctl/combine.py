@@ -135,7 +135,7 @@ def combine_adapters(folders: list[Path], out: Path, how: str = "cat", weights: 
     adapter is a LoRA of the same base, its ranks, the output folder, and (on a weightless
     skeleton of the base) that the adapters adapt the same layers with the shapes the base has.
     """
-    from peftctl.model import load_skeleton, model_files
+    from peftctl.model.loading import load_skeleton, model_files
 
     folders = [Path(folder) for folder in folders]
     weights, density, seed = check_options(how, len(folders), weights, density, seed)

@@ -153,7 +153,7 @@ def evaluate_adapters(adapter_dirs: list[Path], data_file: Path, fmt: str, sampl
     can create biases), so reloading is what is exact for every method.
     """
     from peftctl.export import check_same_base, load_adapter
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
 
     adapter_dirs = [Path(folder) for folder in adapter_dirs]
     check_same_base(adapter_dirs, "be evaluated on one base model", named=base is None)
@@ -191,7 +191,7 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     before any weights load."""
     from peftctl.data import tokenize_rows
     from peftctl.export import base_model_spec, load_adapter
-    from peftctl.model import load_skeleton, load_tokenizer
+    from peftctl.model.loading import load_skeleton, load_tokenizer
     from peftctl.recipe.schema import DataSpec
     from peftctl.rows import read_rows
 

@@ -238,7 +238,7 @@ def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bo
         raise UserError(f"invalid saved model option: {problem['msg']}", file=folder / RECIPE_FILE,
                         where="model." + ".".join(map(str, problem["loc"])),
                         fix="pass --base MODEL, or correct the saved recipe") from None
-    from peftctl.model import resolve_source
+    from peftctl.model.loading import resolve_source
 
     try:
         resolve_source(spec)  # a Hub id: its config and tokenizer, from the cache or the Hub
@@ -279,8 +279,8 @@ def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool
     """
     import torch
 
-    from peftctl import quantize
-    from peftctl.model import load_model, load_skeleton, load_tokenizer
+    from peftctl.model import quantize
+    from peftctl.model.loading import load_model, load_skeleton, load_tokenizer
 
     folder = Path(folder)
     config = read_adapter_config(folder)
@@ -324,7 +324,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     """
     import torch
 
-    from peftctl.model import model_files
+    from peftctl.model.loading import model_files
 
     folder = Path(folder)
 
@@ -351,7 +351,7 @@ def export_base(name: str, out: Path, dtype: str | None = None, trust_remote_cod
     builtin (or a GGUF file) from, since only peftctl knows those names."""
     import torch
 
-    from peftctl.model import load_config, load_model, load_tokenizer, model_files
+    from peftctl.model.loading import load_config, load_model, load_tokenizer, model_files
     from peftctl.recipe.schema import ModelSpec
 
     spec = ModelSpec(name_or_path=name, trust_remote_code=trust_remote_code)
@@ -368,7 +368,7 @@ def base_precision(config: Any, spec: Any) -> str:
     does not say (GGUF files, configs built in code), the one the adapter trained it in."""
     import torch
 
-    from peftctl.model import resolve_dtype
+    from peftctl.model.loading import resolve_dtype
 
     found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(found, str):

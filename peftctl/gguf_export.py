@@ -40,7 +40,7 @@ def export_gguf(folder: Path, out: Path | None = None, merged: bool = False, qua
                 with_ollama: bool = False, base: str | None = None, trust_remote_code: bool = False,
                 overwrite: bool = False) -> dict[str, Any]:
     """Write the adapter in `folder` as a GGUF file (and a Modelfile); returns what was written."""
-    from peftctl.model import load_config, load_tokenizer, model_files
+    from peftctl.model.loading import load_config, load_tokenizer, model_files
 
     folder = Path(folder)
     adapter_config = read_adapter_config(folder)
@@ -102,7 +102,7 @@ def default_out(folder: Path, merged: bool, quant: str) -> Path:
 def write_adapter(folder: Path, spec: Any, out: Path) -> dict[str, Any]:
     """The LoRA GGUF of the adapter in `folder`: its layers found on the base's weightless
     skeleton (names, scaling), its A and B read from the file; no base weights load."""
-    from peftctl.model import load_skeleton
+    from peftctl.model.loading import load_skeleton
 
     adapter = load_adapter(load_skeleton(spec), folder)
     with _naming_the_base(spec):

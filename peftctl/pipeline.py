@@ -27,8 +27,8 @@ from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.export import load_adapter, save_adapter
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.methods import Adapter, MethodConfig
-from peftctl.model import load_model, load_tokenizer, model_files, prefilled_cache_refusal
-from peftctl.quantize import parameter_count
+from peftctl.model.loading import load_model, load_tokenizer, model_files, prefilled_cache_refusal
+from peftctl.model.quantize import parameter_count
 from peftctl.recipe.schema import Recipe
 from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.samples import replies, sample_rows, write_generations

@@ -20,7 +20,7 @@ one, which FSDP gathers ahead; for full fine-tuning their whole gradients too); 
 per process as before (`batch_size` is per process).
 
 With `model.quantization` the frozen linear layers are counted at their quantized size, scales
-included (`peftctl.quantize.stored_bytes`), norms at fp32, and the plan also shows the same method
+included (`peftctl.model.quantize.stored_bytes`), norms at fp32, and the plan also shows the same method
 on the unquantized base, so the saving is a figure, not a claim.
 """
 
@@ -30,11 +30,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from peftctl import attention, methods, quantize
+from peftctl import attention, methods
+
+from peftctl.model import quantize
 from peftctl.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
-from peftctl.model import load_skeleton, resolve_dtype, transformer_blocks
+from peftctl.model.loading import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.prepare import auto_attention
 from peftctl.recipe.schema import Recipe
 from peftctl.sharding import check_fsdp_recipe

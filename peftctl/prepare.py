@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peftctl import attention, fused
-from peftctl import model as model_loading
+from peftctl.model import loading as model_loading
 from peftctl.data import TokenizedData, collate
 from peftctl.core.errors import UserError
 from peftctl.loss import packing_problem, probing

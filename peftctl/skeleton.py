@@ -22,8 +22,8 @@ from peftctl.arch.architectures import TESTED
 from peftctl.core.errors import UserError, blame
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
-from peftctl.model import load_skeleton
-from peftctl.quantize import parameter_count
+from peftctl.model.loading import load_skeleton
+from peftctl.model.quantize import parameter_count
 
 if TYPE_CHECKING:
     from peftctl.data import TokenizedData

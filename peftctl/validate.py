@@ -31,7 +31,7 @@ def hub_sources(spec: Recipe) -> list[str]:
                  if isinstance(value, str) and is_hub_id(value)]
     if not hub_named:
         return []
-    from peftctl.model import describe_hub_source as describe_model
+    from peftctl.model.loading import describe_hub_source as describe_model
     from peftctl.rows import describe_hub_source as describe_data
 
     with blame(spec.source, spec.locate):

@@ -110,7 +110,7 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
     from peftctl import methods
     from peftctl.data import load_data
     from peftctl.export import save_adapter
-    from peftctl.model import load_model, load_tokenizer
+    from peftctl.model.loading import load_model, load_tokenizer
     from peftctl.train import SilentReporter, train
 
     recipe = recipe_for(args, work / "peftctl", args.set)
@@ -158,7 +158,7 @@ def peer_model(args: argparse.Namespace, recipe, attention: str):
     import peft
     import torch
 
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
 
     model = load_model(recipe.model)
     model.set_attn_implementation(attention)
@@ -216,7 +216,7 @@ def run_peer(args: argparse.Namespace, work: Path) -> dict:
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
     from peftctl.data import load_data
-    from peftctl.model import load_tokenizer
+    from peftctl.model.loading import load_tokenizer
 
     which = args.only
     recipe = recipe_for(args, work / which, [], "float32" if args.peer_precision == "autocast" else None)

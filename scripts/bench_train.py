@@ -166,7 +166,7 @@ def score_adapters(args: argparse.Namespace, work: Path, folders: list[str]) -> 
     import peft
 
     from peftctl.data import tokenize_rows
-    from peftctl.model import load_model, load_tokenizer
+    from peftctl.model.loading import load_model, load_tokenizer
     from peftctl.rows import read_rows
 
     if not args.validation or not args.validation.is_file():
@@ -268,7 +268,7 @@ def main() -> None:
         return
     import torch
 
-    from peftctl.model import load_skeleton
+    from peftctl.model.loading import load_skeleton
 
     if args.threads:
         torch.set_num_threads(args.threads)

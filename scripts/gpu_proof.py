@@ -7,7 +7,7 @@ downloaded) and each method (LoRA r=8 on q/v, LoRA r=8 on every linear layer, QL
 4-bit NF4 base with double quantization), with and without gradient checkpointing, for rows of
 512 and 2048 tokens: `--warmup` steps, then `--steps` timed ones, through peftctl's own loop
 (peftctl.train.train, with the recipe's method from peftctl.methods and its quantization from
-peftctl.quantize). Per run: real tokens/s over the timed steps, the peak GPU memory
+peftctl.model.quantize). Per run: real tokens/s over the timed steps, the peak GPU memory
 (torch.cuda.max_memory_allocated and _reserved over the whole run) and `peftctl plan`'s total for
 the same recipe, with its error. Then LoRA on q/v through peft + TRL's SFTTrainer (padding-free,
 bf16) where TRL imports, for the ratios. One run that fails (out of memory, no bitsandbytes)
@@ -114,9 +114,9 @@ def build_model(spec, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftctl import quantize
+    from peftctl.model import quantize
     from peftctl.arch.layers import resolve_dtype
-    from peftctl.model import finish_base, load_config
+    from peftctl.model.loading import finish_base, load_config
 
     if spec.quantization != "none":
         quantize.check_quantization(spec)

@@ -59,7 +59,7 @@ def assert_smoke_run(recipe: str, tmp_path: Path, overrides: list[str] = (), che
     if peft_loads:
         import peft
 
-        from peftctl.model import load_model
+        from peftctl.model.loading import load_model
 
         peft.PeftModel.from_pretrained(load_model(load_recipe(ROOT / recipe).model), adapter_dir)
     return summary

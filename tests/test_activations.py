@@ -23,7 +23,7 @@ from peftctl.loss import CausalLMLoss, HeadCrossEntropy
 from peftctl.memory import kept_for_backward
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
-from peftctl.model import transformer_blocks
+from peftctl.model.loading import transformer_blocks
 from peftctl.prepare import prepare_model
 from peftctl.recipe.schema import TrainSpec
 

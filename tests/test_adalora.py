@@ -211,7 +211,7 @@ def test_merge_into_a_4bit_base_matches_the_4bit_base_with_the_adapter(tmp_path)
     import yaml
 
     model_spec = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32", quantization="4bit")
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
 
     adapter = methods.apply(load_model(model_spec), our_config(["c_attn", "c_fc"]))
     train_with_hooks(adapter, token_batch(257))
@@ -256,7 +256,7 @@ def test_a_bf16_base_trains_fp32_factors_under_autocast(dropout):
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from peftctl.data import load_data
-    from peftctl.model import load_tokenizer
+    from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import train
     from method_checks import ROOT

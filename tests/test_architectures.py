@@ -157,7 +157,7 @@ def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_nothing_else(arc
     against the model's own modules; the output head is never adapted."""
     from transformers.pytorch_utils import Conv1D
 
-    from peftctl.model import transformer_blocks
+    from peftctl.model.loading import transformer_blocks
 
     model = build(arch)
     expected = sum(4 * (layer.weight.shape[0] + layer.weight.shape[1])
@@ -281,7 +281,7 @@ def test_expert_weight_mistakes_are_named():
 def test_qlora_on_architecture(arch, tmp_path):
     """QLoRA: LoRA on a 4-bit (NF4, bitsandbytes) base: trains, reloads, and peft loads the export
     onto the same quantized base with equal logits."""
-    from peftctl import quantize
+    from peftctl.model import quantize
     from peftctl.recipe.schema import ModelSpec
 
     def quantized() -> torch.nn.Module:
@@ -311,7 +311,7 @@ def test_qlora_on_architecture(arch, tmp_path):
 def test_lora_trains_on_a_bf16_and_a_4bit_base(arch, base, tmp_path):
     """LoRA on all linear layers, 30 steps, on the base as users load it: 16-bit or quantized
     (bitsandbytes 4-bit NF4 on CPU). The loss falls and the export reloads with equal logits."""
-    from peftctl import quantize
+    from peftctl.model import quantize
     from peftctl.recipe.schema import ModelSpec
 
     def base_model() -> torch.nn.Module:

@@ -23,7 +23,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.recipe.schema import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -27,7 +27,7 @@ from peftctl.data import load_data
 from peftctl.core.errors import UserError
 from peftctl.interrupts import StopRequests as _StopRequests
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.train import SilentReporter, TrainingDiverged, TrainingInterrupted, train
 from tiny_models import TINY_GPT2, tiny_gpt2

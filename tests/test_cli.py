@@ -63,7 +63,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(smoke_run):
     import peft
 
     from peftctl.export import load_adapter
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
     from peftctl.recipe.schema import ModelSpec
 
     spec = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32")

@@ -23,12 +23,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import peftctl.model
+import peftctl.model.loading
 from peftctl import methods
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import BYTE_VOCAB, save_tiny_llama
@@ -179,7 +179,7 @@ def test_the_table_and_that_no_base_weights_load(folders, tmp_path, monkeypatch)
     def no_loading(*args, **kwargs):
         raise AssertionError("combining loaded the base model's weights")
 
-    monkeypatch.setattr(peftctl.model, "load_model", no_loading)
+    monkeypatch.setattr(peftctl.model.loading, "load_model", no_loading)
     result = invoke("merge", folders["first"], folders["second"], "--out", tmp_path / "out", "--weights", "0.5", "0.5")
     assert result.exit_code == 0, result.output
     for text in ("2 adapters combined", "cat", "0.5, 0.5", "r = 8, lora_alpha = 8", "relative error",

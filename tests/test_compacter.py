@@ -27,7 +27,7 @@ from tiny_models import TINY_GPT2, batch_logits, tiny_gpt2, tiny_llama, token_ba
 from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, load_adapter, save_adapter
-from peftctl.model import load_skeleton
+from peftctl.model.loading import load_skeleton
 from peftctl.recipe.schema import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftctl.data import IGNORE, collate, load_data, tokenize_chat
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, ModelSpec
 
 

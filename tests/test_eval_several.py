@@ -16,7 +16,7 @@ import yaml
 from peftctl import methods
 from peftctl.export import RECIPE_FILE, save_adapter
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke
 from hf_folders import save_tiny_llama

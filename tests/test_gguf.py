@@ -30,7 +30,7 @@ from peftctl.gguf_tensors import architecture, gguf_name, lora_tensors, name_map
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
-from peftctl.model import load_model, load_tokenizer, tiny_gpt2_config
+from peftctl.model.loading import load_model, load_tokenizer, tiny_gpt2_config
 from peftctl.ollama import CHATML, LLAMA3, modelfile, translate
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
@@ -290,7 +290,7 @@ def test_an_unsupported_architecture_is_refused_before_anything_loads(tmp_path, 
     spec = ModelSpec(name_or_path=str(tmp_path / "opt"), dtype="float32")
     adapter = methods.apply(load_model(spec), LoraConfig(name="lora", r=2, target_modules=["q_proj"]))
     save_adapter(adapter, tmp_path / "adapter", spec.name_or_path)
-    monkeypatch.setattr("peftctl.model.load_model", lambda spec: pytest.fail("weights loaded"))
+    monkeypatch.setattr("peftctl.model.loading.load_model", lambda spec: pytest.fail("weights loaded"))
     assert_refused(invoke("export", tmp_path / "adapter"), "does not support the base's architecture 'opt'",
                    "llama, mistral, qwen2, gpt2", str(tmp_path / "opt"))
 

@@ -30,7 +30,7 @@ from peftctl.export import save_adapter
 from peftctl.gguf_export import write_lora_gguf, write_model_gguf
 from peftctl.gguf_tensors import architecture, lora_tensors
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import SMOLLM2, load_model, load_tokenizer, resolve_source
+from peftctl.model.loading import SMOLLM2, load_model, load_tokenizer, resolve_source
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import invoke
 from hf_folders import chatml_bpe_tokenizer, save_tiny_llama

@@ -27,7 +27,7 @@ from hf_folders import save_tiny_llama
 from hub_cache import cache_repo
 from peftctl.core import hub
 from peftctl.data import IGNORE, load_data
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, ModelSpec
 from peftctl.rows import read_source
 
@@ -113,7 +113,7 @@ def test_a_recipe_of_hub_ids_trains_from_the_cache_and_peft_finds_the_base_by_na
         env=env, capture_output=True, text=True, timeout=300)
     assert peft_logits.returncode == 0, peft_logits.stderr
     from peftctl.export import load_adapter
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
 
     model = load_model(ModelSpec(name_or_path=str(source), dtype="float32"))
     with torch.no_grad():
@@ -301,7 +301,7 @@ def test_the_shipped_hub_recipe_trains_from_a_cache_under_its_ids(tmp_path, hf_h
 
 
 def test_a_gguf_file_in_a_hub_repo_is_read_from_the_cache(hf_home):
-    from peftctl.model import SMOLLM2, SMOLLM2_GGUF, load_config, resolve_source
+    from peftctl.model.loading import SMOLLM2, SMOLLM2_GGUF, load_config, resolve_source
 
     gguf = resolve_source(ModelSpec(name_or_path=SMOLLM2)).folder / SMOLLM2_GGUF
     cache_repo(hf_home / "hub", "tiny-org/smol-gguf", {SMOLLM2_GGUF: gguf.read_bytes()})

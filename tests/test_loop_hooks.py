@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from peftctl import methods
 from peftctl.data import load_data
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.optim import param_groups
 from peftctl.train import train

@@ -24,7 +24,7 @@ import transformers
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import peftctl.model
+import peftctl.model.loading
 from peftctl import methods
 from peftctl.cli import app
 from peftctl.export import CONFIG_FILE, save_adapter
@@ -32,7 +32,7 @@ from peftctl.methods import METHODS
 from peftctl.methods.bitfit import BitFitConfig
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from method_checks import examples_where, on_llama
@@ -204,8 +204,8 @@ def test_unmergeable_methods_are_refused_before_any_weights_load(name, tmp_path,
     def no_loading(*args, **kwargs):
         raise AssertionError("merge loaded a model for a method it cannot merge")
 
-    monkeypatch.setattr(peftctl.model, "load_model", no_loading)
-    monkeypatch.setattr(peftctl.model, "load_tokenizer", no_loading)
+    monkeypatch.setattr(peftctl.model.loading, "load_model", no_loading)
+    monkeypatch.setattr(peftctl.model.loading, "load_tokenizer", no_loading)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / CONFIG_FILE).write_text(json.dumps(

@@ -115,7 +115,7 @@ def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from peftctl.export import load_adapter
-    from peftctl.model import load_model
+    from peftctl.model.loading import load_model
     from peftctl.recipe.schema import ModelSpec
 
     ids = torch.tensor([[5, 17, 99, 3, 250, 42]])

@@ -13,7 +13,7 @@ from peftctl.core.errors import UserError
 from peftctl.loss import CausalLMLoss, packing_problem
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.train import train
 from tiny_models import TINY_GPT2, tiny_gpt2, tiny_llama, token_batch, train_steps

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import peftctl.model
+import peftctl.model.loading
 from peftctl import pipeline, skeleton
 from peftctl.plan import plan
 from peftctl.cli import app
@@ -31,7 +31,7 @@ from peftctl.data import tokenize_rows
 from peftctl.rows import read_rows
 from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-from peftctl.model import load_model, load_tokenizer
+from peftctl.model.loading import load_model, load_tokenizer
 from peftctl.recipe.schema import DataSpec, ModelSpec, load_recipe
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from tiny_models import token_batch
@@ -305,7 +305,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the base model's weights were loaded before the adapter was checked")
 
-    monkeypatch.setattr(peftctl.model, "load_model", refuse)
+    monkeypatch.setattr(peftctl.model.loading, "load_model", refuse)
 
 
 def edited_copy(source: Path, folder: Path, **changes) -> Path:

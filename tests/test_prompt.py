@@ -28,7 +28,7 @@ from peftctl.cli import app
 from peftctl.core.errors import UserError
 from peftctl.export import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
-from peftctl.model import byte_level_tokenizer
+from peftctl.model.loading import byte_level_tokenizer
 from peftctl.pipeline import run
 from peftctl.recipe.schema import load_recipe
 from peftctl.loss import CausalLMLoss

@@ -22,11 +22,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from typer.testing import CliRunner
 
 from method_checks import EXAMPLES, ROOT, assert_smoke_run, examples_where, on_llama
-from peftctl import methods, quantize
+from peftctl import methods
+from peftctl.model import quantize
 from peftctl.cli import app
 from peftctl.core.errors import UserError
 from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adapter
-from peftctl.model import enable_gradient_checkpointing, load_model
+from peftctl.model.loading import enable_gradient_checkpointing, load_model
 from peftctl.recipe.schema import ModelSpec
 from peftctl.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
@@ -260,11 +261,11 @@ def test_prefix_tuning_with_gradient_checkpointing_is_refused(make_model):
 
 def test_qlora_recipe_loss_falls_and_matches_without_checkpointing(tmp_path, monkeypatch):
     """The smoke recipe through the pipeline (4-bit GPT-2, checkpointing on) and again with it off."""
-    import peftctl.model
+    import peftctl.model.loading
 
     checkpointed = []
-    enable = peftctl.model.enable_gradient_checkpointing
-    monkeypatch.setattr(peftctl.model, "enable_gradient_checkpointing",
+    enable = peftctl.model.loading.enable_gradient_checkpointing
+    monkeypatch.setattr(peftctl.model.loading, "enable_gradient_checkpointing",
                         lambda model: (checkpointed.append(model), enable(model)))
     overrides = ["train.max_steps=10"]
     with_ckpt = assert_smoke_run(QLORA_GPT2, tmp_path / "on", overrides)

@@ -19,7 +19,7 @@ import torch
 from method_checks import PEFT_REFUSES_CONV1D, ROOT, assert_smoke_run
 from peftctl.export import load_adapter
 from peftctl.methods import METHODS
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.pipeline import run
 from peftctl.recipe.schema import load_recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton

@@ -10,7 +10,7 @@ from peftctl import methods
 from peftctl.data import load_data
 from peftctl.loss import CausalLMLoss
 from peftctl.methods.lora import LoraConfig
-from peftctl.model import load_tokenizer
+from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
 from peftctl.optim import lr_schedule
 from peftctl.train import train

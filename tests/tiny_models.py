@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl.methods import Adapter
-from peftctl.model import load_model
+from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from peftctl.loss import CausalLMLoss
 

@@ -257,7 +257,7 @@ class PrefixHooks(DecoderHooks):
 
 
 def _tokenizer_of(model: nn.Module):
-    from peftctl.model import tokenizer_of
+    from peftctl.model.loading import tokenizer_of
 
     if not model.config.name_or_path:
         raise UserError("init_text needs the model's tokenizer, and this model was not loaded by peftctl",

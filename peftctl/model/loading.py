@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from peftctl import quantize
+from peftctl.model import quantize
 
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
