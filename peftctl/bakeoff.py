@@ -338,7 +338,7 @@ def _check_runs(runs: list[Run]) -> None:
     """Each run as `peftctl train` starts it, without weights: its output folder, its method on the
     weightless model with the rows, its planned memory. The tokenizer and the rows are read once
     for all runs that share them."""
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
     from peftctl.pipeline import check_method, check_output_dir
     from peftctl.plan import plan

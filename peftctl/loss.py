@@ -1,6 +1,6 @@
 """The training loss: next-token cross-entropy over the response tokens, and what is built on it.
 
-Labels hold the token each position should predict, or `IGNORE` (data.py) where nothing is
+Labels hold the token each position should predict, or `IGNORE` (data/tokenize.py) where nothing is
 learnt (the prompt, padding). `CausalLMLoss` is the one module training, evaluation and the
 packing probe run the model through; `HeadCrossEntropy` keeps the vocabulary-sized logits out of
 the peak memory; plan.py sizes that peak from the same chunking.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.data import IGNORE, Example, batches, collate, collate_packed
+from peftctl.data.tokenize import IGNORE, Example, batches, collate, collate_packed
 
 
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -22,7 +22,7 @@ import torch
 from peftctl import checkpoint, methods
 
 from peftctl.core import jsontext
-from peftctl.data import TokenizedData, load_data
+from peftctl.data.tokenize import TokenizedData, load_data
 from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.export import load_adapter, save_adapter
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing

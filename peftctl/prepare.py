@@ -18,7 +18,7 @@ from torch import nn
 
 from peftctl import attention, fused
 from peftctl.model import loading as model_loading
-from peftctl.data import TokenizedData, collate
+from peftctl.data.tokenize import TokenizedData, collate
 from peftctl.core.errors import UserError
 from peftctl.loss import packing_problem, probing
 from peftctl.recipe.schema import TrainSpec

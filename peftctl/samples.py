@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftctl.core import jsontext
-from peftctl.data import TokenizedData
+from peftctl.data.tokenize import TokenizedData
 from peftctl.evaluate import generate_reply, paired_generations
 from peftctl.core.files import atomic_write_text, writing
 

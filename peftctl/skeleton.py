@@ -26,7 +26,7 @@ from peftctl.model.loading import load_skeleton
 from peftctl.model.quantize import parameter_count
 
 if TYPE_CHECKING:
-    from peftctl.data import TokenizedData
+    from peftctl.data.tokenize import TokenizedData
     from peftctl.recipe.schema import Recipe
 
 

@@ -31,7 +31,7 @@ from peftctl import checkpoint
 
 from peftctl.core import jsontext
 from peftctl.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
-from peftctl.data import TokenizedData, epochs_of_batches, stream_position
+from peftctl.data.tokenize import TokenizedData, epochs_of_batches, stream_position
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, writing
 from peftctl.interrupts import StopRequests

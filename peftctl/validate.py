@@ -32,7 +32,7 @@ def hub_sources(spec: Recipe) -> list[str]:
     if not hub_named:
         return []
     from peftctl.model.loading import describe_hub_source as describe_model
-    from peftctl.rows import describe_hub_source as describe_data
+    from peftctl.data.rows import describe_hub_source as describe_data
 
     with blame(spec.source, spec.locate):
         found = [describe_model(spec.model), describe_data(data.train, data, "data.train")]

@@ -53,7 +53,7 @@ def step_batches(data, spec) -> list[list[list[int]]]:
     """
     from itertools import islice
 
-    from peftctl.data import IGNORE, Example, epochs_of_batches
+    from peftctl.data.tokenize import IGNORE, Example, epochs_of_batches
 
     stand_ins = [Example([i] + [0] * (len(e.input_ids) - 1), [IGNORE] * len(e.input_ids))
                  for i, e in enumerate(data.train)]
@@ -64,7 +64,7 @@ def step_batches(data, spec) -> list[list[list[int]]]:
 
 def expected_counts(data, steps: list[list[list[int]]]) -> list[list[int]]:
     """[real tokens, labelled tokens] of each step: what every contender must see."""
-    from peftctl.data import IGNORE
+    from peftctl.data.tokenize import IGNORE
 
     def count(i: int) -> tuple[int, int]:
         e = data.train[i]
@@ -108,7 +108,7 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from peftctl import methods
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.export import save_adapter
     from peftctl.model.loading import load_model, load_tokenizer
     from peftctl.train import SilentReporter, train
@@ -215,7 +215,7 @@ def run_peer(args: argparse.Namespace, work: Path) -> dict:
     import datasets
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
 
     which = args.only
@@ -253,7 +253,7 @@ def run_peer(args: argparse.Namespace, work: Path) -> dict:
 
 def _padding_collator(pad_id: int):
     """The stock Trainer's batches: each batch padded to its longest row, with an attention mask."""
-    from peftctl.data import Example, collate
+    from peftctl.data.tokenize import Example, collate
 
     # A stock Trainer pads to the longest row (its collators' pad_to_multiple_of is off by default).
     return lambda features: collate([Example(f["input_ids"], f["labels"]) for f in features], pad_id, multiple=1)

@@ -147,7 +147,7 @@ def held_out_loss(model, examples, batch_size: int, pad_id: int) -> float | None
     forward (full logits, transformers' loss), the same for every contender's adapter."""
     import torch
 
-    from peftctl.data import IGNORE, batches
+    from peftctl.data.tokenize import IGNORE, batches
 
     if not examples:
         return None
@@ -165,9 +165,9 @@ def score_adapters(args: argparse.Namespace, work: Path, folders: list[str]) -> 
     """Each saved adapter loaded through peft onto one freshly loaded base, scored by held_out_loss."""
     import peft
 
-    from peftctl.data import tokenize_rows
+    from peftctl.data.tokenize import tokenize_rows
     from peftctl.model.loading import load_model, load_tokenizer
-    from peftctl.rows import read_rows
+    from peftctl.data.rows import read_rows
 
     if not args.validation or not args.validation.is_file():
         return dict.fromkeys(folders)

@@ -131,7 +131,7 @@ def synthetic_rows(vocab: int, rows: int, row_len: int, seed: int = 0):
     """`rows` rows of `row_len` random tokens, every one labelled: what plan assumes (full rows)."""
     import torch
 
-    from peftctl.data import Example, TokenizedData
+    from peftctl.data.tokenize import Example, TokenizedData
 
     ids = torch.randint(3, vocab, (rows, row_len), generator=torch.Generator().manual_seed(seed)).tolist()
     return TokenizedData([Example(row, list(row)) for row in ids], [], 0, packing=False, max_seq_len=row_len)

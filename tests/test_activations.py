@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl import attention, methods
 from peftctl.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
-from peftctl.data import Example, TokenizedData, collate
+from peftctl.data.tokenize import Example, TokenizedData, collate
 from peftctl.loss import CausalLMLoss, HeadCrossEntropy
 from peftctl.memory import kept_for_backward
 from peftctl.methods.lora import LoraConfig

@@ -255,7 +255,7 @@ def test_a_bf16_base_trains_fp32_factors_under_autocast(dropout):
 # --- 4. the real loop: exact resume, the recipes ----------------------------------------------------
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import train

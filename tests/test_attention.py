@@ -50,7 +50,7 @@ def test_lora_gradients_agree_with_eager(dtype, atol):
 
 
 def test_auto_picks_the_grouped_kernel_on_llama_and_keeps_eager_on_gemma2(tmp_path):
-    from peftctl.data import Example, TokenizedData
+    from peftctl.data.tokenize import Example, TokenizedData
     from peftctl.prepare import _grouped_if_same
 
     rows = [Example(list(range(3, 40)), [-100] * 10 + list(range(13, 40)))]

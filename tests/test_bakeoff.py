@@ -253,7 +253,7 @@ def test_overwrite_only_replaces_a_bake_off_folder(tmp_path):
 
 def test_max_minutes_stops_the_loop_after_the_step_that_spends_them(tmp_path):
     from peftctl import methods
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.methods.lora import LoraConfig
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from peftctl import checkpoint, methods, train as train_module
 from peftctl.cli import app
-from peftctl.data import load_data
+from peftctl.data.tokenize import load_data
 from peftctl.core.errors import UserError
 from peftctl.interrupts import StopRequests as _StopRequests
 from peftctl.methods.lora import LoraConfig

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from peftctl.data import IGNORE, collate, load_data, tokenize_chat
+from peftctl.data.tokenize import IGNORE, collate, load_data, tokenize_chat
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, ModelSpec
 
@@ -88,7 +88,7 @@ def test_chat_template_of_the_real_model_masks_its_headers():
 
 
 def test_collate_pads_right_and_masks_padding():
-    from peftctl.data import Example
+    from peftctl.data.tokenize import Example
 
     batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0, multiple=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -99,7 +99,7 @@ def test_collate_pads_right_and_masks_padding():
 
 def test_batch_widths_are_rounded_up_to_a_multiple_of_16():
     """Few batch shapes over a run: each new one costs the CPU's matmul library new kernels (data.py)."""
-    from peftctl.data import WIDTH_MULTIPLE, Example, collate_packed
+    from peftctl.data.tokenize import WIDTH_MULTIPLE, Example, collate_packed
 
     examples = [Example(list(range(1, 18)), [IGNORE] + list(range(2, 18))), Example([8, 9], [8, 9])]
     padded = collate(examples, pad_id=0)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftctl import methods
-from peftctl.data import load_data
+from peftctl.data.tokenize import load_data
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec

@@ -241,7 +241,7 @@ def test_pissa_smollm2_recipe_trains(tmp_path):
 def test_pissa_with_loraplus_resumes_exactly(tmp_path):
     """A resumed run redoes the decomposition on the fresh base (W_res, A₀, B₀ are not in the
     checkpoint) and rebuilds LoRA+'s two groups: it ends where the uninterrupted run ends."""
-    from peftctl.data import load_data
+    from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
     from peftctl.train import TrainingInterrupted, train

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from peftctl import attention, methods
-from peftctl.data import IGNORE, Example, batches, collate, collate_packed, load_data, pack
+from peftctl.data.tokenize import IGNORE, Example, batches, collate, collate_packed, load_data, pack
 from peftctl.core.errors import UserError
 from peftctl.loss import CausalLMLoss, packing_problem
 from peftctl.methods.lora import LoraConfig

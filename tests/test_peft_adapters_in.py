@@ -27,8 +27,8 @@ import peftctl.model.loading
 from peftctl import pipeline, skeleton
 from peftctl.plan import plan
 from peftctl.cli import app
-from peftctl.data import tokenize_rows
-from peftctl.rows import read_rows
+from peftctl.data.tokenize import tokenize_rows
+from peftctl.data.rows import read_rows
 from peftctl.core.errors import UserError
 from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from peftctl.model.loading import load_model, load_tokenizer

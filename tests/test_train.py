@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftctl import methods
-from peftctl.data import load_data
+from peftctl.data.tokenize import load_data
 from peftctl.loss import CausalLMLoss
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peftctl.core.errors import UserError
 from peftctl.recipe.schema import DataSpec
-from peftctl.rows import read_source
+from peftctl.data.rows import read_source
 
 IGNORE = -100  # label of tokens that carry no loss
 
