@@ -200,7 +200,7 @@ def merge(
     if len(adapters) > 1 or combine is not None:
         return _combine_into_adapter(adapters, out, combine or "cat", weights, density, seed, base, dtype, overwrite,
                                      trust_remote_code, json_)
-    from peftctl.export import merge_to_folder
+    from peftctl.export.merge import merge_to_folder
 
     def merged() -> dict:
         given = [name for name, value in (("--weights", weights), ("--density", density), ("--seed", seed))
@@ -222,7 +222,7 @@ def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: li
                           density: float | None, seed: int | None, base: str | None, dtype: str | None,
                           overwrite: bool, trust_remote_code: bool, json_: bool) -> None:
     """`peftctl merge A B C --out DIR`: the adapters combined into one adapter folder."""
-    from peftctl.combine import combine_adapters as combine
+    from peftctl.export.combine import combine_adapters as combine
 
     quiet_libraries()
     with user_errors(json_):
@@ -248,7 +248,7 @@ def export_base(
     json_: JsonOpt = False,
 ) -> None:
     """Save a base model as a plain transformers folder, for peft and other tools (builtins, GGUF)."""
-    from peftctl.export import export_base as save_base
+    from peftctl.export.merge import export_base as save_base
 
     write_model_folder("peftctl export-base", lambda: save_base(model, out, dtype, trust_remote_code, overwrite),
                        lambda figures: [("saved as", figures["dtype"])], ("model folder", out), dtype, json_)
@@ -294,7 +294,7 @@ def export(
     json_: JsonOpt = False,
 ) -> None:
     """Write an adapter for llama.cpp and Ollama: a LoRA GGUF, or the base with it merged."""
-    from peftctl.gguf_export import export_gguf
+    from peftctl.export.gguf import export_gguf
 
     quiet_libraries()
     with user_errors(json_):

@@ -152,7 +152,8 @@ def evaluate_adapters(adapter_dirs: list[Path], data_file: Path, fmt: str, sampl
     some change the base itself (PiSSA/OLoRA move part of each weight into the adapter, BitFit
     can create biases), so reloading is what is exact for every method.
     """
-    from peftctl.export import check_same_base, load_adapter
+    from peftctl.export.adapter_base import check_same_base
+    from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model
 
     adapter_dirs = [Path(folder) for folder in adapter_dirs]
@@ -190,7 +191,8 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     checking each adapter against a weightless copy of it: a foreign or mismatched adapter fails
     before any weights load."""
     from peftctl.data.tokenize import tokenize_rows
-    from peftctl.export import base_model_spec, load_adapter
+    from peftctl.export.adapter_base import base_model_spec
+    from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_skeleton, load_tokenizer
     from peftctl.recipe.schema import DataSpec
     from peftctl.data.rows import read_rows
@@ -230,7 +232,7 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     inside an adapter folder grants nothing.
     """
     from peftctl.core.errors import UserError
-    from peftctl.export import saved_recipe
+    from peftctl.export.adapter_files import saved_recipe
     from peftctl.core.files import check_path
     from peftctl.recipe.schema import DataSpec, load_recipe
 

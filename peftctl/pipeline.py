@@ -24,7 +24,7 @@ from peftctl import checkpoint, methods
 from peftctl.core import jsontext
 from peftctl.data.tokenize import TokenizedData, load_data
 from peftctl.core.errors import ErrorGroup, UserError, blame
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import load_model, load_tokenizer, model_files, prefilled_cache_refusal

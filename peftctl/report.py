@@ -19,7 +19,7 @@ from typing import Any
 
 from peftctl import checkpoint
 from peftctl.core.errors import UserError, one_line
-from peftctl.export import RECIPE_FILE
+from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.core.files import atomic_file, atomic_write_text, check_path, writing
 from peftctl.report_html import cell, esc, figures_table, notes, page, raw_cell, section, table, text_cell
 

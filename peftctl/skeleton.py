@@ -20,7 +20,7 @@ from torch import nn
 from peftctl import methods
 from peftctl.arch.architectures import TESTED
 from peftctl.core.errors import UserError, blame
-from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
 from peftctl.model.loading import load_skeleton
 from peftctl.model.quantize import parameter_count

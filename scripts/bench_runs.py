@@ -109,7 +109,7 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
 
     from peftctl import methods
     from peftctl.data.tokenize import load_data
-    from peftctl.export import save_adapter
+    from peftctl.export.adapter_files import save_adapter
     from peftctl.model.loading import load_model, load_tokenizer
     from peftctl.train import SilentReporter, train
 

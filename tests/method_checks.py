@@ -69,7 +69,7 @@ def assert_peft_save_loads(reference, fresh: nn.Module, folder: Path, batch: dic
                            atol: float = 1e-5, non_trivial: float = 1e-3) -> None:
     """peft's adapter `reference` (made non-trivial), saved to `folder` and loaded by peftctl onto
     the base `fresh`, gives peft's logits (atol, fp32) and not the base's."""
-    from peftctl.export import load_adapter
+    from peftctl.export.adapter_files import load_adapter
     from tiny_models import batch_logits, real_difference, token_batch
 
     batch = batch if batch is not None else token_batch(reference.config.vocab_size)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, merge_to_folder, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
+from peftctl.export.merge import merge_to_folder
 from peftctl.methods.adalora import METHOD, AdaLoraConfig
 from peftctl.recipe.schema import ModelSpec
 from peftctl.train import CausalLMLoss

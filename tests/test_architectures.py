@@ -21,7 +21,7 @@ import transformers as T
 
 from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import METHODS
 from peftctl.loss import CausalLMLoss
 from method_checks import EXAMPLES, PEFT_REFUSES_CONV1D, examples_where

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 import peftctl.methods
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias
 from peftctl.loss import CausalLMLoss

@@ -22,7 +22,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.model.loading import load_model
 from peftctl.recipe.schema import load_recipe
 

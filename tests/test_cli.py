@@ -62,7 +62,7 @@ def test_train_writes_the_adapter_and_prints_one_json_object(smoke_run):
 def test_peft_loads_the_adapter_with_the_same_logits(smoke_run):
     import peft
 
-    from peftctl.export import load_adapter
+    from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model
     from peftctl.recipe.schema import ModelSpec
 

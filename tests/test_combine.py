@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import peftctl.model.loading
 from peftctl import methods
-from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_model

@@ -26,7 +26,7 @@ from tiny_models import TINY_GPT2, batch_logits, tiny_gpt2, tiny_llama, token_ba
 
 from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import CONFIG_FILE, load_adapter, save_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, load_adapter, save_adapter
 from peftctl.model.loading import load_skeleton
 from peftctl.recipe.schema import load_recipe
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from peftctl import pipeline
 from peftctl.cli import app
 from peftctl.evaluate import token_f1
-from peftctl.export import RECIPE_FILE
+from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from peftctl import methods
-from peftctl.export import RECIPE_FILE, save_adapter
+from peftctl.export.adapter_files import RECIPE_FILE, save_adapter
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec

@@ -26,9 +26,9 @@ import torch
 
 from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import save_adapter
-from peftctl.gguf_export import write_lora_gguf, write_model_gguf
-from peftctl.gguf_tensors import architecture, lora_tensors
+from peftctl.export.adapter_files import save_adapter
+from peftctl.export.gguf import write_lora_gguf, write_model_gguf
+from peftctl.export.gguf_tensors import architecture, lora_tensors
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import SMOLLM2, load_model, load_tokenizer, resolve_source
 from peftctl.recipe.schema import ModelSpec

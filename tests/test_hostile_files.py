@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftctl import pipeline
-from peftctl.export import RECIPE_FILE, WEIGHTS_FILE, merge_to_folder
+from peftctl.export.adapter_files import RECIPE_FILE, WEIGHTS_FILE
+from peftctl.export.merge import merge_to_folder
 from peftctl.recipe.schema import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from test_bad_input import recipe_text
@@ -255,9 +256,9 @@ def test_a_full_disk_while_saving_is_a_message_naming_what_survived(tmp_path, mo
     from safetensors import SafetensorError
 
     import peftctl.checkpoint
-    import peftctl.export
+    import peftctl.export.adapter_files
 
-    module = peftctl.checkpoint if where == "checkpoint" else peftctl.export
+    module = peftctl.checkpoint if where == "checkpoint" else peftctl.export.adapter_files
     real = module.save_file
     calls = {"n": 0}
 

@@ -112,7 +112,7 @@ def test_a_recipe_of_hub_ids_trains_from_the_cache_and_peft_finds_the_base_by_na
         f"print(json.dumps(m(torch.tensor({ids})).logits.tolist()))")],
         env=env, capture_output=True, text=True, timeout=300)
     assert peft_logits.returncode == 0, peft_logits.stderr
-    from peftctl.export import load_adapter
+    from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model
 
     model = load_model(ModelSpec(name_or_path=str(source), dtype="float32"))

@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 import peftctl.methods
 from method_checks import assert_smoke_run
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig
 from peftctl.recipe.schema import ModelSpec
 from tiny_models import (batch_logits, real_difference, tiny_gpt2, tiny_llama, tiny_llama_config, token_batch,

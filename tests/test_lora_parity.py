@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import peftctl.methods
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig, LoraLinear
 from peftctl.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps

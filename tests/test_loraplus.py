@@ -17,7 +17,7 @@ from peft.optimizers import create_loraplus_optimizer
 
 import peftctl.methods
 from method_checks import assert_smoke_run
-from peftctl.export import save_adapter
+from peftctl.export.adapter_files import save_adapter
 from peftctl.methods.lora import LoraConfig
 from peftctl.optim import param_groups
 from tiny_models import tiny_llama, token_batch

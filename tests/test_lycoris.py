@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import peftctl.methods
 from method_checks import ROOT, assert_smoke_run, with_random_biases
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, merge_to_folder, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
+from peftctl.export.merge import merge_to_folder
 from peftctl.methods import METHODS
 from peftctl.methods.lycoris import LycorisLinear
 from peftctl.recipe.schema import load_recipe

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import peftctl.model.loading
 from peftctl import methods
 from peftctl.cli import app
-from peftctl.export import CONFIG_FILE, save_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, save_adapter
 from peftctl.methods import METHODS
 from peftctl.methods.bitfit import BitFitConfig
 from peftctl.methods.ia3 import IA3Config

@@ -114,7 +114,7 @@ def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftctl.export import load_adapter
+    from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model
     from peftctl.recipe.schema import ModelSpec
 

@@ -23,7 +23,8 @@ import peftctl.methods
 from cli_checks import assert_refused, invoke
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, merge_to_folder, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
+from peftctl.export.merge import merge_to_folder
 from peftctl.methods.oft import METHOD, OftConfig, OftLinear
 from test_qlora import trained_gpt2_adapter
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 import peftctl.methods
 from peftctl.cli import app
 from peftctl.core.errors import UserError
-from peftctl.export import load_adapter, save_adapter
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model.loading import byte_level_tokenizer
 from peftctl.pipeline import run

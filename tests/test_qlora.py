@@ -26,7 +26,8 @@ from peftctl import methods
 from peftctl.model import quantize
 from peftctl.cli import app
 from peftctl.core.errors import UserError
-from peftctl.export import RECIPE_FILE, load_adapter, merge_to_folder, save_adapter
+from peftctl.export.adapter_files import RECIPE_FILE, load_adapter, save_adapter
+from peftctl.export.merge import merge_to_folder
 from peftctl.model.loading import enable_gradient_checkpointing, load_model
 from peftctl.recipe.schema import ModelSpec
 from peftctl.loss import CausalLMLoss

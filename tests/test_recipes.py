@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from method_checks import PEFT_REFUSES_CONV1D, ROOT, assert_smoke_run
-from peftctl.export import load_adapter
+from peftctl.export.adapter_files import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model.loading import load_model
 from peftctl.pipeline import run

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from peftctl import pipeline
-from peftctl.export import RECIPE_FILE
+from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.schema import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
@@ -134,7 +134,7 @@ def test_train_never_writes_into_the_base_model_folder(tmp_path):
 @pytest.mark.parametrize("out", ["base", "inside base", "inside adapter"])
 def test_merge_spares_its_base_and_its_adapter(trained, tmp_path, out):
     base = tmp_path / "base"
-    from peftctl.export import merge_to_folder
+    from peftctl.export.merge import merge_to_folder
 
     merge_to_folder(trained, base)  # a local model folder: the GPT-2 with the adapter folded in
     adapter = tmp_path / "adapter"

@@ -32,17 +32,8 @@ from typing import Any
 import torch
 
 from peftctl.core.errors import UserError, did_you_mean
-from peftctl.export import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    adapter_method,
-    base_model_spec,
-    check_same_base,
-    prepare_adapter,
-    read_weights,
-    saved_base,
-    save_adapter,
-)
+from peftctl.export.adapter_base import base_model_spec, check_same_base, saved_base
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, prepare_adapter, read_weights, save_adapter
 from peftctl.core.files import check_path, check_replaceable, writing
 from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX

@@ -21,13 +21,15 @@ from typing import Any
 
 from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFType, GGUFWriter, Keys, LlamaFileType
 
-from peftctl import methods, ollama
+from peftctl import methods
 from peftctl.core.errors import UserError
-from peftctl.export import CONFIG_FILE, WEIGHTS_FILE, Merged, base_model_spec, load_adapter, merge_adapter, \
-    read_adapter_config, read_weights
+from peftctl.export import ollama
+from peftctl.export.adapter_base import base_model_spec
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, read_weights
+from peftctl.export.merge import Merged, merge_adapter
 from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, writing
-from peftctl.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
-from peftctl.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
+from peftctl.export.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
+from peftctl.export.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
     lora_tensors, model_tensors
 
 DEFAULT_QUANT = "f16"

@@ -14,7 +14,7 @@ from typing import Any
 from gguf import MODEL_ARCH, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 
 from peftctl.core.errors import UserError
-from peftctl.gguf_tensors import CONVERT_FIX, architecture
+from peftctl.export.gguf_tensors import CONVERT_FIX, architecture
 
 # Keys of a source file that describe the file itself, not the model: written anew.
 FILE_KEYS = (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION,
