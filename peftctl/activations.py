@@ -18,7 +18,7 @@ widths of the query and of the key/value projections, i the MLP's:
   * A frozen linear layer keeps nothing (its weight is all its input's gradient needs; bitsandbytes'
     4-bit layers likewise). An adapted one keeps its input, a rank-wide intermediate (fp32) and,
     with dropout, a one-byte mask. Layers reading one tensor (q/k/v, gate/up) share that input, and
-    o_proj's input is SDPA's own output; under a GPU's autocast (train.py) each adapter instead
+    o_proj's input is SDPA's own output; under a GPU's autocast (train/loop.py) each adapter instead
     keeps its own 16-bit cast of its input, its intermediate in 16 bits, and autocast holds a
     16-bit copy of every trainable weight for the step (counted under CPU autocast, which takes LoRA
     down the same path; scripts/gpu_proof.py measures it on a GPU). Full fine-tuning keeps every
@@ -38,9 +38,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from peftctl import attention, fused
+from peftctl.train import attention
+
+from peftctl.train import fused
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
-from peftctl.loss import HeadCrossEntropy
+from peftctl.train.loss import HeadCrossEntropy
 from peftctl.model.loading import transformer_blocks
 
 FP32 = 4

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
 
-from peftctl import checkpoint
+from peftctl.train import checkpoint
 from peftctl.bakeoff import Plan, Request, Run, plan_bakeoff
 from peftctl.bakeoff_state import open_state, save_state, start_folder
 from peftctl.console import PROGRESS_LABEL

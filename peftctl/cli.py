@@ -67,7 +67,7 @@ def train(
     from peftctl import pipeline
     from peftctl.console import reporter
     from peftctl.recipe.schema import load_recipe
-    from peftctl.train import TrainingInterrupted
+    from peftctl.train.loop import TrainingInterrupted
 
     quiet_libraries()
     try:

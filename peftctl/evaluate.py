@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.data.tokenize import Example, batches, to_messages
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 
 
 @dataclass

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftctl import checkpoint, methods
+from peftctl import methods
+
+from peftctl.train import checkpoint
 
 from peftctl.core import jsontext
 from peftctl.data.tokenize import TokenizedData, load_data
@@ -32,10 +34,10 @@ from peftctl.model.quantize import parameter_count
 from peftctl.recipe.schema import Recipe
 from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.samples import replies, sample_rows, write_generations
-from peftctl.sharding import check_fsdp
+from peftctl.train.sharding import check_fsdp
 from peftctl.skeleton import OnSkeleton, method_on_skeleton
-from peftctl.trackers import check_installed, tracking
-from peftctl.train import Reporter, TrainResult, loop_fingerprint, train
+from peftctl.train.trackers import check_installed, tracking
+from peftctl.train.loop import Reporter, TrainResult, loop_fingerprint, train
 
 if TYPE_CHECKING:
     from accelerate import PartialState

@@ -30,16 +30,18 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from peftctl import attention, methods
+from peftctl import methods
+
+from peftctl.train import attention
 
 from peftctl.model import quantize
 from peftctl.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.model.loading import load_skeleton, resolve_dtype, transformer_blocks
-from peftctl.prepare import auto_attention
+from peftctl.train.model_setup import auto_attention
 from peftctl.recipe.schema import Recipe
-from peftctl.sharding import check_fsdp_recipe
+from peftctl.train.sharding import check_fsdp_recipe
 from peftctl.skeleton import method_options
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
@@ -113,11 +115,11 @@ def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> Plan:
 
 
 def training_kernels(model: torch.nn.Module, recipe: Recipe, cuda: bool) -> Kernels:
-    """The kernels `train` will run the recipe with (prepare.py, train._mixed_precision)."""
+    """The kernels `train` will run the recipe with (train/model_setup.py, train._mixed_precision)."""
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
     chosen = recipe.train.attention
     if chosen == "auto":
-        # Eager here means peftctl's grouped kernel, which prepare.py takes where it matches eager.
+        # Eager here means peftctl's grouped kernel, which train/model_setup.py takes where it matches eager.
         chosen = auto_attention(current, recipe.data.max_seq_len, cuda)
         chosen = attention.NAME if chosen == "eager" else chosen
     dtype = resolve_dtype(recipe.model.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftctl import checkpoint
+from peftctl.train import checkpoint
 from peftctl.core.errors import UserError, one_line
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.core.files import atomic_file, atomic_write_text, check_path, writing
@@ -28,7 +28,7 @@ SUMMARY_FILE = "summary.json"
 GENERATIONS_FILE = "generations.jsonl"
 RUN_REPORT = "report.html"
 LOSS_PNG = "loss.png"
-# What an entry of metrics.jsonl may hold besides its step (train.py's `log` and `evaluate`).
+# What an entry of metrics.jsonl may hold besides its step (train/loop.py's `log` and `evaluate`).
 METRIC_KEYS = ("loss", "val_loss", "lr", "tokens_per_s", "grad_norm", "elapsed_s")
 ENTRY_EXAMPLE = ('one JSON object per line, as peftctl train writes them: {"step": 10, "loss": 1.23, "lr": 0.001, '
                  '"tokens_per_s": 350.0, "grad_norm": 0.8, "elapsed_s": 12.5} or {"step": 10, "val_loss": 1.4}')

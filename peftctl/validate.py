@@ -10,7 +10,7 @@ from peftctl.core.errors import blame
 from peftctl.core.hub import is_hub_id
 from peftctl.recipe.schema import Recipe
 from peftctl.skeleton import describe_targets, method_on_skeleton
-from peftctl.trackers import check_installed, describe
+from peftctl.train.trackers import check_installed, describe
 
 
 def findings(spec: Recipe) -> list[str]:

@@ -3,10 +3,10 @@
 
 A SmolLM2-135M-shaped Llama (random bf16 weights: the shapes are what matter), LoRA r=8 on
 q_proj/v_proj with dropout 0.05, 4 packed rows of 256 tokens; each step is forward + backward as
-the loop runs it (peftctl.loss.CausalLMLoss). Four variants, alternated in order on every
+the loop runs it (peftctl.train.loss.CausalLMLoss). Four variants, alternated in order on every
 repeat: transformers' eager attention and RMSNorm, LoRA's dropout as nn.Dropout before two
-matmuls; + the fused RMSNorm (peftctl/fused.py); + the grouped eager attention
-(peftctl/attention.py); + the dropout inside the fused low-rank update (methods/low_rank.py);
+matmuls; + the fused RMSNorm (peftctl/train/fused.py); + the grouped eager attention
+(peftctl/train/attention.py); + the dropout inside the fused low-rank update (methods/low_rank.py);
 + norms and gated MLPs recomputed in the backward pass instead of kept
 (fused.recomputed). Prints each variant's median step time, its spread, the speed-up over the
 first, and the activations it keeps for the backward pass (distinct tensor storages saved by
@@ -26,9 +26,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peftctl import attention, fused, methods
-from peftctl.loss import CausalLMLoss
-from peftctl.memory import kept_for_backward
+from peftctl import methods
+
+from peftctl.train import attention
+
+from peftctl.train import fused
+from peftctl.train.loss import CausalLMLoss
+from peftctl.train.allocator import kept_for_backward
 from peftctl.methods import lora
 from peftctl.methods.lora import LoraConfig
 

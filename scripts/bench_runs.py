@@ -111,7 +111,7 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
     from peftctl.data.tokenize import load_data
     from peftctl.export.adapter_files import save_adapter
     from peftctl.model.loading import load_model, load_tokenizer
-    from peftctl.train import SilentReporter, train
+    from peftctl.train.loop import SilentReporter, train
 
     recipe = recipe_for(args, work / "peftctl", args.set)
     tokenizer = load_tokenizer(recipe.model)
@@ -144,7 +144,7 @@ def peer_attention(args: argparse.Namespace, which: str, longest_row: int) -> st
     tokens, SDPA for longer ones (and on GPUs). A flattened row is a whole batch, so it is often longer."""
     import torch
 
-    from peftctl.prepare import EAGER_MAX_ROW
+    from peftctl.train.model_setup import EAGER_MAX_ROW
 
     if which == "stock":
         return "sdpa"

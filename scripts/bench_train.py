@@ -14,7 +14,7 @@ What is the same for every contender: peftctl's tokenization of the training row
 peftctl's shuffled order, step by step (the peers read exactly peftctl's micro-batches); the LoRA
 (r, alpha, dropout, targets); batch size, steps, AdamW, cosine schedule, seed; precision (the
 frozen base in bf16, LoRA in fp32, by default); the glibc allocator settings, given to every
-process as the environment variables equivalent to peftctl/memory.py's in-process mallopt calls.
+process as the environment variables equivalent to peftctl/train/allocator.py's in-process mallopt calls.
 The script fails unless every contender saw the same real and labelled tokens at every step.
 
 Each contender trains in a subprocess of its own (peak RSS is the whole process's, loading
@@ -59,7 +59,7 @@ DATA = ROOT / "recipes" / "data" / "quickstart"
 LAST_STEPS = 5  # the final training loss is the mean over this many last steps
 CONTENDERS = {"peftctl": "peftctl", "flat": "Trainer + flattening", "trl": "TRL SFT padding-free",
               "stock": "stock Trainer (padded, sdpa)"}
-# peftctl/memory.py's release_freed_memory() calls mallopt(M_MMAP_THRESHOLD, 1 MiB) and
+# peftctl/train/allocator.py's release_freed_memory() calls mallopt(M_MMAP_THRESHOLD, 1 MiB) and
 # mallopt(M_TRIM_THRESHOLD, 128 KiB) when training starts. glibc reads these variables at process
 # start with the same effect (either form also turns off the adaptive thresholds), so every
 # contender gets the same allocator from its first allocation; in peftctl's process the

@@ -6,7 +6,7 @@ the GPU in bf16: speed and memory do not depend on what the weights are, and not
 downloaded) and each method (LoRA r=8 on q/v, LoRA r=8 on every linear layer, QLoRA: that on a
 4-bit NF4 base with double quantization), with and without gradient checkpointing, for rows of
 512 and 2048 tokens: `--warmup` steps, then `--steps` timed ones, through peftctl's own loop
-(peftctl.train.train, with the recipe's method from peftctl.methods and its quantization from
+(peftctl.train.loop.train, with the recipe's method from peftctl.methods and its quantization from
 peftctl.model.quantize). Per run: real tokens/s over the timed steps, the peak GPU memory
 (torch.cuda.max_memory_allocated and _reserved over the whole run) and `peftctl plan`'s total for
 the same recipe, with its error. Then LoRA on q/v through peft + TRL's SFTTrainer (padding-free,
@@ -159,7 +159,7 @@ class Measured:
 
 
 class StepTimes:
-    """A Reporter for peftctl.train: the time after each step, the GPU's queue drained first."""
+    """A Reporter for peftctl.train.loop: the time after each step, the GPU's queue drained first."""
 
     def __init__(self):
         self.after: list[float] = []
@@ -188,7 +188,7 @@ def measure_peftctl(run: Run, folder: Path, work: Path, warmup: int, steps: int,
     """One run through peftctl's loop; its figures and `plan`'s for the same recipe."""
     from peftctl import methods
     from peftctl.plan import plan
-    from peftctl.train import train
+    from peftctl.train.loop import train
 
     recipe = recipe_for(run, folder, work / "run", warmup + steps, batch_size)
     recipe.output.dir.mkdir()  # what pipeline.execute makes before training

@@ -16,15 +16,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peftctl import attention, methods
+from peftctl import methods
+
+from peftctl.train import attention
 from peftctl.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
 from peftctl.data.tokenize import Example, TokenizedData, collate
-from peftctl.loss import CausalLMLoss, HeadCrossEntropy
-from peftctl.memory import kept_for_backward
+from peftctl.train.loss import CausalLMLoss, HeadCrossEntropy
+from peftctl.train.allocator import kept_for_backward
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model.loading import transformer_blocks
-from peftctl.prepare import prepare_model
+from peftctl.train.model_setup import prepare_model
 from peftctl.recipe.schema import TrainSpec
 
 ROWS, ROW_LEN, LAYERS = 2, 128, 3
@@ -138,14 +140,14 @@ def test_plan_under_gradient_checkpointing_is_the_layer_inputs_and_one_layer_reb
 
 def _unrecomputed(targets, layers: int) -> int:
     """What a model prepared for gradient checkpointing keeps without checkpointing: one rebuilt layer's."""
-    from peftctl import prepare
+    from peftctl.train import model_setup
 
-    enable = prepare.model_loading.enable_gradient_checkpointing
-    prepare.model_loading.enable_gradient_checkpointing = lambda model: None
+    enable = model_setup.model_loading.enable_gradient_checkpointing
+    model_setup.model_loading.enable_gradient_checkpointing = lambda model: None
     try:
         return measured(targets, "sdpa", checkpointed=True, layers=layers)[0]
     finally:
-        prepare.model_loading.enable_gradient_checkpointing = enable
+        model_setup.model_loading.enable_gradient_checkpointing = enable
 
 
 def test_grouped_eager_keeps_the_probabilities_per_row_length():

@@ -25,7 +25,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.export.merge import merge_to_folder
 from peftctl.methods.adalora import METHOD, AdaLoraConfig
 from peftctl.recipe.schema import ModelSpec
-from peftctl.train import CausalLMLoss
+from peftctl.train.loop import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch
 
 ATOL = 1e-5
@@ -259,7 +259,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
-    from peftctl.train import train
+    from peftctl.train.loop import train
     from method_checks import ROOT
     from tiny_models import TINY_GPT2
 

@@ -23,7 +23,7 @@ from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import METHODS
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from method_checks import EXAMPLES, PEFT_REFUSES_CONV1D, examples_where
 from test_prompt import assert_generate_is_greedy
 from tiny_models import batch_logits, real_difference, token_batch, train_steps

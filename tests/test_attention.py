@@ -1,4 +1,4 @@
-"""peftctl/attention.py: the grouped eager kernel gives transformers' eager logits bit for bit where
+"""peftctl/train/attention.py: the grouped eager kernel gives transformers' eager logits bit for bit where
 `train.attention: auto` picks it, and gradients within rounding; models it does not cover keep eager."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftctl import attention
-from peftctl.loss import CausalLMLoss
+from peftctl.train import attention
+from peftctl.train.loss import CausalLMLoss
 from method_checks import lora_with_random_b
 from test_architectures import ARCHITECTURES, build
 from tiny_models import token_batch
@@ -51,7 +51,7 @@ def test_lora_gradients_agree_with_eager(dtype, atol):
 
 def test_auto_picks_the_grouped_kernel_on_llama_and_keeps_eager_on_gemma2(tmp_path):
     from peftctl.data.tokenize import Example, TokenizedData
-    from peftctl.prepare import _grouped_if_same
+    from peftctl.train.model_setup import _grouped_if_same
 
     rows = [Example(list(range(3, 40)), [-100] * 10 + list(range(13, 40)))]
     data = TokenizedData(train=rows, validation=[], dropped=0, packing=False, max_seq_len=64)

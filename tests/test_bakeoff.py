@@ -257,7 +257,7 @@ def test_max_minutes_stops_the_loop_after_the_step_that_spends_them(tmp_path):
     from peftctl.methods.lora import LoraConfig
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
-    from peftctl.train import train
+    from peftctl.train.loop import train
     from tiny_models import TINY_GPT2, tiny_gpt2
 
     tokenizer = load_tokenizer(TINY_GPT2)

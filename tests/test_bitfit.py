@@ -20,7 +20,7 @@ from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from method_checks import assert_smoke_run, with_random_biases
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 

@@ -21,15 +21,19 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from peftctl import checkpoint, methods, train as train_module
+from peftctl import methods
+
+from peftctl.train import checkpoint
+
+from peftctl.train import loop as train_module
 from peftctl.cli import app
 from peftctl.data.tokenize import load_data
 from peftctl.core.errors import UserError
-from peftctl.interrupts import StopRequests as _StopRequests
+from peftctl.train.interrupts import StopRequests as _StopRequests
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
-from peftctl.train import SilentReporter, TrainingDiverged, TrainingInterrupted, train
+from peftctl.train.loop import SilentReporter, TrainingDiverged, TrainingInterrupted, train
 from tiny_models import TINY_GPT2, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from peftctl import pipeline, sharding
+from peftctl import pipeline
+
+from peftctl.train import sharding
 from peftctl.recipe.schema import load_recipe
 from test_trackers import tensorboard_curves
 

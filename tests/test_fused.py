@@ -1,4 +1,4 @@
-"""peftctl/fused.py: peftctl's RMSNorm (or torch's F.rms_norm) replaces a model's own norms, and gated
+"""peftctl/train/fused.py: peftctl's RMSNorm (or torch's F.rms_norm) replaces a model's own norms, and gated
 MLPs recompute their activation in the backward pass, only where the two compute bit-identical
 outputs and input gradients, on every architecture the contract suite builds. Norm weights are
 drawn at random first: a model built from its config has norms of ones, which hide the order in
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftctl import fused
-from peftctl.loss import CausalLMLoss
+from peftctl.train import fused
+from peftctl.train.loss import CausalLMLoss
 from method_checks import lora_with_random_b
 from test_architectures import ARCHITECTURES, build
 from tiny_models import token_batch

@@ -255,10 +255,10 @@ def test_a_full_disk_while_saving_is_a_message_naming_what_survived(tmp_path, mo
     file system of its own, which the test suite does not mount)."""
     from safetensors import SafetensorError
 
-    import peftctl.checkpoint
+    import peftctl.train.checkpoint
     import peftctl.export.adapter_files
 
-    module = peftctl.checkpoint if where == "checkpoint" else peftctl.export.adapter_files
+    module = peftctl.train.checkpoint if where == "checkpoint" else peftctl.export.adapter_files
     real = module.save_file
     calls = {"n": 0}
 

@@ -244,7 +244,7 @@ def test_pissa_with_loraplus_resumes_exactly(tmp_path):
     from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
     from peftctl.recipe.schema import DataSpec, TrainSpec
-    from peftctl.train import TrainingInterrupted, train
+    from peftctl.train.loop import TrainingInterrupted, train
     from test_checkpoint import ROOT, SPEC, TINY_GPT2, StopAt
 
     tokenizer = load_tokenizer(TINY_GPT2)

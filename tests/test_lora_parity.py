@@ -21,7 +21,7 @@ import peftctl.methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.lora import METHOD, LoraConfig, LoraLinear
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 ATOL = 1e-5

@@ -19,7 +19,7 @@ import peftctl.methods
 from method_checks import assert_smoke_run
 from peftctl.export.adapter_files import save_adapter
 from peftctl.methods.lora import LoraConfig
-from peftctl.optim import param_groups
+from peftctl.train.optim import param_groups
 from tiny_models import tiny_llama, token_batch
 from test_lora_parity import peft_param_name
 

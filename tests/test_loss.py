@@ -1,4 +1,4 @@
-"""peftctl/loss.py's HeadCrossEntropy: the summed cross-entropy of hidden @ Wᵀ as plain autograd
+"""peftctl/train/loss.py's HeadCrossEntropy: the summed cross-entropy of hidden @ Wᵀ as plain autograd
 computes it, with the logits computed a chunk at a time and only the last chunk's kept for the
 backward pass (the others recomputed)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftctl.loss import HeadCrossEntropy
+from peftctl.train.loss import HeadCrossEntropy
 
 
 @pytest.mark.parametrize("chunks", [1, 3])

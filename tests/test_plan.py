@@ -85,7 +85,7 @@ from pathlib import Path
 from peftctl import pipeline
 from peftctl.plan import plan
 from peftctl.recipe.schema import load_recipe
-from peftctl.train import SilentReporter
+from peftctl.train.loop import SilentReporter
 
 def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()

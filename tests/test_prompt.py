@@ -31,7 +31,7 @@ from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuni
 from peftctl.model.loading import byte_level_tokenizer
 from peftctl.pipeline import run
 from peftctl.recipe.schema import load_recipe
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from greedy_reference import greedy_without_cache
 from hf_folders import save_tiny_llama
 from tiny_models import real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps

@@ -30,7 +30,7 @@ from peftctl.export.adapter_files import RECIPE_FILE, load_adapter, save_adapter
 from peftctl.export.merge import merge_to_folder
 from peftctl.model.loading import enable_gradient_checkpointing, load_model
 from peftctl.recipe.schema import ModelSpec
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 QLORA_GPT2 = "recipes/qlora-gpt2.yaml"

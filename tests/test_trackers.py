@@ -17,11 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli_checks import assert_refused
-from peftctl import pipeline, trackers
+from peftctl import pipeline
+from peftctl.train import trackers
 from peftctl.cli import app
 from peftctl.core.errors import UserError
 from peftctl.recipe.schema import TRACKERS, load_recipe
-from peftctl.train import TrainingInterrupted
+from peftctl.train.loop import TrainingInterrupted
 from test_checkpoint import StopAt  # SIGINT during a given step, as a Ctrl-C would
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peftctl.methods import Adapter
 from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
-from peftctl.loss import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 
 TINY_GPT2 = ModelSpec(name_or_path="builtin:tiny-gpt2", dtype="float32")
 

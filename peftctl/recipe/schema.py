@@ -30,7 +30,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 # The fields each data format reads from a row, which `data.columns` may rename.
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
                  "chat": ("messages", "role", "content")}
-# The experiment trackers `train.report_to` may name (trackers.py has one class for each).
+# The experiment trackers `train.report_to` may name (train/trackers.py has one class for each).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS = get_args(Tracker)
 

@@ -9,9 +9,9 @@ it runs the same loop in every process (DDP, or FSDP2: see sharding.py). Checkpo
 `train.save_every` steps, at the end and on Ctrl-C let a run continue exactly where it stopped.
 
 A run reads as its stages, in `train`: set up (accelerate, AdamW and its schedule from optim.py, the model
-prepared by prepare.py), start afresh or restore a checkpoint, then per step `step`, `log`,
+prepared by model_setup.py), start afresh or restore a checkpoint, then per step `step`, `log`,
 `evaluate` and `save`, and `finish`. Its progress is one `checkpoint.TrainingState`. The loss
-is loss.py's, the memory tuning memory.py's.
+is loss.py's, the memory tuning allocator.py's.
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from peftctl import checkpoint
+from peftctl.train import checkpoint
 
 from peftctl.core import jsontext
-from peftctl.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
+from peftctl.train.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
 from peftctl.data.tokenize import TokenizedData, epochs_of_batches, stream_position
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, writing
-from peftctl.interrupts import StopRequests
-from peftctl.loss import CausalLMLoss, labelled_tokens, validation_loss
-from peftctl.memory import peak_memory_bytes, release_freed_memory, return_free_heap
+from peftctl.train.interrupts import StopRequests
+from peftctl.train.loss import CausalLMLoss, labelled_tokens, validation_loss
+from peftctl.train.allocator import peak_memory_bytes, release_freed_memory, return_free_heap
 from peftctl.methods import Adapter
-from peftctl.optim import setup_optimizer
-from peftctl.prepare import prepare_model
+from peftctl.train.optim import setup_optimizer
+from peftctl.train.model_setup import prepare_model
 from peftctl.recipe.schema import TrainSpec
-from peftctl.sharding import rebind_trainable, unshard_trainable
+from peftctl.train.sharding import rebind_trainable, unshard_trainable
 
 Batch = dict[str, torch.Tensor]
 

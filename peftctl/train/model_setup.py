@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftctl import attention, fused
+from peftctl.train import attention
+
+from peftctl.train import fused
 from peftctl.model import loading as model_loading
 from peftctl.data.tokenize import TokenizedData, collate
 from peftctl.core.errors import UserError
-from peftctl.loss import packing_problem, probing
+from peftctl.train.loss import packing_problem, probing
 from peftctl.recipe.schema import TrainSpec
 
 # Longer rows than this train faster with the fused (sdpa) kernel than with eager attention on CPU.

@@ -268,7 +268,7 @@ def tracking(names: Iterable[str], out_dir: Path, config: dict[str, Any], histor
     tells the user of a tracker that stopped working (the progress report's note; else a warning):
     a tracker never stops a training run once it is under way, metrics.jsonl stays the record.
     """
-    from peftctl.train import TrainingInterrupted
+    from peftctl.train.loop import TrainingInterrupted
 
     names = list(names)
     if not names:

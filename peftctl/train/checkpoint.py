@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_directory, check_path, writing
 from peftctl.methods import Adapter
-from peftctl.sharding import shard_like, whole
+from peftctl.train.sharding import shard_like, whole
 
 CHECKPOINTS = "checkpoints"  # the folder of an output dir that holds them
 STATE_FILE = "state.json"
