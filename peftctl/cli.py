@@ -352,7 +352,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
          ) -> None:
     """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
     from peftctl.console import plan_table
-    from peftctl.plan import plan as make_plan
+    from peftctl.plan.memory_plan import plan as make_plan
     from peftctl.recipe.schema import load_recipe
 
     quiet_libraries()

@@ -297,7 +297,7 @@ def plan_table(plan) -> Table:
     table.caption = (f"activations: what a step of {plan.tokens_per_step:,} tokens (batch_size × max_seq_len, every row "
                      f"full) keeps for the backward pass ({kept}) with {plan.attention} attention"
                      + (" under a GPU's autocast" if plan.autocast else "")
-                     + " (peftctl/activations.py), + fp32 logits of labelled tokens (with a frozen output head, one "
+                     + " (peftctl/plan/activations.py), + fp32 logits of labelled tokens (with a frozen output head, one "
                      "chunk at a time); optimizer: AdamW, 8 B per trainable parameter"
                      + ("; gathered: whole weights of 2 transformer blocks (computed and prefetched; full fine-tuning: and their gradients)" if plan.shards > 1 else ""))
     return table

@@ -3,7 +3,7 @@ names, continued) → train (or resume it from a checkpoint) → export.
 
 It runs in two steps. `prepare` does every check that needs no weights, once: the recipe's
 output folder, the tokenizer and the data rows, the method on a weightless skeleton of the model
-(skeleton.py), and with `--resume` the checkpoint against this run's fingerprint; it returns
+(plan/skeleton.py), and with `--resume` the checkpoint against this run's fingerprint; it returns
 a `RunPlan`. `execute` then loads the weights, puts the method (or the adapter to continue) on
 them, trains and exports, and writes what the run's report shows (summary.json, the sample
 replies, report.html). `run` is the two in a row.
@@ -35,7 +35,7 @@ from peftctl.recipe.schema import Recipe
 from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.samples import replies, sample_rows, write_generations
 from peftctl.train.sharding import check_fsdp
-from peftctl.skeleton import OnSkeleton, method_on_skeleton
+from peftctl.plan.skeleton import OnSkeleton, method_on_skeleton
 from peftctl.train.trackers import check_installed, tracking
 from peftctl.train.loop import Reporter, TrainResult, loop_fingerprint, train
 

@@ -1,6 +1,6 @@
 """What `peftctl validate` finds beyond the recipe itself, without loading a weight or the data:
 where the Hub model and datasets are (or what training would fetch), what the method trains
-on the model, from the same weightless step training starts with (skeleton.py), and where the
+on the model, from the same weightless step training starts with (plan/skeleton.py), and where the
 experiment trackers report (each installed, as training checks before the weights load).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from peftctl.core.errors import blame
 from peftctl.core.hub import is_hub_id
 from peftctl.recipe.schema import Recipe
-from peftctl.skeleton import describe_targets, method_on_skeleton
+from peftctl.plan.skeleton import describe_targets, method_on_skeleton
 from peftctl.train.trackers import check_installed, describe
 
 

@@ -187,7 +187,7 @@ def measure_peftctl(run: Run, folder: Path, work: Path, warmup: int, steps: int,
                     device: str) -> dict:
     """One run through peftctl's loop; its figures and `plan`'s for the same recipe."""
     from peftctl import methods
-    from peftctl.plan import plan
+    from peftctl.plan.memory_plan import plan
     from peftctl.train.loop import train
 
     recipe = recipe_for(run, folder, work / "run", warmup + steps, batch_size)

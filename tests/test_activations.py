@@ -1,4 +1,4 @@
-"""plan's activation figures (peftctl/activations.py) against what autograd really keeps.
+"""plan's activation figures (peftctl/plan/activations.py) against what autograd really keeps.
 
 The count is exact: saved-tensor hooks list every storage autograd holds from a training step's
 forward pass for its backward pass (memory.kept_for_backward), on a 3-layer Llama with GQA in
@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peftctl import methods
 
 from peftctl.train import attention
-from peftctl.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
+from peftctl.plan.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
 from peftctl.data.tokenize import Example, TokenizedData, collate
 from peftctl.train.loss import CausalLMLoss, HeadCrossEntropy
 from peftctl.train.allocator import kept_for_backward

@@ -46,7 +46,7 @@ def test_every_recipe_plans_on_its_real_shape(tmp_path):
     """The recipes validate and `plan` sizes them from the config alone; the 7B's LoRA on q/v is the
     mission's 4,194,304 trainable parameters, and the 4-bit base is counted quantized."""
     folder = gpu_proof.write_config(gpu_proof.SHAPES["llama-2-7b"], tmp_path / "7b")
-    from peftctl.plan import plan
+    from peftctl.plan.memory_plan import plan
 
     planned = {}
     for run in gpu_proof.matrix(shapes=("llama-2-7b",), lengths=(512,), peers=False):

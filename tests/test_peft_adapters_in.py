@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import peftctl.model.loading
-from peftctl import pipeline, skeleton
-from peftctl.plan import plan
+from peftctl import pipeline
+from peftctl.plan import skeleton
+from peftctl.plan.memory_plan import plan
 from peftctl.cli import app
 from peftctl.data.tokenize import tokenize_rows
 from peftctl.data.rows import read_rows

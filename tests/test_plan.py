@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from peftctl.cli import app
-from peftctl.plan import full_finetune_memory, peft_memory, plan
+from peftctl.plan.memory_plan import full_finetune_memory, peft_memory, plan
 from peftctl.recipe.schema import Recipe
 
 LORA_QV_7B = 32 * 2 * 8 * (4096 + 4096)  # layers × (q, v) × r × (in + out)
@@ -83,7 +83,7 @@ MEASURE_RUN = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
 from peftctl import pipeline
-from peftctl.plan import plan
+from peftctl.plan.memory_plan import plan
 from peftctl.recipe.schema import load_recipe
 from peftctl.train.loop import SilentReporter
 

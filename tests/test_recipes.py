@@ -22,7 +22,7 @@ from peftctl.methods import METHODS
 from peftctl.model.loading import load_model
 from peftctl.pipeline import run
 from peftctl.recipe.schema import load_recipe
-from peftctl.skeleton import describe_targets, method_on_skeleton
+from peftctl.plan.skeleton import describe_targets, method_on_skeleton
 
 RECIPES = ROOT / "recipes"
 README = (ROOT / "README.md").read_text(encoding="utf-8")

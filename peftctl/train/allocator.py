@@ -67,7 +67,7 @@ def kept_for_backward(forward, exclude=()):
     """Run `forward()` and count what autograd keeps of it for the backward pass: (its result, the
     bytes of the distinct tensor storages saved during it, those of `exclude` left out, e.g. the
     model's weights, which are held anyway). Exact, unlike a process's resident size; plan's
-    activation figures (activations.py) are checked against it."""
+    activation figures (plan/activations.py) are checked against it."""
     import torch
 
     storages: dict[int, int] = {}

@@ -3,7 +3,7 @@
 Labels hold the token each position should predict, or `IGNORE` (data/tokenize.py) where nothing is
 learnt (the prompt, padding). `CausalLMLoss` is the one module training, evaluation and the
 packing probe run the model through; `HeadCrossEntropy` keeps the vocabulary-sized logits out of
-the peak memory; plan.py sizes that peak from the same chunking.
+the peak memory; plan/memory_plan.py sizes that peak from the same chunking.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def _use_attention(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, dat
 def auto_attention(current: str | None, longest_row: int, cuda: bool) -> str | None:
     """What `train.attention: auto` picks before its probe: eager on CPU for rows up to
     EAGER_MAX_ROW tokens (then peftctl's grouped kernel where it matches), else the model's own.
-    plan.py sizes the activations from the same rule."""
+    plan/memory_plan.py sizes the activations from the same rule."""
     return "eager" if not cuda and longest_row <= EAGER_MAX_ROW else current
 
 

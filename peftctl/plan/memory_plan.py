@@ -35,14 +35,14 @@ from peftctl import methods
 from peftctl.train import attention
 
 from peftctl.model import quantize
-from peftctl.activations import Kernels, activation_bytes
+from peftctl.plan.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.model.loading import load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.train.model_setup import auto_attention
 from peftctl.recipe.schema import Recipe
 from peftctl.train.sharding import check_fsdp_recipe
-from peftctl.skeleton import method_options
+from peftctl.plan.skeleton import method_options
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 MIXED_PRECISION_BYTES = 2  # bf16 / fp16 weights and gradients

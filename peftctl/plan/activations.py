@@ -1,4 +1,4 @@
-"""The activations a training step keeps for its backward pass, from the model's layout (plan.py).
+"""The activations a training step keeps for its backward pass, from the model's layout (memory_plan.py).
 
 What follows was counted, not assumed: saved-tensor hooks list every tensor autograd holds from
 the forward pass to the backward pass (distinct storages; tests/test_activations.py checks these
