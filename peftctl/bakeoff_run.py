@@ -213,7 +213,7 @@ def _evaluate(plan: Plan, state: dict[str, Any], run: Run, position: str, say: P
     """The run's adapter scored on the recipe's held-out file as `peftctl eval` scores it (token
     accuracy; exact match over `--samples` greedy replies), and the base model once per held-out
     set; (None, why) where there is nothing to score on or scoring fails."""
-    from peftctl.evaluate import held_out_rows
+    from peftctl.eval.scores import held_out_rows
     from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model
 

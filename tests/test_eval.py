@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from peftctl import pipeline
 from peftctl.cli import app
-from peftctl.evaluate import token_f1
+from peftctl.eval.scores import token_f1
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.schema import load_recipe
 

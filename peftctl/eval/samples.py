@@ -17,7 +17,7 @@ from torch import nn
 
 from peftctl.core import jsontext
 from peftctl.data.tokenize import TokenizedData
-from peftctl.evaluate import generate_reply, paired_generations
+from peftctl.eval.scores import generate_reply, paired_generations
 from peftctl.core.files import atomic_write_text, writing
 
 # A preview, not an evaluation (`peftctl eval` is that): a base that runs on to the limit costs
