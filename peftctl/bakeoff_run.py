@@ -92,7 +92,7 @@ def write_reports(out: Path, state: dict[str, Any]) -> None:
     """bakeoff.md (the table and the commands that reproduce it) and report.html with every run's
     validation curve in one chart (val_loss.png beside it), as `peftctl report` writes them."""
     from peftctl.bakeoff_table import markdown
-    from peftctl.report_bakeoff import write_bakeoff_report
+    from peftctl.report.bakeoff_report import write_bakeoff_report
 
     with writing(out / "bakeoff.md", "the bake-off report"):
         atomic_write_text(out / "bakeoff.md", markdown(state, out))

@@ -96,7 +96,7 @@ def markdown(state: dict[str, Any], out: Path) -> str:
              "|" + "|".join("---" if header == "run" else "--:" for header in HEADERS) + "|",
              *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows), ""]
     lines += [f"- {line}" for line in notes(state)]
-    # The report's chart (report_bakeoff.py writes it beside this file): every run's validation loss.
+    # The report's chart (report/bakeoff_report.py writes it beside this file): every run's validation loss.
     lines += ["", "![Validation loss of every run](val_loss.png)", "", "The whole report: [report.html](report.html)."]
     lines += ["", "## Reproduce", "", "```bash", state["command"], "```", "",
               "Each run alone (its recipe, with the bake-off's method, learning rate and budget):", "", "```bash",

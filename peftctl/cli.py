@@ -134,14 +134,29 @@ def report(
 ) -> None:
     """Rebuild the report (report.html and its chart) of a run, old or interrupted, from its
     metrics.jsonl; or of a bake-off, every run's validation loss in one chart."""
-    from peftctl.report import rebuild
-
     with user_errors(json_):
-        written = rebuild(folder)
+        written = rebuild_report(folder)
     if json_:
         print(jsontext.dumps(written))
     else:
         print_summary_lines([("report", written["report"]), ("chart", written["chart"])])
+
+
+def rebuild_report(folder: Path) -> dict[str, str]:
+    """The report of a run folder, or of a bake-off folder (it holds bakeoff.json); the paths written."""
+    from peftctl.core.files import check_path
+    from peftctl.report.bakeoff_report import BAKEOFF_FILE, BAKEOFF_PNG, write_bakeoff_report
+    from peftctl.report.run_report import LOSS_PNG, write_run_report
+
+    check_path(folder, "DIR")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError("no such folder" if not folder.exists() else "not a folder", file=folder,
+                        expected="the output folder of peftctl train (metrics.jsonl) or of peftctl bakeoff (bakeoff.json)",
+                        fix="pass the folder that peftctl train's --output or the recipe's output.dir named")
+    if (folder / BAKEOFF_FILE).is_file():
+        return {"kind": "bakeoff", "report": str(write_bakeoff_report(folder)), "chart": str(folder / BAKEOFF_PNG)}
+    return {"kind": "run", "report": str(write_run_report(folder)), "chart": str(folder / LOSS_PNG)}
 
 
 @app.command()

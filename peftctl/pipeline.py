@@ -32,7 +32,7 @@ from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.model.quantize import parameter_count
 from peftctl.recipe.schema import Recipe
-from peftctl.report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
+from peftctl.report.run_report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.eval.samples import replies, sample_rows, write_generations
 from peftctl.train.sharding import check_fsdp
 from peftctl.plan.skeleton import OnSkeleton, method_on_skeleton

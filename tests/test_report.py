@@ -262,7 +262,7 @@ def test_a_bakeoff_report_overlays_every_done_runs_validation_curve(tmp_path):
 
 
 def test_the_overlay_draws_one_line_per_curve():
-    from peftctl.report_plots import overlay_figure
+    from peftctl.report.plots import overlay_figure
 
     figure = overlay_figure({"a": ([0, 5], [3.0, 2.0]), "b": ([0, 5], [3.0, 2.5]), "c": ([], [])},
                             "validation loss", "loss", markers=True)
@@ -283,7 +283,7 @@ def test_only_writing_a_report_imports_matplotlib():
             elif isinstance(node, ast.ImportFrom):
                 imported |= {node.module or ""} | {f"{node.module}.{alias.name}" for alias in node.names}
         loaded_at_import[path.stem] = sorted(name for name in imported
-                                             if name.split(".")[0] == "matplotlib" or name == "peftctl.report_plots")
+                                             if name.split(".")[0] == "matplotlib" or name == "peftctl.report.plots")
     assert loaded_at_import.pop("report_plots")  # the scan sees the imports where they are
     assert not any(loaded_at_import.values()), loaded_at_import
 

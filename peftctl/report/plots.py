@@ -1,6 +1,6 @@
 """The run report's charts, drawn by matplotlib without a display.
 
-Only report.py imports this module, inside the functions that write a report, so `peftctl
+Only run_report.py imports this module, inside the functions that write a report, so `peftctl
 --help` and training never pay for importing matplotlib. Figures are `matplotlib.figure.Figure`
 objects on an Agg canvas, never pyplot: no global backend is chosen and no window can open, so
 charts draw on machines without a display and inside other programs alike.

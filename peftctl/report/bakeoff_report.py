@@ -24,8 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 from peftctl.core.errors import UserError, one_line
-from peftctl.report import METRICS_FILE, RUN_REPORT, Metrics, read_metrics, write_chart, write_page
-from peftctl.report_html import cell, esc, notes, page, raw_cell, section, table, text_cell
+from peftctl.report.run_report import METRICS_FILE, RUN_REPORT, Metrics, read_metrics, write_chart, write_page
+from peftctl.report.html import cell, esc, notes, page, raw_cell, section, table, text_cell
 
 BAKEOFF_FILE = "bakeoff.json"
 BAKEOFF_PNG = "val_loss.png"
@@ -101,7 +101,7 @@ def by_validation_loss(runs: list[BakeoffRun]) -> list[BakeoffRun]:
 
 def write_bakeoff_report(bakeoff_dir: Path) -> Path:
     """Write `<bakeoff_dir>/report.html` and `<bakeoff_dir>/val_loss.png`; the html's path."""
-    from peftctl import report_plots as plots
+    from peftctl.report import plots
 
     bakeoff_dir = Path(bakeoff_dir)
     state, runs = read_bakeoff(bakeoff_dir)

@@ -5,9 +5,9 @@ run adds summary.json (train's figures), generations.jsonl (base vs adapter repl
 output.samples asked for them) and adapter/peftctl_recipe.yaml (the resolved recipe); an
 interrupted one has checkpoints instead, whose state.json keeps the recipe keys a resume must
 match. metrics.jsonl alone is enough: the page says what else is missing and why. The page is
-one self-contained file (report_html.py), the charts are matplotlib's (report_plots.py,
+one self-contained file (html.py), the charts are matplotlib's (plots.py,
 imported only here, when a report is written). A bake-off folder's report is
-report_bakeoff.py's. Reports are written atomically, and never over the files they read.
+bakeoff_report.py's. Reports are written atomically, and never over the files they read.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 from peftctl.train import checkpoint
 from peftctl.core.errors import UserError, one_line
 from peftctl.export.adapter_files import RECIPE_FILE
-from peftctl.core.files import atomic_file, atomic_write_text, check_path, writing
-from peftctl.report_html import cell, esc, figures_table, notes, page, raw_cell, section, table, text_cell
+from peftctl.core.files import atomic_file, atomic_write_text, writing
+from peftctl.report.html import cell, esc, figures_table, notes, page, raw_cell, section, table, text_cell
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -201,7 +201,7 @@ def _read_generations(path: Path, missing: list[str]) -> list[dict[str, Any]] | 
 
 def write_run_report(run_dir: Path) -> Path:
     """Write `<run_dir>/report.html` and `<run_dir>/loss.png` from the run folder; the html's path."""
-    from peftctl import report_plots as plots
+    from peftctl.report import plots
 
     run_dir = Path(run_dir)
     run = read_run(run_dir)
@@ -297,19 +297,3 @@ def recipe_section(run: RunFolder) -> str:
                        table("recipe-keys", ["key", "value"],
                              ([text_cell(key), text_cell(json.dumps(value))] for key, value in run.fingerprint.items())))
     return section("recipe", "Recipe", "<p>Not in this run folder (see the notes above).</p>")
-
-
-def rebuild(folder: Path) -> dict[str, str]:
-    """`peftctl report DIR`: the report of a run folder, or of a bake-off folder (it holds
-    bakeoff.json); the paths written."""
-    from peftctl.report_bakeoff import BAKEOFF_FILE, BAKEOFF_PNG, write_bakeoff_report
-
-    check_path(folder, "DIR")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError("no such folder" if not folder.exists() else "not a folder", file=folder,
-                        expected="the output folder of peftctl train (metrics.jsonl) or of peftctl bakeoff (bakeoff.json)",
-                        fix="pass the folder that peftctl train's --output or the recipe's output.dir named")
-    if (folder / BAKEOFF_FILE).is_file():
-        return {"kind": "bakeoff", "report": str(write_bakeoff_report(folder)), "chart": str(folder / BAKEOFF_PNG)}
-    return {"kind": "run", "report": str(write_run_report(folder)), "chart": str(folder / LOSS_PNG)}
