@@ -340,7 +340,7 @@ def _check_runs(runs: list[Run]) -> None:
     for all runs that share them."""
     from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
-    from peftctl.pipeline import check_method, check_output_dir
+    from peftctl.run.pipeline import check_method, check_output_dir
     from peftctl.plan.memory_plan import plan
 
     tokenizers: dict[str, Any] = {}

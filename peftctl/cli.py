@@ -64,7 +64,7 @@ def train(
     json_: JsonOpt = False,
 ) -> None:
     """Train the recipe's adapter and export it in peft's format."""
-    from peftctl import pipeline
+    from peftctl.run import pipeline
     from peftctl.console import reporter
     from peftctl.recipe.schema import load_recipe
     from peftctl.train.loop import TrainingInterrupted
@@ -164,7 +164,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe, and what its method trains on the model (from its config alone), and print
     the recipe with every default filled in."""
     from peftctl.recipe.schema import load_recipe
-    from peftctl.validate import findings
+    from peftctl.run.validate import findings
 
     quiet_libraries()
     with user_errors():

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.methods import METHODS
 from peftctl.recipe.schema import load_recipe
 

@@ -263,12 +263,12 @@ def test_target_that_matches_nothing_is_found_before_weights_load_subprocess(tmp
 
 def test_target_check_runs_on_the_skeleton(tmp_path, monkeypatch):
     """The same error, with loading weights made impossible: it must come from the meta skeleton."""
-    import peftctl.pipeline
+    import peftctl.run.pipeline
 
     def no_weights(spec):
         raise AssertionError("weights were loaded before the target modules were checked")
 
-    monkeypatch.setattr(peftctl.pipeline, "load_model", no_weights)
+    monkeypatch.setattr(peftctl.run.pipeline, "load_model", no_weights)
     recipe = write(tmp_path, replace(recipe_text(), "[c_attn]", "[c_attn, mlp.c_fcc]"))
     cli(["train", recipe, "--output", tmp_path / "out"], tmp_path / "out",
         "method.target_modules (line 7): target module 'mlp.c_fcc' matches no linear layer",
@@ -277,12 +277,12 @@ def test_target_check_runs_on_the_skeleton(tmp_path, monkeypatch):
 
 def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_weights_load(tmp_path, monkeypatch):
     """The model would refuse it at the first step (tests/test_qlora.py); the recipe says it first."""
-    import peftctl.pipeline
+    import peftctl.run.pipeline
 
     def no_weights(spec):
         raise AssertionError("weights were loaded before the method and checkpointing were checked")
 
-    monkeypatch.setattr(peftctl.pipeline, "load_model", no_weights)
+    monkeypatch.setattr(peftctl.run.pipeline, "load_model", no_weights)
     recipe = Path(__file__).parent.parent / "recipes" / "prefix_tuning-gpt2.yaml"
     cli(["train", recipe, "--set", "train.gradient_checkpointing=true", "--output", tmp_path / "out"],
         tmp_path / "out", f"{recipe}: train.gradient_checkpointing (from --set train.gradient_checkpointing=true): "

@@ -242,7 +242,7 @@ def test_ddp_trains_as_one_process_and_fsdp2_is_refused(tmp_path):
     A into per-layer copies: refused after the first step, exit 2, one message."""
     from test_distributed import assert_same_adapter, assert_same_losses, launch, losses
 
-    from peftctl import pipeline
+    from peftctl.run import pipeline
 
     recipe = RECIPES / "compacter-gpt2.yaml"
     sets = ["train.batch_size=2", "train.max_steps=6", "train.log_every=1"]

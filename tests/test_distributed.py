@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from peftctl import pipeline
+from peftctl.run import pipeline
 
 from peftctl.train import sharding
 from peftctl.recipe.schema import load_recipe

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.cli import app
 from peftctl.eval.scores import token_f1
 from peftctl.export.adapter_files import RECIPE_FILE

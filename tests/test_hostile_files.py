@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE, WEIGHTS_FILE
 from peftctl.export.merge import merge_to_folder
 from peftctl.recipe.schema import load_recipe

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import peftctl.model.loading
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.plan import skeleton
 from peftctl.plan.memory_plan import plan
 from peftctl.cli import app

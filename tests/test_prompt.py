@@ -29,7 +29,7 @@ from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model.loading import byte_level_tokenizer
-from peftctl.pipeline import run
+from peftctl.run.pipeline import run
 from peftctl.recipe.schema import load_recipe
 from peftctl.train.loss import CausalLMLoss
 from greedy_reference import greedy_without_cache

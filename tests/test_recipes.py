@@ -20,7 +20,7 @@ from method_checks import PEFT_REFUSES_CONV1D, ROOT, assert_smoke_run
 from peftctl.export.adapter_files import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model.loading import load_model
-from peftctl.pipeline import run
+from peftctl.run.pipeline import run
 from peftctl.recipe.schema import load_recipe
 from peftctl.plan.skeleton import describe_targets, method_on_skeleton
 

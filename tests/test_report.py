@@ -137,7 +137,7 @@ def test_samples_and_the_report_leave_the_training_unchanged(trained, tmp_path):
 def test_a_resumed_run_drops_the_summary_of_the_finish_it_continues(trained, tmp_path, monkeypatch):
     """Resuming a finished run (to train further) makes its summary and samples stale: they go
     before training, so a resumed run that stops again is reported as unfinished."""
-    from peftctl import pipeline
+    from peftctl.run import pipeline
     from peftctl.recipe.schema import load_recipe
 
     run = tmp_path / "run"

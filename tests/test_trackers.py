@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli_checks import assert_refused
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.train import trackers
 from peftctl.cli import app
 from peftctl.core.errors import UserError

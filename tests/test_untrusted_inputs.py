@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftctl import pipeline
+from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.schema import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
