@@ -107,7 +107,7 @@ class Run:
 
 
 @dataclass
-class Plan:
+class BakeoffPlan:
     """The checked runs of a bake-off and where it writes."""
 
     request: Request
@@ -118,7 +118,7 @@ class Plan:
     runs: list[Run]
 
 
-def plan_bakeoff(request: Request) -> Plan:
+def plan_bakeoff(request: Request) -> BakeoffPlan:
     """Every run of the bake-off, each checked as far as it can be without weights, all errors together."""
     budget = _budget(request)
     choices = method_choices()
@@ -134,7 +134,7 @@ def plan_bakeoff(request: Request) -> Plan:
     grid = _grid(request.grid, [choices[name][0] for name in names])
     runs = _runs(request, base, names, choices, grid, budget, out)
     _check_runs(runs)
-    return Plan(request, base, out, where, budget, runs)
+    return BakeoffPlan(request, base, out, where, budget, runs)
 
 
 def _budget(request: Request) -> dict[str, float]:
@@ -251,7 +251,7 @@ def _runs(request: Request, base: Recipe, names: list[str], choices: dict[str, t
 def _run(request: Request, base: Recipe, name: str, method: Method, variant: dict[str, Any], chosen: dict[str, str],
          grid: dict[str, tuple[str, list[str]]], label: str, folder: str, budget: dict[str, float], out: Path,
          lr_fixed: bool) -> Run:
-    options, ours = method_options(base, method, variant)
+    options, ours = variant_options(base, method, variant)
     lr, lr_rule = learning_rate(base, method, lr_fixed)
     if "train.lr" in chosen:
         lr_rule = "--grid"
@@ -279,7 +279,7 @@ def _run(request: Request, base: Recipe, name: str, method: Method, variant: dic
     return Run(label, name, settings, folder, recipe, lr_rule)
 
 
-def method_options(base: Recipe, method: Method, variant: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+def variant_options(base: Recipe, method: Method, variant: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
     """The run's method options (without `name`), and those the bake-off chose rather than the recipe."""
     written = base.method.model_dump(mode="json", exclude_unset=True, exclude={"name"})
     if method.name == base.method.name:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import IO, Any
 
 from peftctl.train import checkpoint
-from peftctl.bakeoff import Plan, Request, Run, plan_bakeoff
+from peftctl.bakeoff import BakeoffPlan, Request, Run, plan_bakeoff
 from peftctl.bakeoff_state import open_state, save_state, start_folder
 from peftctl.console import PROGRESS_LABEL
 from peftctl.core.errors import UserError, one_line
@@ -78,7 +78,7 @@ def run_bakeoff(request: Request, progress: Progress | None = None) -> tuple[dic
     return state, plan.out
 
 
-def write_recipes(plan: Plan) -> None:
+def write_recipes(plan: BakeoffPlan) -> None:
     """Each run's recipe, a file `peftctl train` runs as it is (data paths absolute), beside the runs."""
     for run in plan.runs:
         path = plan.out / run.recipe_file
@@ -99,7 +99,7 @@ def write_reports(out: Path, state: dict[str, Any]) -> None:
     write_bakeoff_report(out)
 
 
-def _run_one(plan: Plan, state: dict[str, Any], run: Run, entry: dict[str, Any], position: str, say: Progress) -> None:
+def _run_one(plan: BakeoffPlan, state: dict[str, Any], run: Run, entry: dict[str, Any], position: str, say: Progress) -> None:
     entry.update(status="running", error=None, figures={})
     save_state(plan.out, state)
     if entry.get("train") is None:  # the child's figures: it trained (an interrupted scoring is only done again)
@@ -127,7 +127,7 @@ def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _train(plan: Plan, run: Run, entry: dict[str, Any], position: str, resuming: bool,
+def _train(plan: BakeoffPlan, run: Run, entry: dict[str, Any], position: str, resuming: bool,
            say: Progress) -> tuple[dict[str, Any] | None, str | None]:
     """`peftctl train` on the run's recipe in a process of its own: its --json figures, or why it failed."""
     command = [sys.executable, "-m", "peftctl", "train", str(plan.out / run.recipe_file), "--json",
@@ -209,7 +209,7 @@ def _failure(returncode: int, stdout: str, tail: deque[str], log: Path) -> str:
     return f"peftctl train {how}" + (f": {one_line(last)}" if last else "") + f" (its output: {log})"
 
 
-def _evaluate(plan: Plan, state: dict[str, Any], run: Run, position: str, say: Progress):
+def _evaluate(plan: BakeoffPlan, state: dict[str, Any], run: Run, position: str, say: Progress):
     """The run's adapter scored on the recipe's held-out file as `peftctl eval` scores it (token
     accuracy; exact match over `--samples` greedy replies), and the base model once per held-out
     set; (None, why) where there is nothing to score on or scoring fails."""
@@ -241,7 +241,7 @@ def _evaluate(plan: Plan, state: dict[str, Any], run: Run, position: str, say: P
     return scores, None
 
 
-def _figures(plan: Plan, run: Run, entry: dict[str, Any], scores) -> dict[str, Any]:
+def _figures(plan: BakeoffPlan, run: Run, entry: dict[str, Any], scores) -> dict[str, Any]:
     """The table's figures for a done run (bakeoff_state.FIGURES)."""
     trained = entry["train"]
     adapter = plan.out / run.run_dir / "adapter"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.core import jsontext
-from peftctl.bakeoff import Plan
+from peftctl.bakeoff import BakeoffPlan
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, check_replaceable, writing
 from peftctl.model.loading import model_files
@@ -34,7 +34,7 @@ FIGURES = ("trainable_params", "trainable_percent", "planned_peak_bytes", "measu
            "wall_s", "val_loss_before", "val_loss_after", "token_accuracy", "exact_match", "adapter_bytes", "mergeable")
 
 
-def fingerprint(plan: Plan) -> dict[str, Any]:
+def fingerprint(plan: BakeoffPlan) -> dict[str, Any]:
     """What a bake-off in a folder must share with the command that continues it: the recipe's content
     (after --set; its output folder aside), the methods, grids and overrides asked, budget, samples,
     and each run's recipe as planned (so a peftctl whose rules changed in between does not continue it)."""
@@ -50,7 +50,7 @@ def fingerprint(plan: Plan) -> dict[str, Any]:
             "runs' recipes (sha256)": {run.label: digest(run.recipe) for run in plan.runs}}
 
 
-def open_state(plan: Plan) -> tuple[dict[str, Any], bool]:
+def open_state(plan: BakeoffPlan) -> tuple[dict[str, Any], bool]:
     """The state to run from, and whether the folder starts afresh (deleted first, if it exists).
 
     The same bake-off in the folder continues; another is refused unless --overwrite, which

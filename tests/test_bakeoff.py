@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cli_checks import assert_refused, invoke, snapshot
-from peftctl.bakeoff import Request, learning_rate, method_options, plan_bakeoff, split_values
+from peftctl.bakeoff import Request, learning_rate, variant_options, plan_bakeoff, split_values
 from peftctl.bakeoff_state import FIGURES, ordered
 from peftctl.methods import METHODS
 from peftctl.recipe.schema import load_recipe
@@ -98,12 +98,12 @@ def test_trainable_counts_are_those_of_peftctl_train_alone(done, tmp_path):
 
 def test_options_carry_over_where_they_mean_the_same_and_lr_scales_with_the_methods_sources():
     base = load_recipe(SMOKE)  # LoRA r=8, alpha=16 on c_attn, lr 1e-2
-    assert method_options(base, METHODS["lora"], {"use_dora": True})[0] == {
+    assert variant_options(base, METHODS["lora"], {"use_dora": True})[0] == {
         "r": 8, "alpha": 16, "target_modules": ["c_attn"], "use_dora": True}
-    assert method_options(base, METHODS["loha"], {})[0] == {"r": 8, "alpha": 16, "target_modules": ["c_attn"]}
-    assert method_options(base, METHODS["vera"], {})[0] == {"target_modules": ["c_attn"]}  # VeRA's r is another rank
-    assert method_options(base, METHODS["ia3"], {})[0] == {}
-    assert method_options(base, METHODS["bitfit"], {})[0] == {"create_missing_biases": True}
+    assert variant_options(base, METHODS["loha"], {})[0] == {"r": 8, "alpha": 16, "target_modules": ["c_attn"]}
+    assert variant_options(base, METHODS["vera"], {})[0] == {"target_modules": ["c_attn"]}  # VeRA's r is another rank
+    assert variant_options(base, METHODS["ia3"], {})[0] == {}
+    assert variant_options(base, METHODS["bitfit"], {})[0] == {"create_missing_biases": True}
     assert learning_rate(base, METHODS["lora"], False)[0] == 1e-2
     assert learning_rate(base, METHODS["prompt_tuning"], False)[0] == 0.1
     assert learning_rate(base, METHODS["houlsby"], False)[0] == 1e-2

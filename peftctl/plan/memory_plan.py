@@ -42,7 +42,7 @@ from peftctl.model.loading import load_skeleton, resolve_dtype, transformer_bloc
 from peftctl.train.model_setup import auto_attention
 from peftctl.recipe.schema import Recipe
 from peftctl.train.sharding import check_fsdp_recipe
-from peftctl.plan.skeleton import method_options
+from peftctl.plan.skeleton import method_config
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 MIXED_PRECISION_BYTES = 2  # bf16 / fp16 weights and gradients
@@ -81,7 +81,7 @@ def peft_memory(n_frozen: int, n_trainable: int, frozen_bytes: float = MIXED_PRE
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     model: str
     method: str
     total_params: int
@@ -107,7 +107,7 @@ class Plan:
         return data
 
 
-def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> Plan:
+def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> MemoryPlan:
     """Parameter counts and memory for `recipe`; per GPU of FSDP over `shards` GPUs when > 1.
     `cuda`: activations as training on a GPU keeps them (default: whether this machine has one)."""
     with blame(recipe.source, recipe.locate):
@@ -126,7 +126,7 @@ def training_kernels(model: torch.nn.Module, recipe: Recipe, cuda: bool) -> Kern
     return Kernels(chosen, cuda and dtype in (torch.bfloat16, torch.float16), recipe.train.gradient_checkpointing)
 
 
-def _plan(recipe: Recipe, shards: int, cuda: bool) -> Plan:
+def _plan(recipe: Recipe, shards: int, cuda: bool) -> MemoryPlan:
     spec = recipe.model
     if shards > 1:
         check_fsdp_recipe(recipe)
@@ -135,7 +135,7 @@ def _plan(recipe: Recipe, shards: int, cuda: bool) -> Plan:
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
     largest = max((_weights(layer) for layer in linear_layers(model).values()), default=0)
     # A continued adapter (model.adapter) brings its own options; the recipe may name only the method.
-    adapter = methods.apply(model, method_options(recipe))
+    adapter = methods.apply(model, method_config(recipe))
     # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
     n_norm = sum(p.numel() for norm in quantize.norm_layers(model).values() for p in norm.parameters(recurse=False))
     n_trainable = adapter.trainable_count()
@@ -166,7 +166,7 @@ def _plan(recipe: Recipe, shards: int, cuda: bool) -> Plan:
         gathered = 2 * largest_block(model) * weight_bytes
         # Full fine-tuning also holds those blocks' whole gradients until they are reduce-scattered.
         peft, full = peft.sharded(shards, gathered), full.sharded(shards, 2 * gathered)
-    return Plan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
+    return MemoryPlan(recipe.model.name_or_path, recipe.method.name, n_total, n_trainable, str(dtype).removeprefix("torch."),
                 tokens, peft, full, quantize.describe(spec), recipe.train.gradient_checkpointing, unquantized,
                 shards, kernels.attention, kernels.autocast)
 

@@ -4,7 +4,7 @@ Everything a method can refuse (targets that match nothing, a layout it cannot t
 adapter to continue, sizes out of proportion) is found here, before any weight loads, and what
 it will train is counted. `peftctl train` (pipeline.prepare), `peftctl validate` and `peftctl
 plan` start from here, so they agree on which options train: the recipe's, or with
-`model.adapter` the continued adapter's (`method_options`).
+`model.adapter` the continued adapter's (`method_config`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def method_on_skeleton(recipe: Recipe, data: TokenizedData | None = None) -> OnS
     fit the model's positions (checked first: a prompt method's tokens are part of the fit)."""
     with blame(recipe.source, recipe.locate):
         skeleton = load_skeleton(recipe.model)
-        method_cfg = method_options(recipe)
+        method_cfg = method_config(recipe)
         if data is not None:
             check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
         if recipe.model.adapter is not None:
@@ -71,7 +71,7 @@ def describe_targets(found: OnSkeleton) -> str:
             f"{len(adapter.params)} tensors: {listed}{untested}")
 
 
-def method_options(recipe: Recipe) -> MethodConfig:
+def method_config(recipe: Recipe) -> MethodConfig:
     """The method options that train: the recipe's, or those of the adapter it continues."""
     return recipe.method if recipe.model.adapter is None else continued_method(recipe)
 

@@ -4,7 +4,7 @@ names, continued) → train (or resume it from a checkpoint) → export.
 It runs in two steps. `prepare` does every check that needs no weights, once: the recipe's
 output folder, the tokenizer and the data rows, the method on a weightless skeleton of the model
 (plan/skeleton.py), and with `--resume` the checkpoint against this run's fingerprint; it returns
-a `RunPlan`. `execute` then loads the weights, puts the method (or the adapter to continue) on
+a `PreparedRun`. `execute` then loads the weights, puts the method (or the adapter to continue) on
 them, trains and exports, and writes what the run's report shows (summary.json, the sample
 replies, report.html). `run` is the two in a row.
 """
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RunPlan:
+class PreparedRun:
     """What `prepare` found without loading a weight: all `execute` needs to train the recipe."""
 
     recipe: Recipe
@@ -89,7 +89,7 @@ def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = Fals
     return execute(prepare(recipe, overwrite, resume), reporter)
 
 
-def prepare(recipe: Recipe, overwrite: bool = False, resume: str | Path | None = None) -> RunPlan:
+def prepare(recipe: Recipe, overwrite: bool = False, resume: str | Path | None = None) -> PreparedRun:
     """Every check of the run that needs no weights, each once; the plan `execute` runs."""
     from accelerate.utils import parse_flag_from_env
 
@@ -104,7 +104,7 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: str | Path | None =
         if resume is not None:  # a checkpoint of another recipe is refused before the weights load
             saved = checkpoint.read(find_checkpoint(recipe.output.dir, resume), named_by="--resume")
             checkpoint.check_compatible(saved, fingerprint)
-    return RunPlan(recipe, processes, tokenizer, data, found, fingerprint, saved)
+    return PreparedRun(recipe, processes, tokenizer, data, found, fingerprint, saved)
 
 
 def check_method(recipe: Recipe, data: TokenizedData) -> OnSkeleton:
@@ -116,7 +116,7 @@ def check_method(recipe: Recipe, data: TokenizedData) -> OnSkeleton:
     return found
 
 
-def execute(plan: RunPlan, reporter: Reporter | None = None) -> RunSummary:
+def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
     """Load the weights, put the method (or the adapter to continue) on them, train and export."""
     recipe, processes, out = plan.recipe, plan.processes, plan.recipe.output.dir
     with blame(recipe.source, recipe.locate), ExitStack() as held:
@@ -173,14 +173,14 @@ def _join_processes() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def _export(plan: RunPlan, adapter: Adapter, adapter_dir: Path) -> None:
+def _export(plan: PreparedRun, adapter: Adapter, adapter_dir: Path) -> None:
     recipe = plan.recipe
     recipe_yaml = plan.resolved_recipe.to_yaml()
     with writing(adapter_dir, "the adapter"):
         save_adapter(adapter, adapter_dir, recipe.model.name_or_path, recipe_yaml, revision=recipe.model.revision)
 
 
-def _sample_rows(plan: RunPlan) -> list[dict[str, Any]]:
+def _sample_rows(plan: PreparedRun) -> list[dict[str, Any]]:
     """The validation rows whose replies the run shows (output.samples): the main process's only."""
     from accelerate.utils import DistributedType, parse_flag_from_env
 
@@ -191,7 +191,7 @@ def _sample_rows(plan: RunPlan) -> list[dict[str, Any]]:
     return sample_rows(plan.data, plan.recipe.data.format, plan.recipe.output.samples)
 
 
-def _write_run_files(plan: RunPlan, summary: RunSummary, adapter: Adapter, rows: list[dict[str, Any]],
+def _write_run_files(plan: PreparedRun, summary: RunSummary, adapter: Adapter, rows: list[dict[str, Any]],
                      base_replies: list[dict[str, Any]]) -> Path | None:
     """summary.json, the sample replies and the report (output.report), once the adapter is saved:
     the report's path, if it wrote one."""
