@@ -108,9 +108,9 @@ def bakeoff(recipe: RecipeArg, methods: MethodsOpt, grid: GridOpt = None, set_: 
             output: BakeoffOutputOpt = None, overwrite: BakeoffOverwriteOpt = False, json_: JsonOpt = False) -> None:
     """Train the recipe with each of several methods (or option values), one after another with the same data,
     seed and budget, and compare them in one table; the same command again continues an interrupted one."""
-    from peftctl import bakeoff_table as show
-    from peftctl.bakeoff import Request
-    from peftctl.bakeoff_run import BakeoffInterrupted, run_bakeoff
+    from peftctl.bakeoff import table as show
+    from peftctl.bakeoff.planning import Request
+    from peftctl.bakeoff.runner import BakeoffInterrupted, run_bakeoff
 
     quiet_libraries()
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from cli_checks import assert_refused, invoke, snapshot
-from peftctl.bakeoff import Request, learning_rate, variant_options, plan_bakeoff, split_values
-from peftctl.bakeoff_state import FIGURES, ordered
+from peftctl.bakeoff.planning import Request, learning_rate, variant_options, plan_bakeoff, split_values
+from peftctl.bakeoff.state import FIGURES, ordered
 from peftctl.methods import METHODS
 from peftctl.recipe.schema import load_recipe
 

@@ -30,7 +30,7 @@ from peftctl.report.html import cell, esc, notes, page, raw_cell, section, table
 BAKEOFF_FILE = "bakeoff.json"
 BAKEOFF_PNG = "val_loss.png"
 STATUSES = ("pending", "running", "done", "failed")
-# The figures of a done run, in the table's order (bakeoff.py writes them; any may be null).
+# The figures of a done run, in the table's order (bakeoff/planning.py writes them; any may be null).
 FIGURE_KEYS = ("trainable_params", "trainable_percent", "planned_peak_bytes", "measured_peak_bytes", "tokens_per_s",
                "wall_s", "val_loss_before", "val_loss_after", "token_accuracy", "exact_match", "adapter_bytes",
                "mergeable")

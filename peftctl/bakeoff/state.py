@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.core import jsontext
-from peftctl.bakeoff import BakeoffPlan
+from peftctl.bakeoff.planning import BakeoffPlan
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, check_replaceable, writing
 from peftctl.model.loading import model_files

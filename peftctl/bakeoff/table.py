@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from peftctl.bakeoff_state import ordered
+from peftctl.bakeoff.state import ordered
 from peftctl.console import stderr, stdout
 
 HEADERS = ("run", "lr", "trainable", "peak plan / run", "tokens/s", "wall", "val loss", "token acc", "exact",

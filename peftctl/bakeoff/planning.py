@@ -5,8 +5,8 @@ This module plans the runs, and does every check that needs no weights for all o
 first one trains (a typo in the seventh run must not surface after six): each run's recipe (the
 user's, its method replaced) is validated by the recipe model, its method put on the weightless
 model with the rows as `peftctl train` does first (pipeline.check_method), its memory planned.
-bakeoff_state.py keeps `<output>/bakeoff.json`, bakeoff_run.py trains the runs (each in a process
-of its own), bakeoff_table.py shows them.
+state.py keeps `<output>/bakeoff.json`, runner.py trains the runs (each in a process
+of its own), table.py shows them.
 
 What each run trains with:
   * the method: a registered name, or a named variant of one (`dora`: LoRA with use_dora). The

@@ -1,7 +1,7 @@
 """Running a bake-off: each run trained by `peftctl train` in a process of its own, one after another
 (a run that fails, diverges or runs out of memory takes nothing else down, and the process's peak
 memory is the run's own), then scored on the held-out rows as `peftctl eval` scores it; the state
-saved after every change (bakeoff_state.py).
+saved after every change (state.py).
 
 Continuing: a done run is kept; an interrupted one resumes from its latest checkpoint (`peftctl
 train --resume`), or starts again if it wrote none; a failed one is tried again; a run trained but
@@ -27,8 +27,8 @@ from types import SimpleNamespace
 from typing import IO, Any
 
 from peftctl.train import checkpoint
-from peftctl.bakeoff import BakeoffPlan, Request, Run, plan_bakeoff
-from peftctl.bakeoff_state import open_state, save_state, start_folder
+from peftctl.bakeoff.planning import BakeoffPlan, Request, Run, plan_bakeoff
+from peftctl.bakeoff.state import open_state, save_state, start_folder
 from peftctl.console import PROGRESS_LABEL
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import atomic_write_text, output_lock, writing
@@ -91,7 +91,7 @@ def write_recipes(plan: BakeoffPlan) -> None:
 def write_reports(out: Path, state: dict[str, Any]) -> None:
     """bakeoff.md (the table and the commands that reproduce it) and report.html with every run's
     validation curve in one chart (val_loss.png beside it), as `peftctl report` writes them."""
-    from peftctl.bakeoff_table import markdown
+    from peftctl.bakeoff.table import markdown
     from peftctl.report.bakeoff_report import write_bakeoff_report
 
     with writing(out / "bakeoff.md", "the bake-off report"):
