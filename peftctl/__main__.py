@@ -1,3 +1,3 @@
-from peftctl.cli import app
+from peftctl.cli.commands import app
 
 app()

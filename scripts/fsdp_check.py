@@ -82,7 +82,7 @@ def main() -> int:
     if not args.json:
         from rich.table import Table
 
-        from peftctl.console import stdout
+        from peftctl.cli.console import stdout
 
         table = Table(title=f"{args.recipe.name}, {args.steps} steps, {processes} processes on {device}",
                       title_justify="left")

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name(), "versions": gpu_peer.versions(), "steps": args.steps,
               "warmup": args.warmup, "batch_size": args.batch_size, "seconds": round(time.perf_counter() - started),
               "verdict": verdict(rows), "ratios_over_peft_trl": ratios(rows), "runs": [asdict(r) for r in rows]}
-    from peftctl.console import stdout
+    from peftctl.cli.console import stdout
 
     stdout.print(table(rows, f"{report['device']}: {args.warmup} + {args.steps} steps, batch {args.batch_size}"))
     stdout.print(report["verdict"])

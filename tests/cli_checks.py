@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from peftctl.cli import app
+from peftctl.cli.commands import app
 
 
 def invoke(*args):

@@ -23,6 +23,6 @@ def _as_gpu_group(self, *args, **kwargs):
 PartialState.__init__ = _as_gpu_group
 
 if __name__ == "__main__":
-    from peftctl.cli import app
+    from peftctl.cli.commands import app
 
     app()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.methods import METHODS
 from test_cli import ONE_THREAD
 

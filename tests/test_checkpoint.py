@@ -26,7 +26,7 @@ from peftctl import methods
 from peftctl.train import checkpoint
 
 from peftctl.train import loop as train_module
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.data.tokenize import load_data
 from peftctl.core.errors import UserError
 from peftctl.train.interrupts import StopRequests as _StopRequests

@@ -17,7 +17,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -157,7 +157,7 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(tm
     """On CPUs (or in one unlaunched process) accelerate keeps DDP under an FSDP config: refused."""
     from typer.testing import CliRunner
 
-    from peftctl.cli import app
+    from peftctl.cli.commands import app
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")

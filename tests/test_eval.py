@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from peftctl.run import pipeline
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.eval.scores import token_f1
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.schema import load_recipe

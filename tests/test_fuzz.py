@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from peftctl.run import pipeline
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.recipe.schema import load_recipe
 from test_bad_input import recipe_text
 

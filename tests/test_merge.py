@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import peftctl.model.loading
 from peftctl import methods
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.export.adapter_files import CONFIG_FILE, save_adapter
 from peftctl.methods import METHODS
 from peftctl.methods.bitfit import BitFitConfig

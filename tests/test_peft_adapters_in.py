@@ -27,7 +27,7 @@ import peftctl.model.loading
 from peftctl.run import pipeline
 from peftctl.plan import skeleton
 from peftctl.plan.memory_plan import plan
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.data.tokenize import tokenize_rows
 from peftctl.data.rows import read_rows
 from peftctl.core.errors import UserError

@@ -8,7 +8,7 @@ import pytest
 from transformers import LlamaConfig
 from typer.testing import CliRunner
 
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.plan.memory_plan import full_finetune_memory, peft_memory, plan
 from peftctl.recipe.schema import Recipe
 

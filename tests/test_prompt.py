@@ -24,7 +24,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from typer.testing import CliRunner
 
 import peftctl.methods
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli_checks import assert_refused
 from peftctl.run import pipeline
 from peftctl.train import trackers
-from peftctl.cli import app
+from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
 from peftctl.recipe.schema import TRACKERS, load_recipe
 from peftctl.train.loop import TrainingInterrupted

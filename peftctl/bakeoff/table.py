@@ -1,19 +1,14 @@
 """What a bake-off shows: one table of its runs, sorted by validation loss after training (failed
-runs below it with their error), as a rich table on the terminal and as Markdown in bakeoff.md."""
+runs below it with their error): its rows and notes (cli/console.py shows them as a rich table on
+the terminal) and bakeoff.md."""
 
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from peftctl.bakeoff.state import ordered
-from peftctl.console import stderr, stdout
 
 HEADERS = ("run", "lr", "trainable", "peak plan / run", "tokens/s", "wall", "val loss", "token acc", "exact",
            "adapter", "merges")
@@ -75,20 +70,6 @@ def notes(state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_bakeoff(state: dict[str, Any], out: Path) -> None:
-    table = Table(title=f"peftctl bakeoff: {state['recipe']}, sorted by validation loss", title_justify="left")
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header == "run" else "right", overflow="fold")
-    for run in ordered(state["runs"]):
-        if run["status"] == "done":
-            table.add_row(*cells(run))
-    # Into a file or a log the table keeps its width: rich would fold it to 80 columns.
-    (stdout if stdout.is_terminal else Console(width=200)).print(table)
-    for line in notes(state):
-        stdout.print(Text(line), highlight=False, soft_wrap=True)
-    stdout.print(Text.assemble(("results: ", "bold"), f"{out / 'bakeoff.json'}, {out / 'bakeoff.md'}"), soft_wrap=True)
-
-
 def markdown(state: dict[str, Any], out: Path) -> str:
     """bakeoff.md: the table, the notes, and the commands that reproduce the bake-off and each run."""
     rows = [cells(run) for run in ordered(state["runs"]) if run["status"] == "done"]
@@ -103,18 +84,3 @@ def markdown(state: dict[str, Any], out: Path) -> str:
               *(f"peftctl train {shlex.quote(str(out / run['recipe_file']))}  # {run['label']}" for run in state["runs"]),
               "```", ""]
     return "\n".join(lines)
-
-
-def print_progress(line: str) -> None:
-    """A bake-off's progress and its runs' own, as plain lines on stderr (stdout is the table)."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def print_bakeoff_interrupted(stopped) -> None:
-    if stopped.command is None:
-        stderr.print(Text("aborted while planning: nothing was trained", style="bold red"))
-        return
-    during = f" during {stopped.run}; state saved in {stopped.state_file} (a run in training is checkpointed)" \
-        if stopped.run else " before its first run"
-    stderr.print(Text.assemble(("interrupted", "bold yellow"), during, "\ncontinue with:\n  ", (stopped.command, "bold")),
-                 highlight=False, soft_wrap=True)

@@ -153,7 +153,7 @@ def check_cached_weights(ref: RepoRef, folder: Path, gguf_file: str | None) -> N
 
 def _progress_bar():
     """huggingface_hub's own download bar, shown even though peftctl silences the libraries' tqdm
-    bars (TQDM_DISABLE, see cli.py): an explicit `disable=False` outranks that default."""
+    bars (TQDM_DISABLE, see cli/commands.py): an explicit `disable=False` outranks that default."""
     from huggingface_hub.utils import tqdm
 
     class Shown(tqdm):

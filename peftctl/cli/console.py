@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -87,14 +88,11 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
-# What the progress names: `train`, or the run and its place in a bake-off ("3/7 ia3"), which
-# `peftctl bakeoff` hands each training process it starts.
-PROGRESS_LABEL = "PEFTCTL_PROGRESS_LABEL"
-
-
 def reporter(quiet: bool = False):
     """A live bar on a terminal; plain lines when stderr goes to a file or a CI log. `quiet` (--json):
     none, unless a bake-off runs this training and shows its progress."""
+    from peftctl.bakeoff.runner import PROGRESS_LABEL
+
     label = os.environ.get(PROGRESS_LABEL)
     if quiet and not label:
         return None
@@ -337,3 +335,38 @@ def _quoted_folder(path: str) -> str:
     import shlex
 
     return shlex.quote(str(Path(path).parent))
+
+
+# --- a bake-off ----------------------------------------------------------------------------------
+
+
+def print_bakeoff(state: dict[str, Any], out: Path) -> None:
+    from peftctl.bakeoff import table as bakeoff_table  # here: the bake-off's modules load torch
+    from peftctl.bakeoff.state import ordered
+
+    table = Table(title=f"peftctl bakeoff: {state['recipe']}, sorted by validation loss", title_justify="left")
+    for header in bakeoff_table.HEADERS:
+        table.add_column(header, justify="left" if header == "run" else "right", overflow="fold")
+    for run in ordered(state["runs"]):
+        if run["status"] == "done":
+            table.add_row(*bakeoff_table.cells(run))
+    # Into a file or a log the table keeps its width: rich would fold it to 80 columns.
+    (stdout if stdout.is_terminal else Console(width=200)).print(table)
+    for line in bakeoff_table.notes(state):
+        stdout.print(Text(line), highlight=False, soft_wrap=True)
+    stdout.print(Text.assemble(("results: ", "bold"), f"{out / 'bakeoff.json'}, {out / 'bakeoff.md'}"), soft_wrap=True)
+
+
+def print_progress(line: str) -> None:
+    """A bake-off's progress and its runs' own, as plain lines on stderr (stdout is the table)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def print_bakeoff_interrupted(stopped) -> None:
+    if stopped.command is None:
+        stderr.print(Text("aborted while planning: nothing was trained", style="bold red"))
+        return
+    during = f" during {stopped.run}; state saved in {stopped.state_file} (a run in training is checkpointed)" \
+        if stopped.run else " before its first run"
+    stderr.print(Text.assemble(("interrupted", "bold yellow"), during, "\ncontinue with:\n  ", (stopped.command, "bold")),
+                 highlight=False, soft_wrap=True)

@@ -66,7 +66,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-# `peftctl bakeoff`'s options, here so that cli.py stays the list of commands.
+# `peftctl bakeoff`'s options, here so that commands.py stays the list of commands.
 # Options several commands share.
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import typer
 
 from peftctl.core import jsontext
-from peftctl.console import print_error
+from peftctl.cli.console import print_error
 from peftctl.core.errors import UserError
 
 

@@ -17,11 +17,11 @@ from typing import Annotated, Optional
 import typer
 
 from peftctl.core import jsontext
-from peftctl.cli_boundary import leave_process_group, quiet_libraries, user_errors
-from peftctl.cli_parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
+from peftctl.cli.boundary import leave_process_group, quiet_libraries, user_errors
+from peftctl.cli.parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
                                  GridOpt, JsonOpt, MethodsOpt, OptionalValueCommand, OverwriteModelOpt, RecipeArg,
                                  SamplesOpt, SetOpt, SeveralNumbersCommand, TrustOpt)
-from peftctl.console import print_interrupted, print_summary, print_summary_lines, stdout
+from peftctl.cli.console import print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.core.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
@@ -65,7 +65,7 @@ def train(
 ) -> None:
     """Train the recipe's adapter and export it in peft's format."""
     from peftctl.run import pipeline
-    from peftctl.console import reporter
+    from peftctl.cli.console import reporter
     from peftctl.recipe.schema import load_recipe
     from peftctl.train.loop import TrainingInterrupted
 
@@ -93,7 +93,7 @@ def train(
         leave_process_group()
     if not summary.main_process:
         return
-    from peftctl.console import print_train_summary
+    from peftctl.cli.console import print_train_summary
 
     figures = pipeline.train_figures(summary)
     if json_:
@@ -108,7 +108,7 @@ def bakeoff(recipe: RecipeArg, methods: MethodsOpt, grid: GridOpt = None, set_: 
             output: BakeoffOutputOpt = None, overwrite: BakeoffOverwriteOpt = False, json_: JsonOpt = False) -> None:
     """Train the recipe with each of several methods (or option values), one after another with the same data,
     seed and budget, and compare them in one table; the same command again continues an interrupted one."""
-    from peftctl.bakeoff import table as show
+    from peftctl.cli import console as show
     from peftctl.bakeoff.planning import Request
     from peftctl.bakeoff.runner import BakeoffInterrupted, run_bakeoff
 
@@ -248,7 +248,7 @@ def _combine_into_adapter(adapters: list[Path], out: Path, how: str, weights: li
     if json_:
         print(jsontext.dumps(figures))
         return
-    from peftctl.console import print_combined
+    from peftctl.cli.console import print_combined
 
     print_combined(figures)
 
@@ -320,7 +320,7 @@ def export(
     if json_:
         print(jsontext.dumps(figures))
         return
-    from peftctl.console import export_rows
+    from peftctl.cli.console import export_rows
 
     rows, lines = export_rows(figures)
     print_summary("peftctl export --format gguf", rows, lines)
@@ -355,7 +355,7 @@ def evaluate(
     if json_:
         print(jsontext.dumps(report.as_dict()))
         return
-    from peftctl.console import print_comparison, print_eval
+    from peftctl.cli.console import print_comparison, print_eval
 
     (print_eval if len(targets) == 1 else print_comparison)(report)
 
@@ -366,7 +366,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
                                            help="Memory per GPU when FSDP2 shards the model over this many GPUs.")] = 1,
          ) -> None:
     """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
-    from peftctl.console import plan_table
+    from peftctl.cli.console import plan_table
     from peftctl.plan.memory_plan import plan as make_plan
     from peftctl.recipe.schema import load_recipe
 
