@@ -26,7 +26,7 @@ def recipe_for(args: argparse.Namespace, out_dir: Path, overrides: list[str], dt
     """The benchmark's recipe through peftctl's own loader (so --set works as on the CLI)."""
     import yaml
 
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     raw = {
         "model": {"name_or_path": args.model, "dtype": dtype or args.dtype},

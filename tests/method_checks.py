@@ -10,7 +10,7 @@ from torch import nn
 
 from peftctl.run import pipeline
 from peftctl.methods import METHODS
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every registered method's examples (Method.examples), by label, with the method's name: the

@@ -21,7 +21,7 @@ from cli_checks import assert_refused, invoke, snapshot
 from peftctl.bakeoff.planning import Request, learning_rate, variant_options, plan_bakeoff, split_values
 from peftctl.bakeoff.state import FIGURES, ordered
 from peftctl.methods import METHODS
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"

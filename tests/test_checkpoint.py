@@ -274,7 +274,7 @@ def test_a_nan_loss_in_the_cli_exits_without_traceback(tmp_path):
 
 def test_ctrl_c_checkpoints_exits_130_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
     from peftctl.run import pipeline
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     sets = ["--set", "train.max_steps=150", "--set", "train.log_every=1", "--set", "train.save_every=100"]
     out = tmp_path / "run"

@@ -28,7 +28,7 @@ from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import CONFIG_FILE, load_adapter, save_adapter
 from peftctl.model.loading import load_skeleton
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 HIDDEN = 64  # both tiny models

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from peftctl.run import pipeline
 
 from peftctl.train import sharding
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from test_trackers import tensorboard_curves
 
 ROOT = Path(__file__).resolve().parent.parent

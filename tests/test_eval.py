@@ -21,7 +21,7 @@ from peftctl.run import pipeline
 from peftctl.cli.commands import app
 from peftctl.eval.scores import token_f1
 from peftctl.export.adapter_files import RECIPE_FILE
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"

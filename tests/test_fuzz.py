@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from peftctl.run import pipeline
 from peftctl.cli.commands import app
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from test_bad_input import recipe_text
 
 ROOT = Path(__file__).resolve().parent.parent

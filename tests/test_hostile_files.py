@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE, WEIGHTS_FILE
 from peftctl.export.merge import merge_to_folder
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from test_bad_input import recipe_text
 

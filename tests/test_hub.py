@@ -284,7 +284,7 @@ def test_a_local_dataset_folder_reads_its_splits_and_slices(tmp_path):
 
 def test_the_shipped_hub_recipe_trains_from_a_cache_under_its_ids(tmp_path, hf_home):
     """recipes/hub-qwen-alpaca.yaml as written, its ids standing for tiny stand-ins in the cache."""
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     shipped = Path(__file__).resolve().parents[1] / "recipes" / "hub-qwen-alpaca.yaml"
     spec = load_recipe(shipped)

@@ -26,7 +26,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.export.merge import merge_to_folder
 from peftctl.methods import METHODS
 from peftctl.methods.lycoris import LycorisLinear
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from test_qlora import trained_gpt2_adapter
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps
 

@@ -33,7 +33,8 @@ from peftctl.data.rows import read_rows
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from peftctl.model.loading import load_model, load_tokenizer
-from peftctl.recipe.schema import DataSpec, ModelSpec, load_recipe
+from peftctl.recipe.schema import DataSpec, ModelSpec
+from peftctl.recipe.load import load_recipe
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from tiny_models import token_batch
 

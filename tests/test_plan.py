@@ -84,7 +84,7 @@ import json, resource, sys, threading, time
 from pathlib import Path
 from peftctl.run import pipeline
 from peftctl.plan.memory_plan import plan
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from peftctl.train.loop import SilentReporter
 
 def rss():

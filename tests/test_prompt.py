@@ -30,7 +30,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model.loading import byte_level_tokenizer
 from peftctl.run.pipeline import run
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from peftctl.train.loss import CausalLMLoss
 from greedy_reference import greedy_without_cache
 from hf_folders import save_tiny_llama

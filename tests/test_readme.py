@@ -23,7 +23,7 @@ def test_ci_reads_install_and_test_commands_from_readme():
 
 def test_every_shipped_recipe_validates():
     from peftctl.core.hub import is_hub_id
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes

@@ -21,7 +21,7 @@ from peftctl.export.adapter_files import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model.loading import load_model
 from peftctl.run.pipeline import run
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from peftctl.plan.skeleton import describe_targets, method_on_skeleton
 
 RECIPES = ROOT / "recipes"

@@ -138,7 +138,7 @@ def test_a_resumed_run_drops_the_summary_of_the_finish_it_continues(trained, tmp
     """Resuming a finished run (to train further) makes its summary and samples stale: they go
     before training, so a resumed run that stops again is reported as unfinished."""
     from peftctl.run import pipeline
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
@@ -343,7 +343,7 @@ def test_sample_replies_by_method_and_data_format(tmp_path, recipe, options, rep
     from peftctl.eval.scores import generate_reply
     from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model, load_tokenizer
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
     from peftctl.eval.samples import MAX_NEW_TOKENS
 
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ import yaml
 
 from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE
-from peftctl.recipe.schema import load_recipe
+from peftctl.recipe.load import load_recipe
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 

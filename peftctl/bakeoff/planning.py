@@ -39,7 +39,8 @@ from typing import Any
 
 from peftctl.core.errors import ErrorGroup, UserError, blame, did_you_mean
 from peftctl.methods import METHODS, Method
-from peftctl.recipe.schema import Recipe, load_recipe
+from peftctl.recipe.schema import Recipe
+from peftctl.recipe.load import load_recipe
 from peftctl.recipe.yaml_file import RawRecipe, parse_value
 
 # Recipe keys the bake-off sets itself, by the option that sets them: a grid over one would contradict it.

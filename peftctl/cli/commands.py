@@ -66,7 +66,7 @@ def train(
     """Train the recipe's adapter and export it in peft's format."""
     from peftctl.run import pipeline
     from peftctl.cli.console import reporter
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
     from peftctl.train.loop import TrainingInterrupted
 
     quiet_libraries()
@@ -163,7 +163,7 @@ def rebuild_report(folder: Path) -> dict[str, str]:
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe, and what its method trains on the model (from its config alone), and print
     the recipe with every default filled in."""
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
     from peftctl.run.validate import findings
 
     quiet_libraries()
@@ -368,7 +368,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     """Parameter counts and memory for a recipe, from the model's config alone (no weights load)."""
     from peftctl.cli.console import plan_table
     from peftctl.plan.memory_plan import plan as make_plan
-    from peftctl.recipe.schema import load_recipe
+    from peftctl.recipe.load import load_recipe
 
     quiet_libraries()
     with user_errors(json_):

@@ -234,7 +234,8 @@ def eval_inputs(target: Path, data: Path | None, fmt: str | None) -> tuple[Path,
     from peftctl.core.errors import UserError
     from peftctl.export.adapter_files import saved_recipe
     from peftctl.core.files import check_path
-    from peftctl.recipe.schema import DataSpec, load_recipe
+    from peftctl.recipe.schema import DataSpec
+    from peftctl.recipe.load import load_recipe
 
     for where, path in (("the adapter folder or recipe", target), ("--data", data)):
         if path is not None:

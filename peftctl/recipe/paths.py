@@ -8,16 +8,12 @@ Hub dataset.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peftctl.core.errors import UserError
 from peftctl.core.files import check_path
 from peftctl.core.hub import is_hub_id
+from peftctl.recipe.schema import DATA_SUFFIXES, Recipe
 
-if TYPE_CHECKING:  # schema.py imports this module
-    from peftctl.recipe.schema import Recipe
-
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def resolve_paths(recipe: Recipe, path: Path) -> None:

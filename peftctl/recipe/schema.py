@@ -10,19 +10,16 @@ and its data travel together; `output.dir` is relative to the directory you run 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, WithJsonSchema,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
                       field_validator)
 
-from peftctl.core.errors import blame, did_you_mean
+from peftctl.core.errors import did_you_mean
 from peftctl.methods import METHODS
-from peftctl.recipe.validation_errors import explain
-from peftctl.recipe.paths import DATA_SUFFIXES, check_data_files, check_paths, resolve_paths
-from peftctl.recipe.yaml_file import RawRecipe, locate, read_recipe_yaml
+from peftctl.recipe.yaml_file import locate
 
 
 ROLES = ("system", "user", "assistant")
@@ -33,6 +30,10 @@ FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("t
 # The experiment trackers `train.report_to` may name (train/trackers.py has one class for each).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS = get_args(Tracker)
+
+
+# The data file types peftctl reads (rows.py reads each).
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 class Section(BaseModel):
@@ -345,27 +346,3 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
-                edit: Callable[[RawRecipe], None] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every problem is a UserError naming file and key.
-
-    Data files are checked to exist here, so `peftctl validate` catches a wrong path too. `edit`
-    changes the mapping read before it is validated (the bake-off's runs: their method, budget and
-    grid values, each with the option it came from in `origins`).
-    """
-    path = Path(path)
-    read = read_recipe_yaml(path, overrides, output_dir)
-    if edit is not None:
-        edit(read)
-    try:
-        recipe = Recipe.model_validate(read.raw)
-    except ValidationError as err:
-        raise explain(err, read.raw, path, read.locate, Recipe) from None
-    recipe._source, recipe._text, recipe._origins = path, read.text, read.origins
-    resolve_paths(recipe, path)
-    with blame(path, recipe.locate):
-        check_paths(recipe)
-    check_data_files(recipe, path)
-    return recipe
