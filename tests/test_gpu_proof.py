@@ -67,7 +67,7 @@ def test_the_builder_makes_random_bf16_weights_and_a_4bit_base(tiny, tmp_path):
     model = gpu_proof.build_model(recipes["lora-qv"].model, "cpu")
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert weight.dtype == torch.bfloat16 and weight.float().std() > 0
-    assert model.config.num_hidden_layers == 2 and model.peftctl_spec is recipes["lora-qv"].model
+    assert model.config.num_hidden_layers == 2 and model.config.name_or_path == recipes["lora-qv"].model.name_or_path
     quantized = gpu_proof.build_model(recipes["qlora"].model, "cpu")
     assert quantized_kind(quantized.model.layers[0].mlp.down_proj) == "4bit"
 

@@ -23,8 +23,8 @@ import peftctl.methods
 from method_checks import assert_smoke_run
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+from peftctl.methods.base import BaseFacts
 from peftctl.methods.lora import METHOD, LoraConfig
-from peftctl.recipe.schema import ModelSpec
 from tiny_models import (batch_logits, real_difference, tiny_gpt2, tiny_llama, tiny_llama_config, token_batch,
                          train_steps)
 
@@ -167,18 +167,17 @@ def test_skeleton_gets_shapes_without_decomposing():
     assert adapter.trainable_count() == 2 * R * (64 + 64)
 
 
-def refusal(model: torch.nn.Module, **options) -> UserError:
+def refusal(model: torch.nn.Module, base: BaseFacts = BaseFacts(), **options) -> UserError:
     with pytest.raises(UserError) as caught:
-        peftctl.methods.apply(model, LoraConfig(name="lora", r=R, **options))
+        peftctl.methods.apply(model, LoraConfig(name="lora", r=R, **options), base)
     return caught.value
 
 
 def test_base_changing_inits_refuse_what_cannot_be_exact():
     """A quantized base (peft refuses PiSSA there), DoRA (peft's conversion drops its
     magnitudes) and expert weights (peft has no PiSSA for them): refused, keyed method.init."""
-    skeleton = tiny_llama()
-    skeleton.peftctl_spec = ModelSpec(name_or_path="x", quantization="4bit")  # as load_skeleton tags it
-    err = refusal(skeleton, init="pissa", target_modules=["q_proj"])
+    # A skeleton's layers are not quantized yet: the facts given to the method say the base will be.
+    err = refusal(tiny_llama(), BaseFacts(quantized=True), init="pissa", target_modules=["q_proj"])
     assert err.where == "method.init" and "quantized" in err.problem and "model.quantization: none" in err.fix
     err = refusal(tiny_llama(), init="olora", use_dora=True, target_modules=["q_proj"])
     assert err.where == "method.init" and "DoRA" in err.problem

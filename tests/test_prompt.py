@@ -27,6 +27,7 @@ import peftctl.methods
 from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+from peftctl.methods.base import BaseFacts
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model.loading import byte_level_tokenizer
 from peftctl.run.pipeline import run
@@ -220,7 +221,8 @@ def test_init_text_matches_peft(tmp_path, text):
                                      prompt_tuning_init_text=text, tokenizer_name_or_path=str(tmp_path))
     theirs = peft.get_peft_model(tiny_gpt2(), config).prompt_encoder["default"].embedding.weight
     cfg = PromptTuningConfig(name="prompt_tuning", num_virtual_tokens=5, init_text=text)
-    ours = peftctl.methods.apply(tiny_gpt2(), cfg).state_dict()["prompt_embeddings"]
+    tokenizer = BaseFacts(tokenizer=byte_level_tokenizer)  # what the method is told of the base
+    ours = peftctl.methods.apply(tiny_gpt2(), cfg, tokenizer).state_dict()["prompt_embeddings"]
     torch.testing.assert_close(ours, theirs.detach(), atol=0, rtol=0)
 
 
@@ -249,7 +251,7 @@ def test_zero_init_prefix_starts_as_peft_init_weights_zero(variant):
 def test_init_text_needs_a_known_tokenizer():
     cfg = PromptTuningConfig(name="prompt_tuning", num_virtual_tokens=4, init_text="hello")
     with pytest.raises(UserError) as err:
-        peftctl.methods.apply(tiny_llama(), cfg)  # built from a config: no tokenizer anywhere
+        peftctl.methods.apply(tiny_llama(), cfg)  # no tokenizer among the facts given
     assert err.value.where == "method.init_text"
 
 

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peftctl.data.tokenize import Example, batches, to_messages
 from peftctl.train.loss import CausalLMLoss
+from peftctl.model.loading import base_facts
 
 
 @dataclass
@@ -199,7 +200,7 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
 
     spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
     for folder in adapter_dirs:
-        load_adapter(load_skeleton(spec), folder)
+        load_adapter(load_skeleton(spec), folder, base_facts(spec))
     tokenizer = load_tokenizer(spec)
     rows = read_rows(data_file, fmt, key="--data")
     examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)

@@ -19,7 +19,7 @@ from torch import nn
 from peftctl import methods
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import atomic_directory
-from peftctl.methods import Adapter, Method, MethodConfig
+from peftctl.methods import Adapter, BaseFacts, Method, MethodConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -95,15 +95,15 @@ def adapter_method(folder: Path) -> tuple[Method, MethodConfig]:
                         expected=f"an adapter_config.json written by peft or peftctl for {method.peft_type}") from None
 
 
-def load_adapter(model: nn.Module, folder: Path) -> Adapter:
+def load_adapter(model: nn.Module, folder: Path, base: BaseFacts = BaseFacts()) -> Adapter:
     """Apply the adapter saved in `folder` to `model` and load its weights, all or nothing."""
-    adapter = prepare_adapter(model, folder)
+    adapter = prepare_adapter(model, folder, base)
     weights = Path(folder) / WEIGHTS_FILE
     adapter.load_state_dict(read_weights(weights), str(weights))
     return adapter
 
 
-def prepare_adapter(model: nn.Module, folder: Path) -> Adapter:
+def prepare_adapter(model: nn.Module, folder: Path, base: BaseFacts = BaseFacts()) -> Adapter:
     """Apply the adapter saved in `folder` to `model` with its options, not yet its weights: what
     it adapts and the shapes, checked against the model before any weights are read."""
     folder = Path(folder)
@@ -112,7 +112,7 @@ def prepare_adapter(model: nn.Module, folder: Path) -> Adapter:
         raise UserError(f"no {WEIGHTS_FILE} in the adapter folder", file=folder,
                         fix="peftctl reads safetensors only; re-save the adapter with safe_serialization=True")
     try:
-        return method.apply(model, cfg)
+        return method.apply(model, cfg, base)
     except UserError as err:
         # The options come from the adapter's config, not from a recipe: say so, and that the
         # likely cause is a base model other than the one the adapter was made for.

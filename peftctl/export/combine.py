@@ -39,6 +39,7 @@ from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX
 from peftctl.methods.lora import METHOD as LORA, LoraConfig
 from peftctl.methods.lora_init import BASE_CHANGING
+from peftctl.model.loading import base_facts
 
 COMBINATIONS = ("cat", "linear", "ties", "dare_linear", "dare_ties")
 PRUNED = ("ties", "dare_linear", "dare_ties")  # the ones that take a density
@@ -146,7 +147,7 @@ def combine_adapters(folders: list[Path], out: Path, how: str = "cat", weights: 
     spec = base_model_spec(folders[0], base, trust_remote_code)
     check_replaceable(out, overwrite, "--out", (CONFIG_FILE,), inputs={
         **{f"input adapter {i}": folder for i, folder in enumerate(folders, 1)}, "the base model": model_files(spec)})
-    adapters = [prepare_adapter(load_skeleton(spec), folder) for folder in folders]
+    adapters = [prepare_adapter(load_skeleton(spec), folder, base_facts(spec)) for folder in folders]
     check_same_layers(folders, adapters)
     states = []
     for folder, adapter in zip(folders, adapters):

@@ -31,6 +31,7 @@ from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, w
 from peftctl.export.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
 from peftctl.export.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
     lora_tensors, model_tensors
+from peftctl.model.loading import base_facts
 
 DEFAULT_QUANT = "f16"
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
@@ -106,7 +107,7 @@ def write_adapter(folder: Path, spec: Any, out: Path) -> dict[str, Any]:
     skeleton (names, scaling), its A and B read from the file; no base weights load."""
     from peftctl.model.loading import load_skeleton
 
-    adapter = load_adapter(load_skeleton(spec), folder)
+    adapter = load_adapter(load_skeleton(spec), folder, base_facts(spec))
     with _naming_the_base(spec):
         tensors, alpha = lora_tensors(adapter, read_weights(folder / WEIGHTS_FILE))
     arch = architecture(adapter.model.config).name

@@ -19,7 +19,7 @@ from peftctl.core.files import atomic_directory, check_replaceable, writing
 from peftctl.export.adapter_base import base_model_spec, base_precision
 from peftctl.export.adapter_files import CONFIG_FILE, load_adapter, read_adapter_config
 from peftctl.model import quantize
-from peftctl.model.loading import load_config, load_model, load_skeleton, load_tokenizer, model_files
+from peftctl.model.loading import base_facts, load_config, load_model, load_skeleton, load_tokenizer, model_files
 from peftctl.recipe.schema import ModelSpec
 
 @dataclass
@@ -53,7 +53,7 @@ def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool
     spec = base_model_spec(folder, base, trust_remote_code)
     check_output(spec)
     skeleton = load_skeleton(spec)
-    load_adapter(skeleton, folder)  # options, targets and shapes, before the weights load
+    load_adapter(skeleton, folder, base_facts(spec))  # options, targets and shapes, before the weights load
     base_dtype = base_precision(skeleton.config, spec)
     quantized = spec.quantization != "none"
     if not quantized:
@@ -62,7 +62,7 @@ def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool
     model = load_model(spec)  # a quantized base is quantized from `dtype`, as in training
     if quantized:
         quantize.upcast(model)
-    adapter = load_adapter(model, folder)
+    adapter = load_adapter(model, folder, base_facts(spec))
     probe = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = adapter.model(probe).logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from peftctl.core.errors import UserError, did_you_mean
-from peftctl.methods.base import Adapter, Method, MethodConfig, options_named
+from peftctl.methods.base import Adapter, BaseFacts, Method, MethodConfig, options_named
 
 METHODS: dict[str, Method] = {}
 
@@ -56,10 +56,11 @@ def by_peft_type(peft_type: str, source: str) -> Method:
     )
 
 
-def apply(model, cfg: MethodConfig) -> Adapter:
-    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter."""
+def apply(model, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
+    """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter.
+    `base`: what the method may know of the model beyond its modules (model.loading.base_facts)."""
     with options_named(cfg):
-        return get(cfg.name).apply(model, cfg)
+        return get(cfg.name).apply(model, cfg, base)
 
 
-__all__ = ["Adapter", "METHODS", "Method", "MethodConfig", "apply", "by_peft_type", "get"]
+__all__ = ["Adapter", "BaseFacts", "METHODS", "Method", "MethodConfig", "apply", "by_peft_type", "get"]

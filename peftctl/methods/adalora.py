@@ -34,7 +34,7 @@ from torch import nn
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
-    PEFT_KEY_PREFIX,
+    BaseFacts, PEFT_KEY_PREFIX,
     Adapter,
     AllLinear,
     Applied,
@@ -204,7 +204,7 @@ class AdaLoRA(WrappingMethod):
     examples = {"adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "total_step": 5}}
     comparable_options = {"target_modules": "linear layers"}
 
-    def select(self, model: nn.Module, cfg: AdaLoraConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: AdaLoraConfig, base: BaseFacts) -> dict[str, nn.Module]:
         if cfg.target_r >= cfg.init_r:
             raise UserError(f"target_r = {cfg.target_r} leaves nothing to prune from init_r = {cfg.init_r}",
                             where="target_r", expected=f"target_r < init_r ({cfg.init_r})",

@@ -17,7 +17,7 @@ Errors a method raises name its own options (`target_modules`); the registry add
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -42,6 +42,19 @@ class MethodConfig(BaseModel):
     # Options that steer training but are not part of the adapter (no exported field depends on
     # them): an adapter continued with `model.adapter` takes the recipe's values for these.
     training_only: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a method may know of the base model beyond its modules, given to `Method.apply`.
+
+    The model alone cannot say these: a weightless skeleton on the meta device is not quantized
+    yet, though the recipe will quantize it (LoRA refuses PiSSA on a quantized base before the
+    weights load), and the model keeps no tokenizer (prompt tuning's `init_text`).
+    """
+
+    quantized: bool = False  # the frozen linear layers are, or will be, stored in 4 or 8 bits
+    tokenizer: Callable[[], Any] | None = None  # loads the base's tokenizer; only called by a method that needs it
 
 
 @dataclass
@@ -87,8 +100,9 @@ class Method:
     suggested_lr: ClassVar[float] = 1e-4
     lr_source: ClassVar[str | None] = None
 
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
-        """Freeze `model`, add or select this method's parameters in place, return them."""
+    def apply(self, model: nn.Module, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
+        """Freeze `model`, add or select this method's parameters in place, return them. `base`
+        is all a method may know of the model beyond its modules."""
         raise NotImplementedError
 
     def peft_config(self, adapter: Adapter) -> dict[str, Any]:
@@ -205,7 +219,7 @@ class WrappingMethod(Method):
     each wrapper for `merged_base()`, the wrapped module with the update folded in.
     """
 
-    def select(self, model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: MethodConfig, base: BaseFacts) -> dict[str, nn.Module]:
         return match_targets(model, cfg.target_modules)
 
     def wrap(self, module: nn.Module, cfg: MethodConfig, name: str, applied: Applied) -> nn.Module:
@@ -215,9 +229,9 @@ class WrappingMethod(Method):
         """What merge and export need to know, read from the model before anything is replaced."""
         return Applied(list(selected), any(linear_shape(m)[2] for m in selected.values()))
 
-    def apply(self, model: nn.Module, cfg: MethodConfig) -> Adapter:
+    def apply(self, model: nn.Module, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
         freeze(model)
-        selected = self.select(model, cfg)
+        selected = self.select(model, cfg, base)
         applied = self.record(model, cfg, selected)
         for name, module in selected.items():
             model.set_submodule(name, self.wrap(module, cfg, name, applied))

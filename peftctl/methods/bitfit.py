@@ -28,7 +28,7 @@ from peftctl.arch.architectures import BIAS_FLAGS
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import LINEAR_TYPES, linear_layers, linear_shape
 from peftctl.methods.base import (
-    Adapter,
+    BaseFacts, Adapter,
     AllLinear,
     Applied,
     MethodConfig,
@@ -106,7 +106,7 @@ class BitFit(WrappingMethod):
     # Models with biases train them all either way; bias-free ones (Llama, SmolLM2) get zero biases to train.
     suggested_options = {"create_missing_biases": True}
 
-    def select(self, model: nn.Module, cfg: BitFitConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: BitFitConfig, base: BaseFacts) -> dict[str, nn.Module]:
         return bias_layers(model, cfg)
 
     def record(self, model: nn.Module, cfg: BitFitConfig, selected: dict[str, nn.Module]) -> BitFitApplied:

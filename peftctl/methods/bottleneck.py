@@ -35,7 +35,7 @@ from torch import nn
 from peftctl.arch.architectures import BOTTLENECK_SITES
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
-from peftctl.methods.base import Adapter, Applied, MethodConfig, WrappingMethod
+from peftctl.methods.base import BaseFacts, Adapter, Applied, MethodConfig, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -168,7 +168,7 @@ class Bottleneck(WrappingMethod):
                                                                "non_linearity", "dropout")}
     lr_source = "AdapterHub's training guide: 1e-4 'works well for most settings'"
 
-    def select(self, model: nn.Module, cfg: BottleneckConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: BottleneckConfig, base: BaseFacts) -> dict[str, nn.Module]:
         return adapter_sites(model, self.placements, self.name)
 
     def record(self, model: nn.Module, cfg: BottleneckConfig, selected: dict[str, nn.Module]) -> BottleneckApplied:

@@ -23,7 +23,7 @@ from peftctl.arch.architectures import IA3_DEFAULTS
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
-    Adapter,
+    BaseFacts, Adapter,
     AllLinear,
     Applied,
     MethodConfig,
@@ -97,7 +97,7 @@ class IA3(WrappingMethod):
     lr_source = ("peft's method comparison (MetaMathQA, Llama-3.2-3B): (IA)³ at 5e-3; T-Few (Liu et al., 2022): "
                  "3e-3 with Adafactor")
 
-    def select(self, model: nn.Module, cfg: IA3Config) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: IA3Config, base: BaseFacts) -> dict[str, nn.Module]:
         return match_targets(model, resolved_targets(model, cfg))
 
     def record(self, model: nn.Module, cfg: IA3Config, selected: dict[str, nn.Module]) -> IA3Applied:

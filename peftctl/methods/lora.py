@@ -23,7 +23,7 @@ from torch import nn
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape, quantized_kind
 from peftctl.methods.base import (
-    PEFT_KEY_PREFIX,
+    BaseFacts, PEFT_KEY_PREFIX,
     Adapter,
     AllLinear,
     Applied,
@@ -164,15 +164,15 @@ class LoRA(WrappingMethod):
                           "target_modules": "linear layers"}
     lr_source = "peft's method comparison (MetaMathQA, Llama-3.2-3B): LoRA at 1e-4"
 
-    def select(self, model: nn.Module, cfg: LoraConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: LoraConfig, base: BaseFacts) -> dict[str, nn.Module]:
         if cfg.target_parameters and cfg.use_dora:
             raise UserError("DoRA on expert parameters is not supported (nor in peft)", where="use_dora",
                             fix="use plain LoRA or rsLoRA with target_parameters")
         if cfg.target_parameters and cfg.target_modules == []:
-            check_base_changing_init(model, cfg, {})
+            check_base_changing_init(cfg, {}, base)
             return {}
         targets = match_targets(model, cfg.target_modules)
-        check_base_changing_init(model, cfg, targets)
+        check_base_changing_init(cfg, targets, base)
         check_rank(targets, cfg.r)
         return targets
 
@@ -250,12 +250,12 @@ class LoRA(WrappingMethod):
         return model
 
 
-def check_base_changing_init(model: nn.Module, cfg: LoraConfig, targets: dict[str, nn.Module]) -> None:
+def check_base_changing_init(cfg: LoraConfig, targets: dict[str, nn.Module], base: BaseFacts) -> None:
     """Refuse PiSSA / OLoRA where the residual weight or the rank-2r conversion cannot be exact."""
     if cfg.init not in BASE_CHANGING:
         return
-    spec = getattr(model, "peftctl_spec", None)  # the skeleton is not quantized yet; its recipe says
-    quantized = (spec is not None and spec.quantization != "none") or any(map(quantized_kind, targets.values()))
+    # A skeleton is not quantized yet (the facts say it will be); a loaded base's layers say so themselves.
+    quantized = base.quantized or any(map(quantized_kind, targets.values()))
     fix = "use init: default (or gaussian)"
     if quantized:
         # peft refuses PiSSA on a 4-bit weight; re-quantizing W_res (its OLoRA) changes what the model computes.

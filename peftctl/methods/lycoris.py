@@ -24,7 +24,7 @@ from torch import nn
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
-    Adapter,
+    BaseFacts, Adapter,
     AllLinear,
     MethodConfig,
     WrappingMethod,
@@ -128,7 +128,7 @@ class LycorisMethod(WrappingMethod):
     # The method's own adapter_config.json fields (beyond the shared ones), with peft's defaults.
     own_peft_fields: ClassVar[dict[str, Any]] = {}
 
-    def select(self, model: nn.Module, cfg: LycorisOptions) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: LycorisOptions, base: BaseFacts) -> dict[str, nn.Module]:
         if cfg.use_effective_conv2d:
             raise UserError("use_effective_conv2d only changes convolution layers, and peftctl adapts linear layers only",
                             where="use_effective_conv2d", expected="false", fix="remove the option")

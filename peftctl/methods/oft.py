@@ -28,7 +28,7 @@ from torch import nn
 from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.methods.base import (
-    Adapter,
+    BaseFacts, Adapter,
     AllLinear,
     MethodConfig,
     WrappingMethod,
@@ -159,7 +159,7 @@ class OFT(WrappingMethod):
     examples = {"oft": {"oft_block_size": 16}}
     comparable_options = {"target_modules": "linear layers"}
 
-    def select(self, model: nn.Module, cfg: OftConfig) -> dict[str, nn.Module]:
+    def select(self, model: nn.Module, cfg: OftConfig, base: BaseFacts) -> dict[str, nn.Module]:
         targets = match_targets(model, cfg.target_modules)
         for name, layer in targets.items():
             block_size(layer, cfg, name)  # every layer's blocks must tile its input, before any is wrapped

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftctl.core.errors import UserError
-from peftctl.methods.base import Adapter, Method, MethodConfig, freeze, reject_unsupported
+from peftctl.methods.base import Adapter, BaseFacts, Method, MethodConfig, freeze, reject_unsupported
 from peftctl.methods.virtual_tokens import (
     DecoderHooks, Geometry, LSTMHead, PrefixHooks, PrependHooks, PromptEncoder, check_cache_layout, text_embeddings,
 )
@@ -130,7 +130,7 @@ class _PromptMethod(Method):
                      "weight, so there is nothing to fold into the base model")
     comparable_options = {"num_virtual_tokens": "virtual tokens"}
 
-    def apply(self, model: nn.Module, cfg: _VirtualTokensConfig) -> Adapter:
+    def apply(self, model: nn.Module, cfg: _VirtualTokensConfig, base: BaseFacts = BaseFacts()) -> Adapter:
         freeze(model)
         if hasattr(model, ENCODER):
             raise UserError("this model already has a prompt method applied", where="name",
@@ -138,13 +138,13 @@ class _PromptMethod(Method):
         geometry = Geometry(model)
         # Trainable weights are fp32 on the model's device, whatever the base precision.
         factory = {"device": model.get_input_embeddings().weight.device, "dtype": torch.float32}
-        encoder = self.encoder(model, cfg, geometry, factory)
+        encoder = self.encoder(model, cfg, geometry, factory, base)
         model.add_module(ENCODER, encoder)
         hooks = self.hooks(model, encoder, geometry)
         handles = hooks.install(hooks.decoder)
         return Adapter(self, cfg, model, _encoder_params(model), PromptApplied(geometry, handles))
 
-    def encoder(self, model: nn.Module, cfg: Any, geometry: Geometry, factory: dict) -> PromptEncoder:
+    def encoder(self, model: nn.Module, cfg: Any, geometry: Geometry, factory: dict, base: BaseFacts) -> PromptEncoder:
         raise NotImplementedError
 
     def hooks(self, model: nn.Module, encoder: PromptEncoder, geometry: Geometry) -> DecoderHooks:
@@ -202,11 +202,11 @@ class PromptTuning(_PromptMethod):
     lr_source = ("peft's method comparison (MetaMathQA, Llama-3.2-3B): prompt tuning at 1e-3; Lester et al. "
                  "(2021): 0.3 with Adafactor")
 
-    def encoder(self, model, cfg: PromptTuningConfig, geometry, factory) -> PromptEncoder:
+    def encoder(self, model, cfg: PromptTuningConfig, geometry, factory, base) -> PromptEncoder:
         embedding = nn.Embedding(cfg.num_virtual_tokens, geometry.hidden, **factory)
         if cfg.init_text is not None:
             with torch.no_grad():
-                embedding.weight.copy_(text_embeddings(model, cfg.init_text, cfg.num_virtual_tokens))
+                embedding.weight.copy_(text_embeddings(model, base.tokenizer, cfg.init_text, cfg.num_virtual_tokens))
         return PromptEncoder(embedding)
 
     def encoder_fields(self, cfg, geometry) -> dict[str, Any]:
@@ -220,7 +220,7 @@ class PTuning(_PromptMethod):
     peft_type = "P_TUNING"
     examples = {"p_tuning": {"num_virtual_tokens": 4}}
 
-    def encoder(self, model, cfg: PTuningConfig, geometry, factory) -> PromptEncoder:
+    def encoder(self, model, cfg: PTuningConfig, geometry, factory, base) -> PromptEncoder:
         width, hidden = geometry.hidden, cfg.encoder_hidden_size or geometry.hidden
         if cfg.encoder_reparameterization_type == "LSTM":
             head = LSTMHead(width, hidden, cfg.encoder_num_layers, cfg.encoder_dropout, **factory)
@@ -260,15 +260,15 @@ class PrefixTuning(_PromptMethod):
     lr_source = "peft's method comparison (MetaMathQA, Llama-3.2-3B): zero-initialised prefix tuning at 5e-3"
     feeds_kv_cache = True
 
-    def apply(self, model: nn.Module, cfg: PrefixTuningConfig) -> Adapter:
+    def apply(self, model: nn.Module, cfg: PrefixTuningConfig, base: BaseFacts = BaseFacts()) -> Adapter:
         check_cache_layout(model, Geometry(model))
-        return super().apply(model, cfg)
+        return super().apply(model, cfg, base)
 
     def token_shape(self, geometry: Geometry) -> tuple[int, int]:
         # Keys and values per layer: on grouped-query attention fewer heads than the queries have.
         return geometry.kv_width, geometry.kv_heads
 
-    def encoder(self, model, cfg: PrefixTuningConfig, geometry, factory) -> PromptEncoder:
+    def encoder(self, model, cfg: PrefixTuningConfig, geometry, factory, base) -> PromptEncoder:
         n, width = cfg.num_virtual_tokens, geometry.kv_width
         out = geometry.num_layers * 2 * width
         if not cfg.prefix_projection:

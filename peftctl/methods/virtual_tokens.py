@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -256,18 +257,13 @@ class PrefixHooks(DecoderHooks):
 # --- prompt tuning's start from a text ----------------------------------------------------------
 
 
-def _tokenizer_of(model: nn.Module):
-    from peftctl.model.loading import tokenizer_of
-
-    if not model.config.name_or_path:
-        raise UserError("init_text needs the model's tokenizer, and this model was not loaded by peftctl",
+def text_embeddings(model: nn.Module, tokenizer: Callable[[], Any] | None, text: str, n: int) -> torch.Tensor:
+    """The input embeddings of `text`'s tokens, repeated or cut to n rows (peft's TEXT init);
+    `tokenizer` loads the base's tokenizer (BaseFacts.tokenizer)."""
+    if tokenizer is None:
+        raise UserError("init_text needs the model's tokenizer, and none was given with this model",
                         where="init_text", fix="omit init_text for a random start")
-    return tokenizer_of(model)
-
-
-def text_embeddings(model: nn.Module, text: str, n: int) -> torch.Tensor:
-    """The input embeddings of `text`'s tokens, repeated or cut to n rows (peft's TEXT init)."""
-    ids = _tokenizer_of(model)(text)["input_ids"]
+    ids = tokenizer()(text)["input_ids"]
     if not ids:
         raise UserError("init_text has no tokens", where="init_text")
     ids = (ids * math.ceil(n / len(ids)))[:n]

@@ -44,6 +44,7 @@ from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.arch.layers import resolve_dtype
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
+from peftctl.methods.base import BaseFacts
 from peftctl.recipe.schema import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
@@ -231,7 +232,6 @@ def load_skeleton(spec: ModelSpec) -> nn.Module:
     config.name_or_path = spec.name_or_path
     with torch.device("meta"), _reading(spec, "model architecture"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    skeleton.peftctl_spec = spec
     return skeleton
 
 
@@ -267,7 +267,6 @@ def finish_base(model: nn.Module, spec: ModelSpec) -> nn.Module:
     if spec.quantization != "none":
         quantize.quantize(model, spec)
     model.config.name_or_path = spec.name_or_path  # what the adapter's config names as its base
-    model.peftctl_spec = spec  # what methods need to find the tokenizer again
     return model.eval()
 
 
@@ -317,10 +316,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in classes]
 
 
-def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model this module loaded (methods get the model, not the recipe)."""
-    spec = getattr(model, "peftctl_spec", None)
-    return load_tokenizer(spec if spec is not None else ModelSpec(name_or_path=model.config.name_or_path))
+def base_facts(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> BaseFacts:
+    """What a method may know of the base `spec` describes (methods get the model, not the recipe):
+    whether it is quantized (a skeleton is not yet), and its tokenizer, loaded only if a method asks."""
+    return BaseFacts(quantized=spec.quantization != "none",
+                     tokenizer=(lambda: tokenizer) if tokenizer is not None else (lambda: load_tokenizer(spec)))
 
 
 # --- the builtin test model ---------------------------------------------------------------------

@@ -38,7 +38,7 @@ from peftctl.model import quantize
 from peftctl.plan.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
-from peftctl.model.loading import load_skeleton, resolve_dtype, transformer_blocks
+from peftctl.model.loading import base_facts, load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.train.model_setup import auto_attention
 from peftctl.recipe.schema import Recipe
 from peftctl.train.sharding import check_fsdp_recipe
@@ -135,7 +135,7 @@ def _plan(recipe: Recipe, shards: int, cuda: bool) -> MemoryPlan:
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
     largest = max((_weights(layer) for layer in linear_layers(model).values()), default=0)
     # A continued adapter (model.adapter) brings its own options; the recipe may name only the method.
-    adapter = methods.apply(model, method_config(recipe))
+    adapter = methods.apply(model, method_config(recipe), base_facts(spec))
     # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
     n_norm = sum(p.numel() for norm in quantize.norm_layers(model).values() for p in norm.parameters(recurse=False))
     n_trainable = adapter.trainable_count()

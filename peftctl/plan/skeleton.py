@@ -22,7 +22,7 @@ from peftctl.arch.architectures import TESTED
 from peftctl.core.errors import UserError, blame
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
-from peftctl.model.loading import load_skeleton
+from peftctl.model.loading import base_facts, load_skeleton
 from peftctl.model.quantize import parameter_count
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ def method_on_skeleton(recipe: Recipe, data: TokenizedData | None = None) -> OnS
         if data is not None:
             check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
         if recipe.model.adapter is not None:
-            return OnSkeleton(method_cfg, load_adapter(skeleton, recipe.model.adapter))
-        adapter = methods.apply(skeleton, method_cfg)
+            return OnSkeleton(method_cfg, load_adapter(skeleton, recipe.model.adapter, base_facts(recipe.model)))
+        adapter = methods.apply(skeleton, method_cfg, base_facts(recipe.model))
         check_size(adapter)
         return OnSkeleton(method_cfg, adapter)
 
@@ -152,7 +152,7 @@ def _exported(recipe: Recipe, method: Method, cfg: MethodConfig) -> dict:
     """The adapter_config.json fields `cfg` resolves to on the recipe's model (no weights load);
     a skeleton of its own for each, as applying a method changes the model it is applied to."""
     skeleton: nn.Module = load_skeleton(recipe.model)
-    return {key: _canonical(value) for key, value in method.peft_config(methods.apply(skeleton, cfg)).items()}
+    return {key: _canonical(value) for key, value in method.peft_config(methods.apply(skeleton, cfg, base_facts(recipe.model))).items()}
 
 
 def _canonical(value):

@@ -29,7 +29,7 @@ from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.methods import Adapter, MethodConfig
-from peftctl.model.loading import load_model, load_tokenizer, model_files, prefilled_cache_refusal
+from peftctl.model.loading import base_facts, load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.model.quantize import parameter_count
 from peftctl.recipe.schema import Recipe
 from peftctl.report.run_report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
@@ -128,7 +128,9 @@ def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
         base_replies = replies(model, plan.tokenizer, rows, recipe.data.format, processes.device)
         torch.manual_seed(recipe.train.seed)
         continued = recipe.model.adapter
-        adapter = load_adapter(model, continued) if continued is not None else methods.apply(model, plan.method_cfg)
+        facts = base_facts(recipe.model, plan.tokenizer)
+        adapter = (load_adapter(model, continued, facts) if continued is not None
+                   else methods.apply(model, plan.method_cfg, facts))
         if processes.is_main_process:
             with writing(out, "the output folder"):
                 if plan.saved is None:
