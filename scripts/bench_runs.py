@@ -140,17 +140,17 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
 
 def peer_attention(args: argparse.Namespace, which: str, longest_row: int) -> str:
     """The stock Trainer's SDPA, or the flat and trl peers' kernel: --peer-attention, or for 'auto' the
-    rule peftctl applies to its own rows (prepare.EAGER_MAX_ROW): eager on CPU for rows up to 512
+    rule peftctl applies to its own rows (attention_choice.auto_kernel): eager on CPU for rows up to 512
     tokens, SDPA for longer ones (and on GPUs). A flattened row is a whole batch, so it is often longer."""
     import torch
 
-    from peftctl.train.model_setup import EAGER_MAX_ROW
+    from peftctl.train.attention_choice import auto_kernel
 
     if which == "stock":
         return "sdpa"
     if args.peer_attention != "auto":
         return args.peer_attention
-    return "eager" if not torch.cuda.is_available() and longest_row <= EAGER_MAX_ROW else "sdpa"
+    return auto_kernel("sdpa", longest_row, torch.cuda.is_available())
 
 
 def peer_model(args: argparse.Namespace, recipe, attention: str):

@@ -51,12 +51,12 @@ def test_lora_gradients_agree_with_eager(dtype, atol):
 
 def test_auto_picks_the_grouped_kernel_on_llama_and_keeps_eager_on_gemma2(tmp_path):
     from peftctl.data.tokenize import Example, TokenizedData
-    from peftctl.train.model_setup import _grouped_if_same
+    from peftctl.train.attention_choice import grouped_if_same
 
     rows = [Example(list(range(3, 40)), [-100] * 10 + list(range(13, 40)))]
     data = TokenizedData(train=rows, validation=[], dropped=0, packing=False, max_seq_len=64)
     for arch, expected in (("llama", attention.NAME), ("gemma2", "eager")):
         model = build(arch).to(torch.bfloat16)
         model.set_attn_implementation("eager")
-        assert _grouped_if_same(model, CausalLMLoss(model), data, 0, torch.device("cpu")) == expected
+        assert grouped_if_same(model, CausalLMLoss(model), data, 0, torch.device("cpu")) == expected
         assert model.config._attn_implementation == "eager"  # the probe leaves the model as it was

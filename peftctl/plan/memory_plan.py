@@ -32,14 +32,13 @@ import torch
 
 from peftctl import methods
 
-from peftctl.train import attention
 
 from peftctl.model import quantize
 from peftctl.plan.activations import Kernels, activation_bytes
 from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.model.loading import base_facts, load_skeleton, resolve_dtype, transformer_blocks
-from peftctl.train.model_setup import auto_attention
+from peftctl.train.attention_choice import planned_kernel
 from peftctl.recipe.schema import Recipe
 from peftctl.train.sharding import check_fsdp_recipe
 from peftctl.plan.skeleton import method_config
@@ -116,12 +115,8 @@ def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> MemoryPla
 
 def training_kernels(model: torch.nn.Module, recipe: Recipe, cuda: bool) -> Kernels:
     """The kernels `train` will run the recipe with (train/model_setup.py, train._mixed_precision)."""
-    current = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    chosen = recipe.train.attention
-    if chosen == "auto":
-        # Eager here means peftctl's grouped kernel, which train/model_setup.py takes where it matches eager.
-        chosen = auto_attention(current, recipe.data.max_seq_len, cuda)
-        chosen = attention.NAME if chosen == "eager" else chosen
+    current = getattr(model.config, "_attn_implementation", None)
+    chosen = planned_kernel(recipe.train.attention, current, recipe.data.max_seq_len, cuda)
     dtype = resolve_dtype(recipe.model.dtype)
     return Kernels(chosen, cuda and dtype in (torch.bfloat16, torch.float16), recipe.train.gradient_checkpointing)
 

@@ -9,7 +9,7 @@ in fp32 inside, with the same single rounding at the end): the forward pass is b
 `eager`; the softmax's backward uses the rounded probabilities, so gradients agree to bf16
 rounding. Registered with transformers as `peftctl_eager` (with eager's causal mask), chosen by
 `train.attention: auto` where eager is (CPU, rows up to 512 tokens) and only after a training row
-gave bit-identical losses through both (model_setup.py): a model whose eager attention does more
+gave bit-identical losses through both (attention_choice.py): a model whose eager attention does more
 (Gemma's softcapping, sinks) keeps transformers' kernel. Attention dropout, per-head masks and
 returned attention weights run the model's own eager kernel.
 """

@@ -1,11 +1,11 @@
 """The model as the training loop runs it, and back as the rest of peftctl uses it.
 
 `prepare_model` makes every change training wants on the model in one place: gradient
-checkpointing, the attention kernel (`train.attention`), whether batches may be packed
-(`data.packing`, probed on the model so changed), fused RMSNorm kernels where they compute the
-same and element-wise work recomputed in the backward pass instead of kept (`fused.py`) and
-`torch.compile` (`train.compile`). What it returns says what it chose and
-undoes the changes later use of the model would notice.
+checkpointing, the attention kernel (`train.attention`, as attention_choice.py decides), whether
+batches may be packed (`data.packing`, probed on the model so changed), fused RMSNorm kernels
+where they compute the same and element-wise work recomputed in the backward pass instead of kept
+(`fused.py`) and `torch.compile` (`train.compile`). What it returns says what it chose and undoes
+the changes later use of the model would notice.
 """
 
 from __future__ import annotations
@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftctl.train import attention
-
 from peftctl.train import fused
+from peftctl.train.attention_choice import use_attention
 from peftctl.model import loading as model_loading
-from peftctl.data.tokenize import TokenizedData, collate
+from peftctl.data.tokenize import TokenizedData
 from peftctl.core.errors import UserError
-from peftctl.train.loss import packing_problem, probing
+from peftctl.train.loss import packing_problem
 from peftctl.recipe.schema import TrainSpec
-
-# Longer rows than this train faster with the fused (sdpa) kernel than with eager attention on CPU.
-EAGER_MAX_ROW = 512
-
 
 @dataclass
 class PreparedModel:
@@ -66,7 +61,7 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     accelerate prepared it, on which packing is probed before anything is compiled."""
     if spec.gradient_checkpointing:
         model_loading.enable_gradient_checkpointing(model)
-    previous = _use_attention(model, loss_model, spec, data, pad_id, device)
+    previous = use_attention(model, loss_model, spec.attention, data, pad_id, device)
     pack_len, padding_reason = _pack_len(loss_model, data, pad_id, device)
     prepared = PreparedModel(model, getattr(model.config, "_attn_implementation", None), pack_len, padding_reason,
                              previous_attention=previous)
@@ -78,50 +73,6 @@ def prepare_model(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data
     if spec.compile:
         prepared.compiled = _compile(model)
     return prepared
-
-
-def _use_attention(model: nn.Module, loss_model: nn.Module, spec: TrainSpec, data: TokenizedData, pad_id: int,
-                   device: torch.device) -> str | None:
-    """Switch the model to the attention kernel `spec.attention` picks; returns the one to restore.
-
-    'auto' on CPU with short rows is eager attention, as peftctl's grouped kernel
-    (attention.py) where it gives this model bit-identical logits on a training row, else
-    transformers' own."""
-    current = getattr(model.config, "_attn_implementation", None)
-    wanted = spec.attention
-    if wanted == "auto":
-        longest = data.max_seq_len if data.packing and data.max_seq_len else max(len(e.input_ids) for e in data.train)
-        wanted = auto_attention(current, longest, torch.cuda.is_available())
-        if wanted == "eager" and hasattr(model, "set_attn_implementation"):
-            wanted = _grouped_if_same(model, loss_model, data, pad_id, device)
-    if current is None or wanted == current or not hasattr(model, "set_attn_implementation"):
-        return None
-    model.set_attn_implementation(wanted)
-    return current
-
-
-def auto_attention(current: str | None, longest_row: int, cuda: bool) -> str | None:
-    """What `train.attention: auto` picks before its probe: eager on CPU for rows up to
-    EAGER_MAX_ROW tokens (then peftctl's grouped kernel where it matches), else the model's own.
-    plan/memory_plan.py sizes the activations from the same rule."""
-    return "eager" if not cuda and longest_row <= EAGER_MAX_ROW else current
-
-
-def _grouped_if_same(model: nn.Module, loss_model: nn.Module, data: TokenizedData, pad_id: int,
-                     device: torch.device) -> str:
-    """peftctl's grouped eager kernel if its per-token losses on a training row are eager's, bit for bit."""
-    batch = {k: v.to(device) for k, v in collate(data.train[:1], pad_id).items()}
-    previous, losses = model.config._attn_implementation, []
-    with probing(loss_model) as module:
-        try:
-            for kernel in ("eager", attention.register()):
-                model.set_attn_implementation(kernel)
-                losses.append(module(**batch, per_token=True))
-        except Exception:  # noqa: BLE001 - a model whose attention the grouped kernel cannot take
-            losses = []
-        finally:
-            model.set_attn_implementation(previous)
-    return attention.NAME if len(losses) == 2 and torch.equal(*losses) else "eager"
 
 
 def _pack_len(loss_model: nn.Module, data: TokenizedData, pad_id: int, device: torch.device) -> tuple[int | None, str | None]:
