@@ -340,7 +340,8 @@ def evaluate(
 ) -> None:
     """Held-out loss, perplexity, token accuracy and generations: base model vs base + adapter, or
     the base and several adapters of it side by side."""
-    from peftctl.eval.scores import eval_inputs, eval_inputs_of_several, evaluate_adapter, evaluate_adapters
+    from peftctl.cli.eval_args import eval_inputs, eval_inputs_of_several
+    from peftctl.eval.scores import evaluate_adapter, evaluate_adapters
 
     quiet_libraries()
     with user_errors(json_):
