@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl import methods
-
-from peftctl.train import attention
-
-from peftctl.train import fused
-from peftctl.train.loss import CausalLMLoss
-from peftctl.train.allocator import kept_for_backward
 from peftctl.methods import lora
 from peftctl.methods.lora import LoraConfig
+from peftctl.train import attention
+from peftctl.train import fused
+from peftctl.train.allocator import kept_for_backward
+from peftctl.train.loss import CausalLMLoss
 
 ROWS, LENGTH = 4, 256
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -165,9 +165,9 @@ def score_adapters(args: argparse.Namespace, work: Path, folders: list[str]) -> 
     """Each saved adapter loaded through peft onto one freshly loaded base, scored by held_out_loss."""
     import peft
 
+    from peftctl.data.rows import read_rows
     from peftctl.data.tokenize import tokenize_rows
     from peftctl.model.loading import load_model, load_tokenizer
-    from peftctl.data.rows import read_rows
 
     if not args.validation or not args.validation.is_file():
         return dict.fromkeys(folders)

@@ -114,8 +114,8 @@ def build_model(spec, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftctl.model import quantize
     from peftctl.arch.layers import resolve_dtype
+    from peftctl.model import quantize
     from peftctl.model.loading import finish_base, load_config
 
     if spec.quantization != "none":

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftctl.run import pipeline
 from peftctl.methods import METHODS
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every registered method's examples (Method.examples), by label, with the method's name: the

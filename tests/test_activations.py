@@ -17,17 +17,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftctl import methods
-
-from peftctl.train import attention
-from peftctl.plan.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
 from peftctl.data.tokenize import Example, TokenizedData, collate
-from peftctl.train.loss import CausalLMLoss, HeadCrossEntropy
-from peftctl.train.allocator import kept_for_backward
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model.loading import transformer_blocks
-from peftctl.train.model_setup import prepare_model
+from peftctl.plan.activations import Kernels, activation_bytes, layer_bytes, adapted_readers
 from peftctl.recipe.schema import TrainSpec
+from peftctl.train import attention
+from peftctl.train.allocator import kept_for_backward
+from peftctl.train.loss import CausalLMLoss, HeadCrossEntropy
+from peftctl.train.model_setup import prepare_model
 
 ROWS, ROW_LEN, LAYERS = 2, 128, 3
 QV, ALL = ["q_proj", "v_proj"], "all-linear"

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import peftctl.methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+import peftctl.methods
 from peftctl.methods import Adapter
 from peftctl.methods.bitfit import METHOD, BitFitConfig, TrainedBias
 from peftctl.train.loss import CausalLMLoss

@@ -22,17 +22,15 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from peftctl import methods
-
-from peftctl.train import checkpoint
-
-from peftctl.train import loop as train_module
 from peftctl.cli.commands import app
-from peftctl.data.tokenize import load_data
 from peftctl.core.errors import UserError
-from peftctl.train.interrupts import StopRequests as _StopRequests
+from peftctl.data.tokenize import load_data
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
+from peftctl.train import checkpoint
+from peftctl.train import loop as train_module
+from peftctl.train.interrupts import StopRequests as _StopRequests
 from peftctl.train.loop import SilentReporter, TrainingDiverged, TrainingInterrupted, train
 from tiny_models import TINY_GPT2, tiny_gpt2
 
@@ -273,8 +271,8 @@ def test_a_nan_loss_in_the_cli_exits_without_traceback(tmp_path):
 
 
 def test_ctrl_c_checkpoints_exits_130_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
-    from peftctl.run import pipeline
     from peftctl.recipe.load import load_recipe
+    from peftctl.run import pipeline
 
     sets = ["--set", "train.max_steps=150", "--set", "train.log_every=1", "--set", "train.save_every=100"]
     out = tmp_path / "run"

@@ -23,11 +23,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import peftctl.model.loading
 from peftctl import methods
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
+import peftctl.model.loading
 from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot

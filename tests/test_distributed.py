@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from peftctl.run import pipeline
-
-from peftctl.train import sharding
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
+from peftctl.train import sharding
 from test_trackers import tensorboard_curves
 
 ROOT = Path(__file__).resolve().parent.parent

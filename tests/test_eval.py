@@ -17,11 +17,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftctl.run import pipeline
 from peftctl.cli.commands import app
 from peftctl.eval.scores import token_f1
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke-gpt2.yaml"

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from peftctl.run import pipeline
 from peftctl.cli.commands import app
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 from test_bad_input import recipe_text
 
 ROOT = Path(__file__).resolve().parent.parent

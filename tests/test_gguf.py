@@ -27,11 +27,11 @@ from peftctl import methods
 from peftctl.export.adapter_files import save_adapter
 from peftctl.export.gguf import write_lora_gguf, write_model_gguf
 from peftctl.export.gguf_tensors import architecture, gguf_name, lora_tensors, name_map
+from peftctl.export.ollama import CHATML, LLAMA3, modelfile, translate
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model.loading import load_model, load_tokenizer, tiny_gpt2_config
-from peftctl.export.ollama import CHATML, LLAMA3, modelfile, translate
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import SMOLLM2_TEMPLATE, chatml_bpe_tokenizer, save_tiny_llama

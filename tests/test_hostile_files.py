@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE, WEIGHTS_FILE
 from peftctl.export.merge import merge_to_folder
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 from cli_checks import assert_refused, invoke, snapshot
 from test_bad_input import recipe_text
 
@@ -255,8 +255,8 @@ def test_a_full_disk_while_saving_is_a_message_naming_what_survived(tmp_path, mo
     file system of its own, which the test suite does not mount)."""
     from safetensors import SafetensorError
 
-    import peftctl.train.checkpoint
     import peftctl.export.adapter_files
+    import peftctl.train.checkpoint
 
     module = peftctl.train.checkpoint if where == "checkpoint" else peftctl.export.adapter_files
     real = module.save_file

@@ -26,10 +26,10 @@ from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 from hub_cache import cache_repo
 from peftctl.core import hub
+from peftctl.data.rows import read_source
 from peftctl.data.tokenize import IGNORE, load_data
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, ModelSpec
-from peftctl.data.rows import read_source
 
 MODEL = "tiny-org/tiny-llama"
 DATASET = "tiny-org/qa"

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import peftctl.methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+import peftctl.methods
 from peftctl.methods.ia3 import METHOD, IA3Config, IA3Linear
 from method_checks import assert_peft_save_loads, assert_smoke_run, with_random_biases
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps

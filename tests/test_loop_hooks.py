@@ -18,8 +18,8 @@ from peftctl.data.tokenize import load_data
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
-from peftctl.train.optim import param_groups
 from peftctl.train.loop import train
+from peftctl.train.optim import param_groups
 from tiny_models import TINY_GPT2, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import peftctl.methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+import peftctl.methods
 from peftctl.methods.lora import METHOD, LoraConfig, LoraLinear
 from peftctl.train.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch, train_steps

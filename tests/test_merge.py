@@ -24,7 +24,6 @@ import transformers
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import peftctl.model.loading
 from peftctl import methods
 from peftctl.cli.commands import app
 from peftctl.export.adapter_files import CONFIG_FILE, save_adapter
@@ -32,6 +31,7 @@ from peftctl.methods import METHODS
 from peftctl.methods.bitfit import BitFitConfig
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
+import peftctl.model.loading
 from peftctl.model.loading import load_model
 from peftctl.recipe.schema import ModelSpec
 from hf_folders import BYTE_VOCAB, save_tiny_llama

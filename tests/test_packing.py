@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from peftctl import methods
-
-from peftctl.train import attention
-from peftctl.data.tokenize import IGNORE, Example, batches, collate, collate_packed, load_data, pack
 from peftctl.core.errors import UserError
-from peftctl.train.loss import CausalLMLoss, packing_problem
+from peftctl.data.tokenize import IGNORE, Example, batches, collate, collate_packed, load_data, pack
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
+from peftctl.train import attention
 from peftctl.train.loop import train
+from peftctl.train.loss import CausalLMLoss, packing_problem
 from tiny_models import TINY_GPT2, tiny_gpt2, tiny_llama, token_batch, train_steps
 
 TINY_DATA = "recipes/data/tiny"

@@ -23,18 +23,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from peftctl.cli.commands import app
+from peftctl.core.errors import UserError
+from peftctl.data.rows import read_rows
+from peftctl.data.tokenize import tokenize_rows
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 import peftctl.model.loading
-from peftctl.run import pipeline
+from peftctl.model.loading import load_model, load_tokenizer
 from peftctl.plan import skeleton
 from peftctl.plan.memory_plan import plan
-from peftctl.cli.commands import app
-from peftctl.data.tokenize import tokenize_rows
-from peftctl.data.rows import read_rows
-from peftctl.core.errors import UserError
-from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-from peftctl.model.loading import load_model, load_tokenizer
-from peftctl.recipe.schema import DataSpec, ModelSpec
 from peftctl.recipe.load import load_recipe
+from peftctl.recipe.schema import DataSpec, ModelSpec
+from peftctl.run import pipeline
 from hf_folders import BYTE_VOCAB, save_tiny_llama
 from tiny_models import token_batch
 

@@ -82,9 +82,9 @@ def test_plan_refuses_fsdp_on_a_quantized_base(tmp_path):
 MEASURE_RUN = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
-from peftctl.run import pipeline
 from peftctl.plan.memory_plan import plan
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 from peftctl.train.loop import SilentReporter
 
 def rss():

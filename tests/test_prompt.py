@@ -23,15 +23,15 @@ from pydantic import ValidationError
 from transformers import MistralConfig, MistralForCausalLM
 from typer.testing import CliRunner
 
-import peftctl.methods
 from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import load_adapter, save_adapter
+import peftctl.methods
 from peftctl.methods.base import BaseFacts
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from peftctl.model.loading import byte_level_tokenizer
-from peftctl.run.pipeline import run
 from peftctl.recipe.load import load_recipe
+from peftctl.run.pipeline import run
 from peftctl.train.loss import CausalLMLoss
 from greedy_reference import greedy_without_cache
 from hf_folders import save_tiny_llama

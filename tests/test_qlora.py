@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 
 from method_checks import EXAMPLES, ROOT, assert_smoke_run, examples_where, on_llama
 from peftctl import methods
-from peftctl.model import quantize
 from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import RECIPE_FILE, load_adapter, save_adapter
 from peftctl.export.merge import merge_to_folder
+from peftctl.model import quantize
 from peftctl.model.loading import enable_gradient_checkpointing, load_model
 from peftctl.recipe.schema import ModelSpec
 from peftctl.train.loss import CausalLMLoss

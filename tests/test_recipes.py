@@ -20,9 +20,9 @@ from method_checks import PEFT_REFUSES_CONV1D, ROOT, assert_smoke_run
 from peftctl.export.adapter_files import load_adapter
 from peftctl.methods import METHODS
 from peftctl.model.loading import load_model
-from peftctl.run.pipeline import run
-from peftctl.recipe.load import load_recipe
 from peftctl.plan.skeleton import describe_targets, method_on_skeleton
+from peftctl.recipe.load import load_recipe
+from peftctl.run.pipeline import run
 
 RECIPES = ROOT / "recipes"
 README = (ROOT / "README.md").read_text(encoding="utf-8")

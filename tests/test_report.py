@@ -102,10 +102,10 @@ def test_train_writes_the_summary_the_sample_replies_and_the_report(trained):
 def test_sample_replies_are_the_base_models_and_the_adapters_own(trained):
     """The base's replies were taken before the method went on: they equal a fresh base's, and the
     adapter's equal the saved adapter's on a fresh base."""
+    from peftctl.eval.samples import MAX_NEW_TOKENS
     from peftctl.eval.scores import generate_reply
     from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model, load_tokenizer
-    from peftctl.eval.samples import MAX_NEW_TOKENS
     from tiny_models import TINY_GPT2
 
     out, _ = trained
@@ -137,8 +137,8 @@ def test_samples_and_the_report_leave_the_training_unchanged(trained, tmp_path):
 def test_a_resumed_run_drops_the_summary_of_the_finish_it_continues(trained, tmp_path, monkeypatch):
     """Resuming a finished run (to train further) makes its summary and samples stale: they go
     before training, so a resumed run that stops again is reported as unfinished."""
-    from peftctl.run import pipeline
     from peftctl.recipe.load import load_recipe
+    from peftctl.run import pipeline
 
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
@@ -340,11 +340,11 @@ def test_a_malformed_bakeoff_file_is_refused_naming_the_key(tmp_path, change, ph
                          "--set", "data.validation=0.25", "--set", "output.samples=3", "--set", "train.max_steps=2"], 0),
 ])
 def test_sample_replies_by_method_and_data_format(tmp_path, recipe, options, replies):
+    from peftctl.eval.samples import MAX_NEW_TOKENS
     from peftctl.eval.scores import generate_reply
     from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_model, load_tokenizer
     from peftctl.recipe.load import load_recipe
-    from peftctl.eval.samples import MAX_NEW_TOKENS
 
     out = tmp_path / "run"
     result = invoke("train", ROOT / "recipes" / recipe, "--output", out, *options)

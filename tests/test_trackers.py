@@ -17,12 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli_checks import assert_refused
-from peftctl.run import pipeline
-from peftctl.train import trackers
 from peftctl.cli.commands import app
 from peftctl.core.errors import UserError
-from peftctl.recipe.schema import TRACKERS
 from peftctl.recipe.load import load_recipe
+from peftctl.recipe.schema import TRACKERS
+from peftctl.run import pipeline
+from peftctl.train import trackers
 from peftctl.train.loop import TrainingInterrupted
 from test_checkpoint import StopAt  # SIGINT during a given step, as a Ctrl-C would
 

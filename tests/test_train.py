@@ -8,12 +8,12 @@ import torch
 
 from peftctl import methods
 from peftctl.data.tokenize import load_data
-from peftctl.train.loss import CausalLMLoss
 from peftctl.methods.lora import LoraConfig
 from peftctl.model.loading import load_tokenizer
 from peftctl.recipe.schema import DataSpec, TrainSpec
-from peftctl.train.optim import lr_schedule
 from peftctl.train.loop import train
+from peftctl.train.loss import CausalLMLoss
+from peftctl.train.optim import lr_schedule
 from tiny_models import TINY_GPT2, tiny_gpt2, token_batch
 
 TINY_DATA = "recipes/data/tiny"

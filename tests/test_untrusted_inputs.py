@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftctl.run import pipeline
 from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.recipe.load import load_recipe
+from peftctl.run import pipeline
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import save_tiny_llama
 

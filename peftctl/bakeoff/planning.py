@@ -39,8 +39,8 @@ from typing import Any
 
 from peftctl.core.errors import ErrorGroup, UserError, blame, did_you_mean
 from peftctl.methods import METHODS, Method
-from peftctl.recipe.schema import Recipe
 from peftctl.recipe.load import load_recipe
+from peftctl.recipe.schema import Recipe
 from peftctl.recipe.yaml_file import RawRecipe, parse_value
 
 # Recipe keys the bake-off sets itself, by the option that sets them: a grid over one would contradict it.
@@ -341,8 +341,8 @@ def _check_runs(runs: list[Run]) -> None:
     for all runs that share them."""
     from peftctl.data.tokenize import load_data
     from peftctl.model.loading import load_tokenizer
-    from peftctl.run.pipeline import check_method, check_output_dir
     from peftctl.plan.memory_plan import plan
+    from peftctl.run.pipeline import check_method, check_output_dir
 
     tokenizers: dict[str, Any] = {}
     data: dict[str, Any] = {}

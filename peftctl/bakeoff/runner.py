@@ -26,12 +26,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
 
-from peftctl.train import checkpoint
 from peftctl.bakeoff.planning import BakeoffPlan, Request, Run, plan_bakeoff
 from peftctl.bakeoff.state import open_state, save_state, start_folder
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import atomic_write_text, output_lock, writing
 from peftctl.methods import METHODS
+from peftctl.train import checkpoint
 
 Progress = Callable[[str], None]
 # What the progress of a run names (its place in the bake-off, "3/7 ia3"): each training process

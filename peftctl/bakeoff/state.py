@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from peftctl.core import jsontext
 from peftctl.bakeoff.planning import BakeoffPlan
+from peftctl.core import jsontext
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, check_replaceable, writing
 from peftctl.model.loading import model_files

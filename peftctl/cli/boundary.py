@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import typer
 
-from peftctl.core import jsontext
 from peftctl.cli.console import print_error
+from peftctl.core import jsontext
 from peftctl.core.errors import UserError
 
 

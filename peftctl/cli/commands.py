@@ -16,12 +16,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from peftctl.core import jsontext
 from peftctl.cli.boundary import leave_process_group, quiet_libraries, user_errors
+from peftctl.cli.console import print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.cli.parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
                                  GridOpt, JsonOpt, MethodsOpt, OptionalValueCommand, OverwriteModelOpt, RecipeArg,
                                  SamplesOpt, SetOpt, SeveralNumbersCommand, TrustOpt)
-from peftctl.cli.console import print_interrupted, print_summary, print_summary_lines, stdout
+from peftctl.core import jsontext
 from peftctl.core.errors import UserError
 
 # Our own progress bar and tables are the output: libraries' tqdm bars (GGUF conversion,
@@ -64,9 +64,9 @@ def train(
     json_: JsonOpt = False,
 ) -> None:
     """Train the recipe's adapter and export it in peft's format."""
-    from peftctl.run import pipeline
     from peftctl.cli.console import reporter
     from peftctl.recipe.load import load_recipe
+    from peftctl.run import pipeline
     from peftctl.train.loop import TrainingInterrupted
 
     quiet_libraries()
@@ -108,9 +108,9 @@ def bakeoff(recipe: RecipeArg, methods: MethodsOpt, grid: GridOpt = None, set_: 
             output: BakeoffOutputOpt = None, overwrite: BakeoffOverwriteOpt = False, json_: JsonOpt = False) -> None:
     """Train the recipe with each of several methods (or option values), one after another with the same data,
     seed and budget, and compare them in one table; the same command again continues an interrupted one."""
-    from peftctl.cli import console as show
     from peftctl.bakeoff.planning import Request
     from peftctl.bakeoff.runner import BakeoffInterrupted, run_bakeoff
+    from peftctl.cli import console as show
 
     quiet_libraries()
     try:

@@ -22,8 +22,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.core.errors import UserError
-from peftctl.recipe.schema import DataSpec
 from peftctl.data.rows import read_source
+from peftctl.recipe.schema import DataSpec
 
 IGNORE = -100  # label of tokens that carry no loss
 

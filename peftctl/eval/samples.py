@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from peftctl.core import jsontext
+from peftctl.core.files import atomic_write_text, writing
 from peftctl.data.tokenize import TokenizedData
 from peftctl.eval.scores import generate_reply, paired_generations
-from peftctl.core.files import atomic_write_text, writing
 
 # A preview, not an evaluation (`peftctl eval` is that): a base that runs on to the limit costs
 # 64 tokens a row, and a one-paragraph reply fits.

@@ -23,8 +23,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.data.tokenize import Example, batches, to_messages
-from peftctl.train.loss import CausalLMLoss
 from peftctl.model.loading import base_facts
+from peftctl.train.loss import CausalLMLoss
 
 
 @dataclass
@@ -190,12 +190,12 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     """The rows of `data_file` tokenized for the adapters' base model (`base`: another), after
     checking each adapter against a weightless copy of it: a foreign or mismatched adapter fails
     before any weights load."""
+    from peftctl.data.rows import read_rows
     from peftctl.data.tokenize import tokenize_rows
     from peftctl.export.adapter_base import base_model_spec
     from peftctl.export.adapter_files import load_adapter
     from peftctl.model.loading import load_skeleton, load_tokenizer
     from peftctl.recipe.schema import DataSpec
-    from peftctl.data.rows import read_rows
 
     spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
     for folder in adapter_dirs:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from peftctl.core.errors import UserError, did_you_mean
+from peftctl.core.files import check_path, check_replaceable, writing
 from peftctl.export.adapter_base import base_model_spec, check_same_base, saved_base
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, prepare_adapter, read_weights, save_adapter
-from peftctl.core.files import check_path, check_replaceable, writing
 from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX
 from peftctl.methods.lora import METHOD as LORA, LoraConfig

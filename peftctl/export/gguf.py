@@ -23,14 +23,14 @@ from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFType, GGUFWriter, Keys, Lla
 
 from peftctl import methods
 from peftctl.core.errors import UserError
+from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, writing
 from peftctl.export import ollama
 from peftctl.export.adapter_base import base_model_spec
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_config, read_weights
-from peftctl.export.merge import Merged, merge_adapter
-from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, writing
 from peftctl.export.gguf_metadata import copy_source_metadata, write_hyperparameters, write_tokenizer
 from peftctl.export.gguf_tensors import CONVERT_FIX, QUANT_TYPES, GgufTensor, architecture, is_plain_lora, load_gguf_values, \
     lora_tensors, model_tensors
+from peftctl.export.merge import Merged, merge_adapter
 from peftctl.model.loading import base_facts
 
 DEFAULT_QUANT = "f16"

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
+from peftctl.core.errors import UserError
+from peftctl.core.state_dicts import load_strict
 from peftctl.methods.base import (
     BaseFacts, PEFT_KEY_PREFIX,
     Adapter,
@@ -47,7 +48,6 @@ from peftctl.methods.base import (
     suffix_list_from_peft,
 )
 from peftctl.methods.low_rank import add_update, low_rank_update
-from peftctl.core.state_dicts import load_strict
 
 FACTORS = ("lora_A", "lora_E", "lora_B")  # Q, Λ, P
 

@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import linear_layers, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.core.state_dicts import load_strict
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.

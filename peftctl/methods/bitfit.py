@@ -25,8 +25,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftctl.arch.architectures import BIAS_FLAGS
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import LINEAR_TYPES, linear_layers, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     BaseFacts, Adapter,
     AllLinear,

@@ -33,8 +33,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftctl.arch.architectures import BOTTLENECK_SITES
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import BaseFacts, Adapter, Applied, MethodConfig, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import Adapter, MethodConfig
 from peftctl.methods.bottleneck import ACTIVATIONS, Bottleneck, BottleneckApplied, BottleneckConfig
 

@@ -20,8 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.arch.architectures import IA3_DEFAULTS
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     BaseFacts, Adapter,
     AllLinear,

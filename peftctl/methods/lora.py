@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape, quantized_kind
+from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     BaseFacts, PEFT_KEY_PREFIX,
     Adapter,

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight
+from peftctl.core.errors import UserError
 
 # Initialisations that move part of the base weight into A and B (the others leave it alone).
 BASE_CHANGING = ("pissa", "olora")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     BaseFacts, Adapter,
     AllLinear,

@@ -25,8 +25,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from peftctl.core.errors import UserError
 from peftctl.arch.layers import dense_weight, linear_shape
+from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     BaseFacts, Adapter,
     AllLinear,

@@ -23,11 +23,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftctl.core.errors import UserError
+from peftctl.core.state_dicts import load_strict
 from peftctl.methods.base import Adapter, BaseFacts, Method, MethodConfig, freeze, reject_unsupported
 from peftctl.methods.virtual_tokens import (
     DecoderHooks, Geometry, LSTMHead, PrefixHooks, PrependHooks, PromptEncoder, check_cache_layout, text_embeddings,
 )
-from peftctl.core.state_dicts import load_strict
 
 # Where the trainable encoder lives in the model, so that moving the model moves it too.
 ENCODER = "prompt_encoder"

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from peftctl.arch.layers import dense_weight, linear_shape
+from peftctl.core.state_dicts import load_strict
 from peftctl.methods.base import (
     PEFT_KEY_PREFIX,
     Adapter,
@@ -37,7 +38,6 @@ from peftctl.methods.base import (
     reject_unsupported,
     suffix_list_from_peft,
 )
-from peftctl.core.state_dicts import load_strict
 
 # Where the shared projections sit: an attribute of the model's root, and their saved keys.
 PROJECTIONS = "vera_projections"

@@ -28,8 +28,8 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from peftctl.arch.architectures import key_value_heads
-from peftctl.core.errors import UserError
 from peftctl.arch.kv_cache import cache_keyword, decoder_stack, pop_cache
+from peftctl.core.errors import UserError
 
 
 # --- model facts --------------------------------------------------------------------------------

@@ -37,14 +37,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from peftctl.model import quantize
-
+from peftctl.arch.kv_cache import decoder_stack, passed_cache
+from peftctl.arch.layers import resolve_dtype
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
-from peftctl.arch.layers import resolve_dtype
-from peftctl.arch.kv_cache import decoder_stack, passed_cache
 from peftctl.methods.base import BaseFacts
+from peftctl.model import quantize
 from peftctl.recipe.schema import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"

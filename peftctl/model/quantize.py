@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.core.errors import UserError, one_line
 from peftctl.arch.layers import dense_weight, dequantized_weight, linear_layers, linear_shape, quantized_kind, resolve_dtype
+from peftctl.core.errors import UserError, one_line
 
 if TYPE_CHECKING:
     from peftctl.recipe.schema import ModelSpec

@@ -38,12 +38,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from peftctl.train import attention
-
-from peftctl.train import fused
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
-from peftctl.train.loss import HeadCrossEntropy
 from peftctl.model.loading import transformer_blocks
+from peftctl.train import attention
+from peftctl.train import fused
+from peftctl.train.loss import HeadCrossEntropy
 
 FP32 = 4
 # Layers that read the same input tensor within their parent module (one storage kept for all).

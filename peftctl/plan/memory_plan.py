@@ -33,15 +33,15 @@ import torch
 from peftctl import methods
 
 
-from peftctl.model import quantize
-from peftctl.plan.activations import Kernels, activation_bytes
-from peftctl.core.errors import blame
 from peftctl.arch.layers import linear_layers, linear_shape
+from peftctl.core.errors import blame
+from peftctl.model import quantize
 from peftctl.model.loading import base_facts, load_skeleton, resolve_dtype, transformer_blocks
-from peftctl.train.attention_choice import planned_kernel
-from peftctl.recipe.schema import Recipe
-from peftctl.train.sharding import check_fsdp_recipe
+from peftctl.plan.activations import Kernels, activation_bytes
 from peftctl.plan.skeleton import method_config
+from peftctl.recipe.schema import Recipe
+from peftctl.train.attention_choice import planned_kernel
+from peftctl.train.sharding import check_fsdp_recipe
 
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 MIXED_PRECISION_BYTES = 2  # bf16 / fp16 weights and gradients

@@ -24,8 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 from peftctl.core.errors import UserError, one_line
-from peftctl.report.run_report import METRICS_FILE, RUN_REPORT, Metrics, read_metrics, write_chart, write_page
 from peftctl.report.html import cell, esc, notes, page, raw_cell, section, table, text_cell
+from peftctl.report.run_report import METRICS_FILE, RUN_REPORT, Metrics, read_metrics, write_chart, write_page
 
 BAKEOFF_FILE = "bakeoff.json"
 BAKEOFF_PNG = "val_loss.png"

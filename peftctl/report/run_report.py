@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftctl.train import checkpoint
 from peftctl.core.errors import UserError, one_line
-from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.core.files import atomic_file, atomic_write_text, writing
+from peftctl.export.adapter_files import RECIPE_FILE
 from peftctl.report.html import cell, esc, figures_table, notes, page, raw_cell, section, table, text_cell
+from peftctl.train import checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

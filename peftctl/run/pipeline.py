@@ -20,24 +20,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftctl import methods
-
-from peftctl.train import checkpoint
-
 from peftctl.core import jsontext
-from peftctl.data.tokenize import TokenizedData, load_data
 from peftctl.core.errors import ErrorGroup, UserError, blame
-from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
+from peftctl.data.tokenize import TokenizedData, load_data
+from peftctl.eval.samples import replies, sample_rows, write_generations
+from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import base_facts, load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.model.quantize import parameter_count
+from peftctl.plan.skeleton import OnSkeleton, method_on_skeleton
 from peftctl.recipe.schema import Recipe
 from peftctl.report.run_report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
-from peftctl.eval.samples import replies, sample_rows, write_generations
-from peftctl.train.sharding import check_fsdp
-from peftctl.plan.skeleton import OnSkeleton, method_on_skeleton
-from peftctl.train.trackers import check_installed, tracking
+from peftctl.train import checkpoint
 from peftctl.train.loop import Reporter, TrainResult, loop_fingerprint, train
+from peftctl.train.sharding import check_fsdp
+from peftctl.train.trackers import check_installed, tracking
 
 if TYPE_CHECKING:
     from accelerate import PartialState

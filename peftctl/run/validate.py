@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from peftctl.core.errors import blame
 from peftctl.core.hub import is_hub_id
-from peftctl.recipe.schema import Recipe
 from peftctl.plan.skeleton import describe_targets, method_on_skeleton
+from peftctl.recipe.schema import Recipe
 from peftctl.train.trackers import check_installed, describe
 
 
@@ -31,8 +31,8 @@ def hub_sources(spec: Recipe) -> list[str]:
                  if isinstance(value, str) and is_hub_id(value)]
     if not hub_named:
         return []
-    from peftctl.model.loading import describe_hub_source as describe_model
     from peftctl.data.rows import describe_hub_source as describe_data
+    from peftctl.model.loading import describe_hub_source as describe_model
 
     with blame(spec.source, spec.locate):
         found = [describe_model(spec.model), describe_data(data.train, data, "data.train")]

@@ -27,20 +27,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from peftctl.train import checkpoint
-
 from peftctl.core import jsontext
-from peftctl.train.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
-from peftctl.data.tokenize import TokenizedData, epochs_of_batches, stream_position
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_write_text, writing
+from peftctl.data.tokenize import TokenizedData, epochs_of_batches, stream_position
+from peftctl.methods import Adapter
+from peftctl.recipe.schema import TrainSpec
+from peftctl.train import checkpoint
+from peftctl.train.allocator import peak_memory_bytes, release_freed_memory, return_free_heap
+from peftctl.train.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
 from peftctl.train.interrupts import StopRequests
 from peftctl.train.loss import CausalLMLoss, labelled_tokens, validation_loss
-from peftctl.train.allocator import peak_memory_bytes, release_freed_memory, return_free_heap
-from peftctl.methods import Adapter
-from peftctl.train.optim import setup_optimizer
 from peftctl.train.model_setup import prepare_model
-from peftctl.recipe.schema import TrainSpec
+from peftctl.train.optim import setup_optimizer
 from peftctl.train.sharding import rebind_trainable, unshard_trainable
 
 Batch = dict[str, torch.Tensor]

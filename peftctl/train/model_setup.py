@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftctl.core.errors import UserError
+from peftctl.data.tokenize import TokenizedData
+from peftctl.model import loading as model_loading
+from peftctl.recipe.schema import TrainSpec
 from peftctl.train import fused
 from peftctl.train.attention_choice import use_attention
-from peftctl.model import loading as model_loading
-from peftctl.data.tokenize import TokenizedData
-from peftctl.core.errors import UserError
 from peftctl.train.loss import packing_problem
-from peftctl.recipe.schema import TrainSpec
 
 @dataclass
 class PreparedModel:
