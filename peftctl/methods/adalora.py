@@ -35,10 +35,11 @@ from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.core.state_dicts import load_strict
 from peftctl.methods.base import (
-    BaseFacts, PEFT_KEY_PREFIX,
+    PEFT_KEY_PREFIX,
     Adapter,
     AllLinear,
     Applied,
+    BaseFacts,
     MethodConfig,
     WrappingMethod,
     exported_targets,

@@ -28,9 +28,10 @@ from peftctl.arch.architectures import BIAS_FLAGS
 from peftctl.arch.layers import LINEAR_TYPES, linear_layers, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.methods.base import (
-    BaseFacts, Adapter,
+    Adapter,
     AllLinear,
     Applied,
+    BaseFacts,
     MethodConfig,
     WrappingMethod,
     match_targets,

@@ -35,7 +35,7 @@ from torch import nn
 from peftctl.arch.architectures import BOTTLENECK_SITES
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
 from peftctl.core.errors import UserError
-from peftctl.methods.base import BaseFacts, Adapter, Applied, MethodConfig, WrappingMethod
+from peftctl.methods.base import Adapter, Applied, BaseFacts, MethodConfig, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -23,9 +23,10 @@ from peftctl.arch.architectures import IA3_DEFAULTS
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.methods.base import (
-    BaseFacts, Adapter,
+    Adapter,
     AllLinear,
     Applied,
+    BaseFacts,
     MethodConfig,
     WrappingMethod,
     match_targets,

@@ -23,10 +23,11 @@ from torch import nn
 from peftctl.arch.layers import dense_weight, linear_shape, quantized_kind
 from peftctl.core.errors import UserError
 from peftctl.methods.base import (
-    BaseFacts, PEFT_KEY_PREFIX,
+    PEFT_KEY_PREFIX,
     Adapter,
     AllLinear,
     Applied,
+    BaseFacts,
     MethodConfig,
     WrappingMethod,
     exported_targets,

@@ -28,8 +28,9 @@ from torch import nn
 from peftctl.arch.layers import dense_weight, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.methods.base import (
-    BaseFacts, Adapter,
+    Adapter,
     AllLinear,
+    BaseFacts,
     MethodConfig,
     WrappingMethod,
     exported_targets,
