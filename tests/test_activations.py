@@ -1,7 +1,7 @@
 """plan's activation figures (peftctl/plan/activations.py) against what autograd really keeps.
 
 The count is exact: saved-tensor hooks list every storage autograd holds from a training step's
-forward pass for its backward pass (memory.kept_for_backward), on a 3-layer Llama with GQA in
+forward pass for its backward pass (allocator.kept_for_backward), on a 3-layer Llama with GQA in
 bf16, prepared by peftctl's own prepare_model as the loop prepares it. Tolerance 2.5%: what the
 estimate leaves out is per-row (the rotary tables), and a storage two steps share (the grouped
 kernel's last output) which it counts twice; a per-layer term wrong by one [tokens, hidden]

@@ -98,7 +98,7 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_batch_widths_are_rounded_up_to_a_multiple_of_16():
-    """Few batch shapes over a run: each new one costs the CPU's matmul library new kernels (data.py)."""
+    """Few batch shapes over a run: each new one costs the CPU's matmul library new kernels (data/tokenize.py)."""
     from peftctl.data.tokenize import WIDTH_MULTIPLE, Example, collate_packed
 
     examples = [Example(list(range(1, 18)), [IGNORE] + list(range(2, 18))), Example([8, 9], [8, 9])]

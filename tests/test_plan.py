@@ -153,7 +153,7 @@ def test_plan_counts_4bit_and_8bit_llama2_7b_weights(tmp_path):
 
 
 def test_plan_with_gradient_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):
-    """activations.py's terms for a Llama-2-7B, LoRA r=8 on q/v, one row of 512 tokens on a CPU
+    """plan/activations.py's terms for a Llama-2-7B, LoRA r=8 on q/v, one row of 512 tokens on a CPU
     (peftctl's grouped eager attention), per token: each layer keeps norm inputs and 1/rms (but the
     first layer's first norm, which reads the frozen embeddings), q/k/v and the probabilities, gate
     and up, LoRA's shared input and two fp32 rank-8 intermediates; checkpointed, each layer's input,

@@ -244,7 +244,7 @@ def _evaluate(plan: BakeoffPlan, state: dict[str, Any], run: Run, position: str,
 
 
 def _figures(plan: BakeoffPlan, run: Run, entry: dict[str, Any], scores) -> dict[str, Any]:
-    """The table's figures for a done run (bakeoff_state.FIGURES)."""
+    """The table's figures for a done run (state.FIGURES)."""
     trained = entry["train"]
     adapter = plan.out / run.run_dir / "adapter"
     return {

@@ -34,7 +34,7 @@ def _number(value: float | None, form: str) -> str:
 
 
 def cells(run: dict[str, Any]) -> list[str]:
-    """A done run's row: its label, learning rate and figures (bakeoff_state.FIGURES), formatted."""
+    """A done run's row: its label, learning rate and figures (state.FIGURES), formatted."""
     f = run["figures"]
     trainable = "-" if f.get("trainable_params") is None else f"{f['trainable_params']:,} ({f['trainable_percent']:.2g}%)"
     wall = f.get("wall_s")

@@ -2,7 +2,7 @@
 base model and by base + adapter, for <output>/generations.jsonl and the run report.
 
 The base answers before the method goes on the model: no method's adapter can be taken off
-again exactly (evaluate.evaluate_adapters says why), and loading the base a second time would
+again exactly (scores.evaluate_adapters says why), and loading the base a second time would
 cost as much as the run's own load. Replies are greedy (no random draw: the run's seeds and
 results are the same with or without samples) and stop at EOS or after MAX_NEW_TOKENS.
 """

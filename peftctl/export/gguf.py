@@ -5,7 +5,7 @@ Two files llama.cpp loads:
     rsLoRA: the base's tensor names, each layer's scaling baked into B (gguf_tensors);
   * the base with the adapter folded in, one GGUF model file (`--merged`), for every mergeable
     method: DoRA, IA3, BitFit and the rest cannot be expressed as llama.cpp's LoRA, so an adapter
-    of theirs is exported this way, saying why. The merge is export.merge_adapter's (fp32; a
+    of theirs is exported this way, saying why. The merge is merge.merge_adapter's (fp32; a
     quantized base dequantized); the weights are then written as --quant, and what the file's
     rounded weights compute is measured against base + adapter, as `peftctl merge` measures.
 With --ollama, a Modelfile beside it (ollama.py). Every file is written atomically, never over
