@@ -114,7 +114,7 @@ def plan(recipe: Recipe, shards: int = 1, cuda: bool | None = None) -> MemoryPla
 
 
 def training_kernels(model: torch.nn.Module, recipe: Recipe, cuda: bool) -> Kernels:
-    """The kernels `train` will run the recipe with (train/model_setup.py, train._mixed_precision)."""
+    """The kernels `train` will run the recipe with (train/model_setup.py, loop._mixed_precision)."""
     current = getattr(model.config, "_attn_implementation", None)
     chosen = planned_kernel(recipe.train.attention, current, recipe.data.max_seq_len, cuda)
     dtype = resolve_dtype(recipe.model.dtype)
