@@ -1,4 +1,21 @@
-"""peftctl: parameter-efficient fine-tuning of language models from YAML recipes."""
+"""peftctl: parameter-efficient fine-tuning of language models from YAML recipes.
+
+The packages, each one job, from the commands down; a package imports only from those below it
+(pyproject.toml's import-linter contracts, checked by the test suite; docs/architecture.md):
+
+    cli        the commands: parse, load the recipe, call a component, show the result
+    bakeoff    one recipe trained per method or option, compared
+    run        the pipeline: prepare (every weightless check), then execute
+    report     run and bake-off reports          | eval   scores and sample replies
+    plan       the weightless skeleton, memory    |
+    train      the loop, loss, optimizer, checkpoints, kernels   | export  peft files, merge, GGUF
+    data       rows in, token ids out
+    model      bases and tokenizers loaded, quantized
+    recipe     the pydantic recipe
+    methods    one file per method behind base.py's contract
+    arch       layer and architecture facts
+    core       errors, atomic files, JSON, Hub ids
+"""
 
 import os
 
