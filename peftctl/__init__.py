@@ -6,9 +6,11 @@ The packages, each one job, from the commands down; a package imports only from 
     cli        the commands: parse, load the recipe, call a component, show the result
     bakeoff    one recipe trained per method or option, compared
     run        the pipeline: prepare (every weightless check), then execute
-    report     run and bake-off reports          | eval   scores and sample replies
-    plan       the weightless skeleton, memory    |
-    train      the loop, loss, optimizer, checkpoints, kernels   | export  peft files, merge, GGUF
+    report     run and bake-off reports              } one layer: none of the three
+    eval       held-out scores and sample replies    } imports another
+    plan       the weightless skeleton, memory       }
+    train      the loop, loss, optimizer, checkpoints, kernels   } one layer
+    export     peft's files, merge, combine, GGUF, Ollama        }
     data       rows in, token ids out
     model      bases and tokenizers loaded, quantized
     recipe     the pydantic recipe
