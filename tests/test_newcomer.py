@@ -85,17 +85,17 @@ def test_merge_saves_at_the_bases_precision_and_files_get_the_umasks_mode(tmp_pa
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o666 & ~umask)}
 
 
-def readme_peft_snippet() -> tuple[str, str]:
-    """The README's export-base command and the Python that loads the adapter in peft."""
-    text = (ROOT / "README.md").read_text()
+def peft_snippet() -> tuple[str, str]:
+    """The deploy page's export-base command and the Python that loads the adapter in peft."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
     block = text.split("<!-- peft-snippet -->")[1].split("<!-- /peft-snippet -->")[0]
     command = block.split("```bash\n")[1].split("```")[0].strip()
     return command, block.split("```python\n")[1].split("```")[0]
 
 
-def run_readme_peft_snippet(adapter: Path, base: Path, model: str) -> str:
-    """The README's snippet as written, with the tiny model and these folders in its places."""
-    command, code = readme_peft_snippet()
+def run_peft_snippet(adapter: Path, base: Path, model: str) -> str:
+    """The deploy page's snippet as written, with the tiny model and these folders in its places."""
+    command, code = peft_snippet()
     args = command.replace("builtin:smollm2-135m", model).replace("runs/smollm2-base", str(base)).split()
     assert args[:2] == ["peftctl", "export-base"]
     result = invoke(*args[1:])
@@ -107,9 +107,9 @@ def run_readme_peft_snippet(adapter: Path, base: Path, model: str) -> str:
     return run.stdout
 
 
-def test_the_readme_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
+def test_the_deploy_pages_peft_snippet_runs_on_an_exported_builtin_base(tmp_path):
     assert invoke("train", SMOKE, "--output", tmp_path / "run").exit_code == 0
-    printed = run_readme_peft_snippet(tmp_path / "run" / "adapter", tmp_path / "base", "builtin:tiny-gpt2")
+    printed = run_peft_snippet(tmp_path / "run" / "adapter", tmp_path / "base", "builtin:tiny-gpt2")
     assert printed.strip()  # a reply was generated and decoded
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

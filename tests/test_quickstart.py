@@ -35,8 +35,8 @@ def test_quickstart_validation_loss_falls(tmp_path):
     for generation in report["generations"]:
         assert generation["stopped_at_eos"] is True, generation
 
-    # The README's peft snippet, as written, on this adapter and the exported SmolLM2 base.
-    from test_newcomer import run_readme_peft_snippet
+    # The deploy page's peft snippet (docs/deploy.md), as written, on this adapter and the exported SmolLM2 base.
+    from test_newcomer import run_peft_snippet
 
-    reply = run_readme_peft_snippet(out / "adapter", tmp_path / "smollm2-base", "builtin:smollm2-135m")
+    reply = run_peft_snippet(out / "adapter", tmp_path / "smollm2-base", "builtin:smollm2-135m")
     assert reply.strip(), reply

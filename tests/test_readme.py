@@ -1,4 +1,4 @@
-"""The README is the user's manual: its reference and its commands must match the code."""
+"""The README and the docs are the user's manual: the recipe reference and the commands must match the code."""
 
 import subprocess
 import sys
@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_recipe_reference_matches_schema():
-    result = subprocess.run([sys.executable, "scripts/update_readme_reference.py", "--check"], cwd=ROOT)
-    assert result.returncode == 0, "README's recipe reference is stale: run python scripts/update_readme_reference.py"
+    result = subprocess.run([sys.executable, "scripts/update_recipe_reference.py", "--check"], cwd=ROOT)
+    assert result.returncode == 0, "docs/reference/recipe.md is stale: run python scripts/update_recipe_reference.py"
 
 
 def test_ci_reads_install_and_test_commands_from_readme():

@@ -4,7 +4,8 @@ registering (no list here to keep up to date).
 For each method `recipes/<name>-gpt2.yaml` (the builtin tiny GPT-2, seconds) is trained in the
 default suite and its adapter loads back (in peft too where peft has the method);
 `recipes/<name>-smollm2.yaml` (the bundled real model) is validated here, on its weightless
-skeleton (its trainable count is the one the README's methods table gives), and trained for two
+skeleton (its trainable count is the one the methods table gives, in the README and in
+docs/methods.md), and trained for two
 steps in the slow suite. Method-specific figures (trainable
 counts, losses) are asserted in each method's own test file.
 """
@@ -25,7 +26,8 @@ from peftctl.recipe.load import load_recipe
 from peftctl.run.pipeline import run
 
 RECIPES = ROOT / "recipes"
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+# The two copies of the methods table: the README's and the docs' methods page.
+METHOD_TABLES = {page: (ROOT / page).read_text(encoding="utf-8") for page in ("README.md", "docs/methods.md")}
 # LoRA's recipes predate the naming rule: the smoke run and the README's quickstart.
 NAMED_OTHERWISE = {"lora": ("smoke-gpt2.yaml", "quickstart.yaml")}
 
@@ -46,10 +48,11 @@ def test_every_method_has_its_recipes_and_they_validate(name, model):
     assert recipe.method.name == name
     described = describe_targets(method_on_skeleton(recipe))  # the method on the model's weightless skeleton
     assert described.startswith(f"method {name}: ") and " 0 trainable" not in described, described
-    if model == "smollm2":  # the README's methods table quotes this recipe's count
+    if model == "smollm2":  # the methods tables quote this recipe's count
         count = re.match(rf"method {name}: ([\d,]+) trainable", described).group(1)
-        rows = [line for line in README.splitlines() if line.startswith(f"| `{name}` |")]
-        assert rows and count in rows[0].split("|")[3], f"README's row for {name} lacks {count}: {rows}"
+        for page, text in METHOD_TABLES.items():
+            rows = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+            assert rows and count in rows[0].split("|")[3], f"{page}'s row for {name} lacks {count}: {rows}"
 
 
 @pytest.mark.parametrize("name", METHODS)
