@@ -59,7 +59,7 @@ def notes(state: dict[str, Any]) -> list[str]:
               f"(exact match of {state['samples']} greedy replies)",
               "peak: peftctl plan's total / the training process's peak (resident memory on CPU, CUDA memory "
               "allocated on a GPU); wall: the whole training process, loading included",
-              "lr: the recipe's for its own method, the others' scaled by their suggested_lr (README: Bake-off)"]
+              "lr: the recipe's for its own method, the others' scaled by their suggested_lr (docs/bakeoff.md: Learning rate)"]
     for run in state["runs"]:
         if run["status"] == "failed":
             lines.append(f"failed: {run['label']}: {run['error']}")

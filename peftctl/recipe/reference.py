@@ -1,5 +1,5 @@
-"""The recipe reference in the README, generated from the recipe's models
-(scripts/update_readme_reference.py writes it; tests/test_readme.py checks it is current).
+"""The recipe reference (docs/reference/recipe.md), generated from the recipe's models
+(scripts/update_recipe_reference.py writes it; tests/test_readme.py checks it is current).
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ def _markdown_table(title: str, model: type[BaseModel]) -> str:
             continue
         default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
         kind = _type_name(field.annotation)
-        lines.append(f"| `{key}` | {kind} | {default} | {field.description} |")
+        lines.append(f"| `{key}` | {kind} | {default} | {_text(field.description)} |")
     return "\n".join(lines) + "\n"
+
+
+def _text(description: str | None) -> str:
+    """A description as Markdown table text: `<output>` and the like shown, not taken for HTML tags."""
+    return (description or "").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _yaml_value(value: Any) -> str:

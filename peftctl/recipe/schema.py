@@ -2,8 +2,9 @@
 
 A recipe is a YAML file with five sections (model, method, data, train, output). These pydantic
 models are the single source of truth for its keys, defaults, validation, the JSON schema
-(`peftctl schema`) and the README's reference (reference.py). Unknown keys are errors, never
-ignored; reading the YAML is yaml_file.py, explaining a validation error validation_errors.py.
+(`peftctl schema`) and the reference in docs/ (reference.py). Unknown keys are errors, never
+ignored; reading the YAML is yaml_file.py, explaining a validation error validation_errors.py,
+reading a recipe file as a whole load.py.
 Relative data paths are resolved against the recipe file's folder (paths.py), so a recipe
 and its data travel together; `output.dir` is relative to the directory you run peftctl from.
 """
@@ -282,7 +283,7 @@ class TrainSpec(Section):
         description="Experiment trackers that also get every metrics.jsonl entry, through each library's own API "
         "and under the Hugging Face Trainer's names (train/loss, train/learning_rate, train/grad_norm, eval/loss): "
         "any of tensorboard (<output>/tensorboard), wandb, mlflow, as a list or one name; [] or none (the default): "
-        "none. Each is an optional extra (pip install 'peftctl[tensorboard]'); see Experiment trackers in the README.",
+        "none. Each is an optional extra (pip install 'peftctl[tensorboard]'); see docs/recipes.md, Experiment trackers.",
     )
 
     @field_validator("report_to", mode="before")
