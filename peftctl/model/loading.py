@@ -44,6 +44,14 @@ from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.methods.base import BaseFacts
 from peftctl.model import quantize
+from peftctl.model.config_checks import (
+    building,
+    check_config,
+    check_generation_config,
+    check_tokenizer_fits,
+    reading_config,
+)
+from peftctl.model.weight_files import check_weights_fit
 from peftctl.recipe.schema import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
@@ -161,12 +169,20 @@ def model_files(spec: ModelSpec) -> Path | None:
     return source.folder / source.gguf_file if source.gguf_file else source.folder
 
 
+def config_file(source: ModelSource) -> Path | str:
+    """The file a model's description is read from, as errors name it."""
+    if source.builtin:
+        return source.builtin
+    return source.folder / source.gguf_file if source.gguf_file else source.folder / "config.json"
+
+
 @contextmanager
 def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
     """A model folder that transformers cannot read is the user's input, not a peftctl bug."""
     try:
         yield
-    except (OSError, ValueError, KeyError, SafetensorError, struct.error, EOFError, RecursionError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError, struct.error, EOFError, RecursionError,
+            RuntimeError) as err:  # RuntimeError: torch's, on a GGUF whose tensors disagree with its header
         if "trust_remote_code" in str(err) and not spec.trust_remote_code:
             raise UserError(
                 f"the model '{spec.name_or_path}' is Python code of its own (its config names custom classes), "
@@ -187,10 +203,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     if source.builtin == TINY_GPT2:
         tokenizer = byte_level_tokenizer()
     else:
-        with _reading(spec, "tokenizer"):
+        with _reading(spec, "tokenizer"), reading_config(config_file(source)):  # it reads config.json too
             tokenizer = AutoTokenizer.from_pretrained(
                 source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
             )
+        check_tokenizer_fits(tokenizer, load_config(spec), config_file(source))
     if tokenizer.eos_token is None:
         raise UserError("the tokenizer has no EOS token, so a trained model could not learn to stop",
                         where="model.name_or_path")
@@ -216,10 +233,13 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
         key = (str(Path(source.folder) / source.gguf_file), stat.st_size, stat.st_mtime_ns)
         if key in _GGUF_CONFIGS:
             return copy.deepcopy(_GGUF_CONFIGS[key])
-    with _reading(spec, "model config"):
+    with _reading(spec, "model config"), reading_config(config_file(source)):
         config = AutoConfig.from_pretrained(
             source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
         )
+    check_config(config, config_file(source))  # before anything is built from it, `plan`'s skeleton included
+    if (source.folder / "generation_config.json").is_file() and not source.gguf_file:
+        check_generation_config(source.folder / "generation_config.json", config.get_text_config().vocab_size)
     if key is not None:
         _GGUF_CONFIGS[key] = copy.deepcopy(config)
     return config
@@ -229,7 +249,7 @@ def load_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device: shapes and names, no weights, any size in seconds."""
     config = load_config(spec)
     config.name_or_path = spec.name_or_path
-    with torch.device("meta"), _reading(spec, "model architecture"):
+    with torch.device("meta"), _reading(spec, "model architecture"), building(config_file(resolve_source(spec))):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     return skeleton
 
@@ -245,19 +265,37 @@ def load_model(spec: ModelSpec) -> nn.Module:
             torch.manual_seed(0)
             model = GPT2LMHeadModel(tiny_gpt2_config()).to(dtype)
     else:
-        with _reading(spec, "model weights"):
-            model = AutoModelForCausalLM.from_pretrained(
+        if not source.gguf_file:  # the headers against the config, before transformers allocates anything
+            check_weights_fit(load_skeleton(spec), source.folder, config_file(source))
+        with _reading(spec, "model weights"), reading_config(config_file(source)):
+            model, loaded = AutoModelForCausalLM.from_pretrained(
                 source.folder,
                 dtype=dtype,
                 trust_remote_code=spec.trust_remote_code,
                 use_safetensors=None if source.gguf_file else True,
+                output_loading_info=True,
                 **source.from_pretrained_args(),
             )
+        _check_loaded(loaded, config_file(source))
         if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
             # transformers dequantized the GGUF into plain layers but still tags the model as
             # quantized, which blocks training and saving; the tag is all that is removed.
             model.hf_quantizer.remove_quantization_config(model)
     return finish_base(model, spec)
+
+
+def _check_loaded(loaded: dict, file: Path) -> None:
+    """What transformers could not match after its own renames: weights the files lack would be
+    random, weights the model has no place for would be dropped; either way not the saved model."""
+    for kind, what in (("mismatched_keys", "have other shapes than the config gives them"),
+                       ("missing_keys", "are not in the weights files (they would be random)"),
+                       ("unexpected_keys", "are in the weights files, but the config has no place for them")):
+        names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in loaded.get(kind) or ())
+        if names:
+            raise UserError(f"{file} disagrees with the weights: {len(names)} tensors {what}: "
+                            + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+                            where="model.name_or_path", expected="a config that describes the saved weights",
+                            fix="restore the model's original config.json (its sizes and layer count as saved)")
 
 
 def finish_base(model: nn.Module, spec: ModelSpec) -> nn.Module:
