@@ -157,9 +157,12 @@ def reading_config(file: str | Path) -> Iterator[None]:
         field = re.search(r"field '([^']*)'", str(err))
         raise _refusal(file, field[1] if field else "?", f"has the wrong type: {one_line(err.__cause__ or err)}",
                        "the type transformers' config class gives that field (a size is a JSON integer)") from None
-    except StrictDataclassError as err:
-        raise UserError(f"{file}: {one_line(err)}", where="model.name_or_path",
-                        expected="a config whose fields agree with each other",
+    except (StrictDataclassError, ArithmeticError, TypeError, AttributeError, IndexError, AssertionError) as err:
+        # A config class derives fields as it reads (head_dim = hidden_size // num_attention_heads):
+        # on impossible values that arithmetic fails. OSError and ValueError (a missing file, an
+        # unknown model_type, remote code) are left to the caller's wording.
+        raise UserError(f"{file}: transformers cannot read it: {one_line(err)}", where="model.name_or_path",
+                        expected="a config whose fields have the types and sizes the model family takes",
                         fix=FIX_CONFIG.format(file=Path(file).name)) from None
 
 
