@@ -162,3 +162,9 @@ def test_the_exported_folder_itself_trains(exported, tmp_path):
     recipe, _ = edited(exported, tmp_path)
     result = invoke("train", recipe, "--output", tmp_path / "run")
     assert result.exit_code == 0, result.output
+
+
+def test_a_config_with_fewer_layers_than_saved_is_refused_before_training(exported, tmp_path):
+    recipe, model = edited(exported, tmp_path, n_layer=1)
+    refused("train", recipe, tmp_path, f"{model / 'config.json'} disagrees with the weights",
+            "the config has no layer for them", "transformer.h.1.")

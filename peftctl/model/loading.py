@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -276,7 +277,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
                 output_loading_info=True,
                 **source.from_pretrained_args(),
             )
-        _check_loaded(loaded, config_file(source))
+        _check_loaded(model, loaded, config_file(source))
         if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
             # transformers dequantized the GGUF into plain layers but still tags the model as
             # quantized, which blocks training and saving; the tag is all that is removed.
@@ -284,13 +285,16 @@ def load_model(spec: ModelSpec) -> nn.Module:
     return finish_base(model, spec)
 
 
-def _check_loaded(loaded: dict, file: Path) -> None:
+def _check_loaded(model: nn.Module, loaded: dict, file: Path) -> None:
     """What transformers could not match after its own renames: weights the files lack would be
-    random, weights the model has no place for would be dropped; either way not the saved model."""
-    for kind, what in (("mismatched_keys", "have other shapes than the config gives them"),
-                       ("missing_keys", "are not in the weights files (they would be random)"),
-                       ("unexpected_keys", "are in the weights files, but the config has no place for them")):
-        names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in loaded.get(kind) or ())
+    random; stored layers the config has no place for (it names fewer layers than were saved)
+    would be dropped. Other extra tensors transformers ignores, and so does this."""
+    kinds = {re.sub(r"\.\d+\.", ".N.", name) for name in model.state_dict()}
+    unplaced = [name for name in loaded.get("unexpected_keys") or () if re.sub(r"\.\d+\.", ".N.", name) in kinds]
+    for names, what in ((loaded.get("mismatched_keys"), "have other shapes than the config gives them"),
+                        (loaded.get("missing_keys"), "are not in the weights files (they would be random)"),
+                        (unplaced, "are in the weights files, but the config has no layer for them")):
+        names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in names or ())
         if names:
             raise UserError(f"{file} disagrees with the weights: {len(names)} tensors {what}: "
                             + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
