@@ -36,6 +36,10 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # today), cannot be a real model; counting it would overflow the 64-bit sizes torch computes with.
 LARGEST_SIZE = 2**32
 LARGEST_MODEL = 2**50
+# Counts of modules, not tensor sizes: even on the meta device each layer or expert is Python
+# objects, so two billion layers would exhaust memory while `plan` builds them. The largest models
+# have about a hundred layers and a few hundred experts.
+MOST_MODULES = {"num_hidden_layers": 10_000, "num_local_experts": 65_536, "num_experts": 65_536}
 
 EXPECTED_SIZE = "a whole number of at least 1 (a JSON integer, not a string or a fraction)"
 FIX_CONFIG = "restore the model's original {file} (download it again), or correct the field by hand"
@@ -84,7 +88,10 @@ def _check_sizes(config: Any, file: str | Path) -> None:
             raise _refusal(file, field, f"is {value!r} ({type(value).__name__}), not a size", EXPECTED_SIZE)
         if value < 1:
             raise _refusal(file, field, f"is {value}, not a size", EXPECTED_SIZE)
-        if value > LARGEST_SIZE:
+        if value > MOST_MODULES.get(name, LARGEST_SIZE):
+            if name in MOST_MODULES:
+                raise _refusal(file, field, f"is {value}: a model of that many is too large to build",
+                               f"at most {MOST_MODULES[name]:,}")
             raise _refusal(file, field, f"is {value}: a model of that size is too large to count",
                            f"a size of at most 2^32 ({LARGEST_SIZE:,})")
     for name, value in vars(config).items():
