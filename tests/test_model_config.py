@@ -85,7 +85,7 @@ def test_sizes_whose_product_overflows(exported, tmp_path, command):
 
 def test_a_model_too_large_to_count_as_a_whole_subprocess(exported, tmp_path):
     """Each size allowed alone, their product not: `plan` says so, as a shell sees it."""
-    recipe, _ = edited(exported, tmp_path, n_embd=2**20, n_layer=2**20, vocab_size=2**30)
+    recipe, _ = edited(exported, tmp_path, n_embd=2**20, n_layer=8, vocab_size=2**30)
     proc = subprocess.run([sys.executable, "-m", "peftctl", "plan", str(recipe)], capture_output=True, text=True,
                           timeout=120, env=ONE_THREAD)
     assert proc.returncode == 2, proc.stderr

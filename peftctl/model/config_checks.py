@@ -30,7 +30,8 @@ SIZE_FIELDS = (
     "num_experts_per_tok", "decoder_sparse_step", "sliding_window", "rotary_dim",
 )
 # Without these no decoder can be built: a config that leaves one out (or sets it to null) is broken.
-REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# (Attention heads are not among them: state-space models such as Mamba have none.)
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # One size beyond 2^32, or a model beyond 2^50 parameters (a thousand times the largest trained
 # today), cannot be a real model; counting it would overflow the 64-bit sizes torch computes with.
@@ -101,14 +102,16 @@ def _check_sizes(config: Any, file: str | Path) -> None:
 
 
 def _check_relations(config: Any, file: str | Path) -> None:
-    heads, hidden = config.num_attention_heads, config.hidden_size
+    heads, hidden = getattr(config, "num_attention_heads", None), config.hidden_size
     kv_heads = getattr(config, "num_key_value_heads", None)
+    if not _is_whole(heads):
+        heads = kv_heads = None  # no attention: nothing to divide
     if _is_whole(kv_heads) and heads % kv_heads:
         raise _refusal(file, _own_name(config, "num_key_value_heads"),
                        f"is {kv_heads}, which does not divide the {heads} attention heads "
                        f"('{_own_name(config, 'num_attention_heads')}')",
                        "a number of key/value heads that divides the number of attention heads")
-    if getattr(config, "head_dim", None) is None and hidden % heads:
+    if heads is not None and getattr(config, "head_dim", None) is None and hidden % heads:
         raise _refusal(file, _own_name(config, "hidden_size"),
                        f"is {hidden}, which the {heads} attention heads ('{_own_name(config, 'num_attention_heads')}') "
                        "do not divide", "a hidden size that is a multiple of the number of attention heads")
@@ -141,7 +144,8 @@ def _check_count(config: Any, file: str | Path) -> None:
     experts = max((v for v in (getattr(config, "num_local_experts", None), getattr(config, "num_experts", None))
                    if _is_whole(v)), default=1)
     head_dim = getattr(config, "head_dim", None)
-    attention = config.num_attention_heads * head_dim if _is_whole(head_dim) else hidden
+    heads = getattr(config, "num_attention_heads", None)
+    attention = heads * head_dim if _is_whole(head_dim) and _is_whole(heads) else hidden
     positions = getattr(config, "max_position_embeddings", None)
     count = (layers * (4 * hidden * max(hidden, attention) + 3 * hidden * inner * (experts + 1))
              + 2 * vocab * hidden + (positions if _is_whole(positions) else 0) * hidden)
