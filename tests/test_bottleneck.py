@@ -54,6 +54,10 @@ def sites(arch: str, method: str) -> list[str]:
 def adapted(arch: str, method: str, **options):
     make, vocab = MODELS[arch]
     model = make()
+    # The adapter's random start from a fixed seed, not from whatever the worker's earlier tests
+    # left: with ReLU and 6 units, some starts leave a site's units dead on every token of the batch,
+    # and its up projection then never moves (the equations test failed so under another test order).
+    torch.manual_seed(0)
     adapter = methods.apply(model, config(method, **options))
     return make, adapter, token_batch(vocab)
 
