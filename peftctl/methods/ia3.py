@@ -162,6 +162,10 @@ def feedforward_layers(model: nn.Module, cfg: IA3Config, targets: dict[str, nn.M
     if cfg.feedforward_modules is None:
         defaults = architecture_defaults(model)
         return set(match_targets(model, defaults[1])) & set(targets) if defaults else set()
+    if not cfg.feedforward_modules:
+        # [] is not a typo to refuse (as an empty target_modules is): it asks for no input-scaled layers,
+        # so every target scales its output; peft reads feedforward_modules=[] the same way.
+        return set()
     chosen = match_targets(model, cfg.feedforward_modules, key="feedforward_modules")
     untargeted = sorted(set(chosen) - set(targets))
     if untargeted:
