@@ -43,7 +43,7 @@ from peftctl.methods.base import (
     MethodConfig,
     WrappingMethod,
     exported_targets,
-    check_rank,
+    within_rank,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
@@ -212,9 +212,8 @@ class AdaLoRA(WrappingMethod):
                             fix="lower target_r, or raise init_r (peft's defaults: init_r 12, target_r 8)")
         if cfg.total_step is not None:
             check_schedule(cfg, cfg.total_step, "total_step")
-        targets = match_targets(model, cfg.target_modules)
-        check_rank(targets, cfg.init_r, key="init_r", usual="12")
-        return targets
+        return within_rank(match_targets(model, cfg.target_modules), cfg.init_r, cfg.target_modules,
+                           key="init_r", usual="12")
 
     def record(self, model: nn.Module, cfg: AdaLoraConfig, selected: dict[str, nn.Module]) -> AdaLoraApplied:
         applied = super().record(model, cfg, selected)

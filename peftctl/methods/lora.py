@@ -31,10 +31,10 @@ from peftctl.methods.base import (
     MethodConfig,
     WrappingMethod,
     exported_targets,
-    check_rank,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
+    within_rank,
 )
 from peftctl.methods.lora_experts import LoraExperts, wrap_expert_parameters
 from peftctl.methods.lora_init import (
@@ -172,9 +172,8 @@ class LoRA(WrappingMethod):
         if cfg.target_parameters and cfg.target_modules == []:
             check_base_changing_init(cfg, {}, base)
             return {}
-        targets = match_targets(model, cfg.target_modules)
+        targets = within_rank(match_targets(model, cfg.target_modules), cfg.r, cfg.target_modules)
         check_base_changing_init(cfg, targets, base)
-        check_rank(targets, cfg.r)
         return targets
 
     def record(self, model: nn.Module, cfg: LoraConfig, selected: dict[str, nn.Module]) -> LoraApplied:
