@@ -41,12 +41,13 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
-    within_rank,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
+    within_rank,
 )
 from peftctl.methods.low_rank import add_update, low_rank_update
 
@@ -78,7 +79,7 @@ class AdaLoraConfig(MethodConfig):
         "number of steps (train.max_steps, or the epochs' steps); the export writes the value used.")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus P Λ Q · alpha/ranknum, with the
     rank allocator's statistics for its three factors."""
 

@@ -213,6 +213,22 @@ def options_named(cfg: MethodConfig) -> Iterator[None]:
         raise
 
 
+class WrappedLinear(nn.Module):
+    """The base of a layer that wraps a linear layer (kept as `base_layer`): model code that reads the
+    layer's `weight` or `bias` itself (Mamba's mixer reads `out_proj.weight`) gets the wrapped
+    layer's, as it does from peft's wrappers."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 class WrappingMethod(Method):
     """A method that replaces chosen modules by its own layer (the shape of peft's BaseTuner).
 

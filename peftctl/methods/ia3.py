@@ -28,6 +28,7 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     match_targets,
     reject_unsupported,
@@ -51,7 +52,7 @@ class IA3Config(MethodConfig):
     )
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with its input or output rescaled."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):

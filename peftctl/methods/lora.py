@@ -29,6 +29,7 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
     match_targets,
@@ -82,7 +83,7 @@ class LoraConfig(MethodConfig):
     )
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus a LoRA or DoRA update."""
 
     def __init__(self, base_layer: nn.Module, cfg: LoraConfig):
