@@ -152,8 +152,10 @@ def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
             f"(IA)³ has no default layers for model type '{model_type}'",
             where="target_modules",
             expected=f"target_modules set, or a model of type {', '.join(IA3_DEFAULTS)}",
-            fix="set target_modules (e.g. 'all-linear', or the attention key/value layers and the "
-                "feed-forward output layer) and feedforward_modules (e.g. [down_proj])",
+            # The first fix works on any model with linear layers (the architecture matrix runs it).
+            fix="set target_modules: all-linear with feedforward_modules: [] (every layer scales its output), "
+                "or name the attention key/value layers and the feed-forward output layer in target_modules "
+                "and that output layer in feedforward_modules (e.g. [down_proj])",
         )
     return defaults[0]
 
