@@ -203,7 +203,8 @@ def check_cell(model_type: str, adapter: methods.Adapter, stage: list[str]) -> s
             stage.append("merge")
             loaded = load_adapter(build(model_type), Path(folder))
             merged = loaded.method.merge(loaded).eval()
-            torch.testing.assert_close(batch_logits(merged, batch), ours, atol=1e-4, rtol=0)
+            # rtol too: folding the update into W reorders fp32 sums, and some families' logits are large (CPM-Ant's).
+            torch.testing.assert_close(batch_logits(merged, batch), ours, atol=1e-4, rtol=1e-4)
     return rewritten
 
 

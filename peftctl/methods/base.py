@@ -29,6 +29,7 @@ from torch import nn
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.core.state_dicts import load_strict
+from peftctl.methods.peft_names import peft_names
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.
 PEFT_KEY_PREFIX = "base_model.model."
@@ -167,8 +168,7 @@ class Adapter:
     params: dict[str, nn.Parameter]
     # What the method recorded while applying itself (its own `Applied` subclass).
     applied: Any = None
-    # Linear layers 'all-linear' names that the method left out (within_rank: narrower than the rank),
-    # so that `validate` and the training header can say so.
+    # Linear layers 'all-linear' names that the method left out (within_rank), for `validate` to say.
     skipped: list[str] = field(default_factory=list)
 
     def trainable_count(self) -> int:
@@ -214,9 +214,8 @@ def options_named(cfg: MethodConfig) -> Iterator[None]:
 
 
 class WrappedLinear(nn.Module):
-    """The base of a layer that wraps a linear layer (kept as `base_layer`): model code that reads the
-    layer's `weight` or `bias` itself (Mamba's mixer reads `out_proj.weight`) gets the wrapped
-    layer's, as it does from peft's wrappers."""
+    """A layer wrapping a linear layer (`base_layer`): model code reading `weight` or `bias` itself
+    (Mamba's mixer reads `out_proj.weight`) gets the wrapped layer's, as from peft's wrappers."""
 
     base_layer: nn.Module
 
@@ -309,13 +308,11 @@ def within_rank(targets: dict[str, nn.Module], rank: int, option: list[str] | st
     """The targets a rank-`rank` update can adapt. Under 'all-linear' (`option`), layers narrower than
     the rank are skipped; an explicit list keeps them, and `check_rank` refuses the rank.
 
-    Skipped, not adapted at their rank: the linear layers narrower than a usual rank are routers and
-    gates (Qwen2-MoE's `mlp.shared_expert_gate`, 64 × 1), which a user asking for "all linear
-    layers" did not mean, and on which r cannot be reached (a rank-1 update for r·(in + 1)
-    weights). peft's all-linear does adapt them at r (lora_A [r, in], lora_B [1, r]); our export
-    writes the layers it adapted, not 'all-linear', so peft loads exactly what was trained, and
-    `peftctl validate` names what was skipped. When every layer is narrower, nothing is skipped and
-    the rank is refused: an adapter of nothing is a mistake in r.
+    Skipped, not adapted at their rank: layers narrower than a usual rank are routers and gates
+    (Qwen2-MoE's `mlp.shared_expert_gate`, 64 × 1) that "all linear layers" did not mean, where r
+    cannot be reached. peft's all-linear adapts them at r (lora_A [r, in], lora_B [1, r]); our export
+    lists the layers adapted, so peft loads exactly what was trained. If every layer is narrower, r
+    is refused: an adapter of nothing is a mistake in r.
     """
     if option == "all-linear":
         wide = {name: layer for name, layer in targets.items() if min(linear_shape(layer)[:2]) >= rank}
@@ -344,9 +341,11 @@ def check_rank(targets: dict[str, nn.Module], rank: int, key: str = "r", usual: 
 
 def exported_targets(adapter: Adapter) -> list[str]:
     """`target_modules` as adapter_config.json says it: 'all-linear' is written out as the layers it
-    chose, since peft versions differ on its meaning."""
+    chose (peft versions differ on its meaning), named so that peft selects exactly those."""
     targets = adapter.cfg.target_modules
-    return module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets)
+    if targets != "all-linear":
+        return list(targets)
+    return peft_names(set(adapter.applied.targets), [name for name, _ in adapter.model.named_modules()])
 
 
 def module_suffixes(names: list[str]) -> list[str]:
