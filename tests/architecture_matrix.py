@@ -76,7 +76,7 @@ METHOD_OPTIONS: dict[str, dict] = {
 # the fix, so a fix that does not work shows up as a failing cell.
 MECHANICAL_FIXES: dict[str, list[tuple[str, dict]]] = {
     "bitfit": [("has no bias terms", {"create_missing_biases": True}),
-               ("only linear and LayerNorm biases", {"target_modules": "all-linear"})],
+               ("only linear and LayerNorm biases", {"target_modules": "all-linear", "create_missing_biases": True})],
     "ia3": [("has no default layers", {"target_modules": "all-linear", "feedforward_modules": []})],
 }
 

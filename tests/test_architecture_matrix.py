@@ -32,9 +32,7 @@ KNOWN_FAILURES = {
        for label in ("lora", "dora", "ia3", "ia3 no ff", "bitfit")},
     **{(family, label): "peft refuses LoRA on Mamba's out_proj; peftctl should refuse or skip it likewise"
        for family in _MAMBA for label in ("lora", "dora")},
-    **{(family, "bitfit"): "BitFit's fix 'all-linear' is refused too (most layers have no bias): its fix "
-       "should name create_missing_biases" for family in (*_MAMBA, "jetmoe")},
-    ("hy_v4", "bitfit"): "the model reads .weight off BitFit's TrainedBias wrapper",
+    ("hy_v4", "bitfit"): "the model computes with the layer's weight itself, bypassing BitFit's trained bias",
     **{("laguna", label): "peft loads the export with different logits (not its MoE conversion)"
        for label in ("lora", "dora")},
     **{("phimoe", label): "its router is a linear layer returning a tuple, which the wrappers do not pass through"
