@@ -41,6 +41,8 @@ CASES = {
     "gpt2-default": (gpt2, None, None, 2 * (3 * H + 4 * H)),  # c_attn, mlp.c_proj (input)
     "gpt2-all-linear": (gpt2, "all-linear", ["mlp.c_proj"], 2 * (3 * H + H + 4 * H + 4 * H)),
     "llama-k_v_down": (tiny_llama, ["k_proj", "v_proj", "down_proj"], ["down_proj"], 2 * (32 + 32 + 96)),
+    # feedforward_modules: [] (issue 42): every layer scales its output; q, o, down output 64, k, v 32, gate, up 96.
+    "llama-all-linear-no-ff": (tiny_llama, "all-linear", [], 2 * (64 + 32 + 32 + 64 + 96 + 96 + 64)),
 }
 
 
@@ -105,7 +107,7 @@ def test_exported_lists_name_exactly_the_adapted_layers(tmp_path):
 
 # --- 2. peft → ours -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["gpt2-default", "gpt2-c_attn+c_fc", "llama-k_v_down"])
+@pytest.mark.parametrize("case", ["gpt2-default", "gpt2-c_attn+c_fc", "llama-k_v_down", "llama-all-linear-no-ff"])
 def test_peft_adapter_loads_with_equal_logits(case, tmp_path):
     factory = CASES[case][0]
     reference = peft_reference(case).eval()
@@ -134,7 +136,7 @@ def test_starts_equal_to_the_base():
     torch.testing.assert_close(batch_logits(model, batch), base, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["gpt2-all-linear", "llama-k_v_down"])
+@pytest.mark.parametrize("case", ["gpt2-all-linear", "llama-k_v_down", "llama-all-linear-no-ff"])
 def test_merge_matches_unmerged_and_peft(case, tmp_path):
     factory = CASES[case][0]
     adapter, batch = trained_adapter(case)

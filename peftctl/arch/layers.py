@@ -35,6 +35,20 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def expert_tensors(model: nn.Module) -> dict[str, int]:
+    """Mixture-of-experts weights stored as 3-D parameters [experts, out, in] (transformers 5 fuses
+    them: Mixtral's `experts.gate_up_proj`), by their name as the unwrapped model has it, with their
+    sizes. They are no linear layers, so 'all-linear' never reaches them. Only parameters under an
+    `experts` module count: other 3-D weights (the convolutions of Mamba-style hybrids) are no experts.
+    """
+    found = {}
+    for name, param in model.named_parameters():
+        plain = name.replace(".base_layer", "")  # as the model is before a method wraps the module
+        if param.dim() == 3 and ".experts." in f".{plain}":
+            found[plain] = param.numel()
+    return found
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out): GPT-2's Conv1D stores its weight as [in, out]."""
     if isinstance(layer, Conv1D):

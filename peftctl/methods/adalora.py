@@ -41,12 +41,13 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
-    check_rank,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
+    within_rank,
 )
 from peftctl.methods.low_rank import add_update, low_rank_update
 
@@ -78,7 +79,7 @@ class AdaLoraConfig(MethodConfig):
         "number of steps (train.max_steps, or the epochs' steps); the export writes the value used.")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus P Λ Q · alpha/ranknum, with the
     rank allocator's statistics for its three factors."""
 
@@ -212,9 +213,8 @@ class AdaLoRA(WrappingMethod):
                             fix="lower target_r, or raise init_r (peft's defaults: init_r 12, target_r 8)")
         if cfg.total_step is not None:
             check_schedule(cfg, cfg.total_step, "total_step")
-        targets = match_targets(model, cfg.target_modules)
-        check_rank(targets, cfg.init_r, key="init_r", usual="12")
-        return targets
+        return within_rank(match_targets(model, cfg.target_modules), cfg.init_r, cfg.target_modules,
+                           key="init_r", usual="12")
 
     def record(self, model: nn.Module, cfg: AdaLoraConfig, selected: dict[str, nn.Module]) -> AdaLoraApplied:
         applied = super().record(model, cfg, selected)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from peftctl.arch.layers import linear_layers, linear_shape
 from peftctl.core.errors import UserError
 from peftctl.core.state_dicts import load_strict
+from peftctl.methods.peft_names import peft_names
 
 # peft prefixes every saved key with the wrapper path of its PeftModel.
 PEFT_KEY_PREFIX = "base_model.model."
@@ -167,6 +168,8 @@ class Adapter:
     params: dict[str, nn.Parameter]
     # What the method recorded while applying itself (its own `Applied` subclass).
     applied: Any = None
+    # Linear layers 'all-linear' names that the method left out (within_rank), for `validate` to say.
+    skipped: list[str] = field(default_factory=list)
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -210,6 +213,21 @@ def options_named(cfg: MethodConfig) -> Iterator[None]:
         raise
 
 
+class WrappedLinear(nn.Module):
+    """A layer wrapping a linear layer (`base_layer`): model code reading `weight` or `bias` itself
+    (Mamba's mixer reads `out_proj.weight`) gets the wrapped layer's, as from peft's wrappers."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 class WrappingMethod(Method):
     """A method that replaces chosen modules by its own layer (the shape of peft's BaseTuner).
 
@@ -232,10 +250,12 @@ class WrappingMethod(Method):
     def apply(self, model: nn.Module, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
         freeze(model)
         selected = self.select(model, cfg, base)
+        skipped = [name for name in linear_layers(model) if name not in selected] \
+            if getattr(cfg, "target_modules", None) == "all-linear" else []
         applied = self.record(model, cfg, selected)
         for name, module in selected.items():
             model.set_submodule(name, self.wrap(module, cfg, name, applied))
-        return Adapter(self, cfg, model, wrapper_params(model, self.wrapped(applied)), applied)
+        return Adapter(self, cfg, model, wrapper_params(model, self.wrapped(applied)), applied, skipped)
 
     def wrapped(self, applied: Applied) -> list[str]:
         """The names of every wrapper holding trainable parameters, in a fixed order."""
@@ -283,6 +303,24 @@ def match_targets(model: nn.Module, targets: list[str] | str, key: str = "target
     return {n: m for n, m in layers.items() if any(matches(n, t) for t in targets)}
 
 
+def within_rank(targets: dict[str, nn.Module], rank: int, option: list[str] | str, key: str = "r",
+                usual: str = "8-64") -> dict[str, nn.Module]:
+    """The targets a rank-`rank` update can adapt. Under 'all-linear' (`option`), layers narrower than
+    the rank are skipped; an explicit list keeps them, and `check_rank` refuses the rank.
+
+    Skipped, not adapted at their rank: layers narrower than a usual rank are routers and gates
+    (Qwen2-MoE's `mlp.shared_expert_gate`, 64 × 1) that "all linear layers" did not mean, where r
+    cannot be reached. peft's all-linear adapts them at r (lora_A [r, in], lora_B [1, r]); our export
+    lists the layers adapted, so peft loads exactly what was trained. If every layer is narrower, r
+    is refused: an adapter of nothing is a mistake in r.
+    """
+    if option == "all-linear":
+        wide = {name: layer for name, layer in targets.items() if min(linear_shape(layer)[:2]) >= rank}
+        targets = wide or targets
+    check_rank(targets, rank, key, usual)
+    return targets
+
+
 def check_rank(targets: dict[str, nn.Module], rank: int, key: str = "r", usual: str = "8-64") -> None:
     """A rank-`rank` update cannot exceed a target layer's smaller side: a larger rank only
     allocates (10^9 would ask for hundreds of GB), so it is refused before any weight exists."""
@@ -292,16 +330,22 @@ def check_rank(targets: dict[str, nn.Module], rank: int, key: str = "r", usual: 
     narrowest = min(shapes, key=lambda name: min(shapes[name]))
     limit = min(shapes[narrowest])
     if rank > limit:
+        suffix = narrowest.rsplit(".", 1)[-1]
+        widest = max(min(shape) for shape in shapes.values())
+        leave_out = (f", or leave {suffix} out of target_modules ('all-linear' skips layers narrower than "
+                     f"{key})") if widest >= rank else ""
         raise UserError(f"{key} = {rank} is larger than the rank of the target layer {narrowest} "
                         f"({' × '.join(map(str, shapes[narrowest]))})", where=key,
-                        expected=f"{key} ≤ {limit}", fix=f"use a smaller {key} ({usual} is usual)")
+                        expected=f"{key} ≤ {limit}", fix=f"use a smaller {key} ({usual} is usual){leave_out}")
 
 
 def exported_targets(adapter: Adapter) -> list[str]:
     """`target_modules` as adapter_config.json says it: 'all-linear' is written out as the layers it
-    chose, since peft versions differ on its meaning."""
+    chose (peft versions differ on its meaning), named so that peft selects exactly those."""
     targets = adapter.cfg.target_modules
-    return module_suffixes(adapter.applied.targets) if targets == "all-linear" else list(targets)
+    if targets != "all-linear":
+        return list(targets)
+    return peft_names(set(adapter.applied.targets), [name for name, _ in adapter.model.named_modules()])
 
 
 def module_suffixes(names: list[str]) -> list[str]:

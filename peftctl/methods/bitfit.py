@@ -80,6 +80,12 @@ class TrainedBias(nn.Module):
             base_layer.register_parameter("bias", None)
         self.base_layer = base_layer
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen layer's weight, for model code that reads it itself (Mamba's mixer, HunYuan v4);
+        `bias` is the trained one. Not WrappedLinear: its `bias` property would hide the trained bias."""
+        return self.base_layer.weight
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(*args, **kwargs)
         return (result.to(self.bias.dtype) + self.bias).to(result.dtype)
@@ -198,7 +204,9 @@ def every_bias_layer(model: nn.Module, create_missing: bool) -> dict[str, nn.Mod
             f"biases are supported ({len(unsupported)} such layers)",
             where="target_modules",
             expected="target_modules naming linear layers",
-            fix="list the linear layers whose biases to train, or 'all-linear'",
+            # all-linear alone is refused where most linear layers have no bias (Mamba's): say both keys.
+            fix="list the linear layers whose biases to train, or 'all-linear'"
+                + ("" if create_missing else " (with create_missing_biases: true where they have none)"),
         )
     if create_missing:
         layers.update({n: m for n, m in linear_layers(model).items() if m.bias is None})

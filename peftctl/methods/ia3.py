@@ -11,7 +11,6 @@ of the scaled output) or columns (input; the bias is untouched).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,11 +27,13 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
 )
+from peftctl.methods.peft_names import peft_names
 
 
 class IA3Config(MethodConfig):
@@ -51,7 +52,7 @@ class IA3Config(MethodConfig):
     )
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) with its input or output rescaled."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):
@@ -151,8 +152,10 @@ def resolved_targets(model: nn.Module, cfg: IA3Config) -> list[str] | str:
             f"(IA)³ has no default layers for model type '{model_type}'",
             where="target_modules",
             expected=f"target_modules set, or a model of type {', '.join(IA3_DEFAULTS)}",
-            fix="set target_modules (e.g. 'all-linear', or the attention key/value layers and the "
-                "feed-forward output layer) and feedforward_modules (e.g. [down_proj])",
+            # The first fix works on any model with linear layers (the architecture matrix runs it).
+            fix="set target_modules: all-linear with feedforward_modules: [] (every layer scales its output), "
+                "or name the attention key/value layers and the feed-forward output layer in target_modules "
+                "and that output layer in feedforward_modules (e.g. [down_proj])",
         )
     return defaults[0]
 
@@ -162,6 +165,10 @@ def feedforward_layers(model: nn.Module, cfg: IA3Config, targets: dict[str, nn.M
     if cfg.feedforward_modules is None:
         defaults = architecture_defaults(model)
         return set(match_targets(model, defaults[1])) & set(targets) if defaults else set()
+    if not cfg.feedforward_modules:
+        # [] is not a typo to refuse (as an empty target_modules is): it asks for no input-scaled layers,
+        # so every target scales its output; peft reads feedforward_modules=[] the same way.
+        return set()
     chosen = match_targets(model, cfg.feedforward_modules, key="feedforward_modules")
     untargeted = sorted(set(chosen) - set(targets))
     if untargeted:
@@ -173,41 +180,6 @@ def feedforward_layers(model: nn.Module, cfg: IA3Config, targets: dict[str, nn.M
             fix="add the layers to target_modules, or name them more precisely (e.g. mlp.c_proj, not c_proj)",
         )
     return set(chosen)
-
-
-# --- how peft will read the exported lists ---------------------------------------------------------
-
-def peft_target_rule(name: str, target: str) -> bool:
-    """peft's target_modules match for a list: the whole name or a dot-separated suffix."""
-    return name == target or name.endswith("." + target)
-
-
-def peft_feedforward_rule(name: str, target: str) -> bool:
-    """peft's feedforward_modules match: a plain string suffix (so 'proj' would match 'down_proj')."""
-    return name.endswith(target)
-
-
-def peft_names(chosen: set[str], module_names: list[str], targeted: list[str] | None = None) -> list[str]:
-    """The shortest name suffixes that select exactly `chosen` when peft reads them.
-
-    As target_modules they must select `chosen` among all modules; with `targeted` given, they
-    are feedforward_modules too and must also select exactly `chosen` among the targeted layers
-    under peft's plain-suffix rule. One name component is usually enough (down_proj); GPT-2 needs
-    two where attention and MLP share a name (mlp.c_proj); the full name always is.
-    """
-    if not chosen:
-        return []
-
-    def selects_exactly(names: list[str], candidates: Iterable[str], rule: Callable[[str, str], bool]) -> bool:
-        return {c for c in candidates if any(rule(c, t) for t in names)} == chosen
-
-    for depth in range(1, max(n.count(".") for n in chosen) + 2):
-        names = sorted({".".join(n.split(".")[-depth:]) for n in chosen})
-        if selects_exactly(names, module_names, peft_target_rule) and (
-            targeted is None or selects_exactly(names, targeted, peft_feedforward_rule)
-        ):
-            return names
-    return sorted(chosen)
 
 
 METHOD = IA3()

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from peftctl.methods.base import BaseFacts, check_rank
+from peftctl.methods.base import BaseFacts, within_rank
 from peftctl.methods.lycoris import LycorisLinear, LycorisMethod, LycorisOptions, kaiming_
 
 
@@ -75,9 +75,7 @@ class LoHa(LycorisMethod):
     comparable_options = {"r": "low-rank rank", "alpha": "low-rank alpha", "target_modules": "linear layers"}
 
     def select(self, model: nn.Module, cfg: LohaConfig, base: BaseFacts) -> dict[str, nn.Module]:
-        targets = super().select(model, cfg, base)
-        check_rank(targets, cfg.r, usual="4-32")
-        return targets
+        return within_rank(super().select(model, cfg, base), cfg.r, cfg.target_modules, usual="4-32")
 
 
 METHOD = LoHa()

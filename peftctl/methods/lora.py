@@ -29,12 +29,13 @@ from peftctl.methods.base import (
     Applied,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
-    check_rank,
     match_targets,
     reject_unsupported,
     suffix_list_from_peft,
+    within_rank,
 )
 from peftctl.methods.lora_experts import LoraExperts, wrap_expert_parameters
 from peftctl.methods.lora_init import (
@@ -82,7 +83,7 @@ class LoraConfig(MethodConfig):
     )
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus a LoRA or DoRA update."""
 
     def __init__(self, base_layer: nn.Module, cfg: LoraConfig):
@@ -172,9 +173,8 @@ class LoRA(WrappingMethod):
         if cfg.target_parameters and cfg.target_modules == []:
             check_base_changing_init(cfg, {}, base)
             return {}
-        targets = match_targets(model, cfg.target_modules)
+        targets = within_rank(match_targets(model, cfg.target_modules), cfg.r, cfg.target_modules)
         check_base_changing_init(cfg, targets, base)
-        check_rank(targets, cfg.r)
         return targets
 
     def record(self, model: nn.Module, cfg: LoraConfig, selected: dict[str, nn.Module]) -> LoraApplied:

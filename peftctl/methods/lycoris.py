@@ -28,6 +28,7 @@ from peftctl.methods.base import (
     AllLinear,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
     match_targets,
@@ -72,7 +73,7 @@ def rank_dropout_mask(size: int, p: float, rescale: bool, device: torch.device) 
     return keep / keep.mean().clamp_min(1 / size) if rescale else keep
 
 
-class LycorisLinear(nn.Module):
+class LycorisLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear, GPT-2's Conv1D or a quantized one) plus a LyCORIS update.
 
     Subclasses create their factors and say what they make: `delta_weight()` (ΔW [out, in],

@@ -32,6 +32,7 @@ from peftctl.methods.base import (
     AllLinear,
     BaseFacts,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
     match_targets,
@@ -126,7 +127,7 @@ def neumann_series(q: torch.Tensor, eye: torch.Tensor, terms: int) -> torch.Tens
     return rotation
 
 
-class OftLinear(nn.Module):
+class OftLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) whose input is rotated block by block."""
 
     def __init__(self, base_layer: nn.Module, block_size: int, cfg: OftConfig):

@@ -33,6 +33,7 @@ from peftctl.methods.base import (
     AllLinear,
     Applied,
     MethodConfig,
+    WrappedLinear,
     WrappingMethod,
     exported_targets,
     reject_unsupported,
@@ -82,7 +83,7 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(WrappedLinear):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) plus λ_b ⊙ B (λ_d ⊙ A x)."""
 
     def __init__(self, base_layer: nn.Module, projections: VeraProjections, cfg: VeraConfig):

@@ -19,6 +19,7 @@ from torch import nn
 
 from peftctl import methods
 from peftctl.arch.architectures import TESTED
+from peftctl.arch.layers import expert_tensors, linear_shape
 from peftctl.core.errors import UserError, blame
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
@@ -61,14 +62,42 @@ def method_on_skeleton(recipe: Recipe, data: TokenizedData | None = None) -> OnS
 def describe_targets(found: OnSkeleton) -> str:
     """For `peftctl validate`: what the method trains on this model, counted."""
     adapter = found.adapter
-    # Layer numbers folded, so 30 layers' q_proj read as one line: "model.layers.N.self_attn.q_proj.lora_A.weight ×30".
-    kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in adapter.params)
-    listed = ", ".join(f"{kind} ×{count}" if count > 1 else kind for kind, count in kinds.items())
     model_type = getattr(found.config, "model_type", None)
     untested = "" if model_type in TESTED else (
         f" (model_type '{model_type}' is not among the architectures peftctl's contract suite tests: generic rules)")
     return (f"method {found.method_cfg.name}: {adapter.trainable_count():,} trainable parameters in "
-            f"{len(adapter.params)} tensors: {listed}{untested}")
+            f"{len(adapter.params)} tensors: {_folded(adapter.params)}{untested}")
+
+
+def coverage_notes(found: OnSkeleton) -> list[str]:
+    """What the recipe leaves frozen that a user may think it trains, one line each (for `validate`
+    and the training header): the layers 'all-linear' skipped, and the expert weights no target reaches."""
+    adapter, notes = found.adapter, []
+    if adapter.skipped:
+        shapes = {re.sub(r"\.\d+\.", ".N.", name): " × ".join(map(str, linear_shape(adapter.model.get_submodule(name))[:2]))
+                  for name in adapter.skipped}
+        notes.append(f"skipped: 'all-linear' leaves out {len(adapter.skipped)} linear layers narrower than the rank "
+                     f"(routers and gates): {_folded(adapter.skipped, shapes)}")
+    named = getattr(found.method_cfg, "target_parameters", None) or []
+    frozen = {name: size for name, size in expert_tensors(adapter.model).items()
+              if not any(name == target or name.endswith("." + target) for target in named)}
+    if frozen:
+        total = parameter_count(adapter.model) - adapter.trainable_count()
+        suffixes = ", ".join(sorted({".".join(name.split(".")[-2:]) for name in frozen}))
+        how = (f"add them to method.target_parameters: [{suffixes}] (one rank-r update per expert, as peft)"
+               if "target_parameters" in type(found.method_cfg).model_fields
+               else f"method lora adapts them: name: lora, target_parameters: [{suffixes}]")
+        notes.append(f"experts: {sum(frozen.values()):,} parameters ({100 * sum(frozen.values()) / total:.1f}% of "
+                     f"the model) sit in expert tensors that the method's target_modules do not reach: "
+                     f"{_folded(frozen)}; {how}")
+    return notes
+
+
+def _folded(names, details: dict[str, str] | None = None) -> str:
+    """Names with their layer numbers folded, so 30 layers' q_proj read as one entry: "model.layers.N.self_attn.q_proj ×30"."""
+    kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in names)
+    return ", ".join(kind + (f" ({details[kind]})" if details and kind in details else "")
+                     + (f" ×{count}" if count > 1 else "") for kind, count in kinds.items())
 
 
 def method_config(recipe: Recipe) -> MethodConfig:

@@ -29,7 +29,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import base_facts, load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.model.quantize import parameter_count
-from peftctl.plan.skeleton import OnSkeleton, method_on_skeleton
+from peftctl.plan.skeleton import OnSkeleton, coverage_notes, method_on_skeleton
 from peftctl.recipe.schema import Recipe
 from peftctl.report.run_report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.train import checkpoint
@@ -142,6 +142,10 @@ def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
             recipe.train.report_to if processes.is_main_process else (), out,
             plan.resolved_recipe.model_dump(mode="json"), None if plan.saved is None else plan.saved.state["metrics"],
             reporter and reporter.note))
+        if reporter is not None and processes.is_main_process:
+            # The header: what the recipe leaves frozen that the user may think it trains (as validate says).
+            for line in coverage_notes(plan.on_skeleton):
+                reporter.note(line)
         processes.wait_for_everyone()
         result = train(adapter, plan.data, recipe.train, out, plan.tokenizer.pad_token_id, reporter,
                        resume=plan.saved, fingerprint=plan.fingerprint, on_record=on_record)

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from peftctl.core.errors import blame
 from peftctl.core.hub import is_hub_id
-from peftctl.plan.skeleton import describe_targets, method_on_skeleton
+from peftctl.plan.skeleton import coverage_notes, describe_targets, method_on_skeleton
 from peftctl.recipe.schema import Recipe
 from peftctl.train.trackers import check_installed, describe
 
 
 def findings(spec: Recipe) -> list[str]:
-    """One line each: `source: ...` for every Hub model or dataset, `targets: ...`, and
+    """One line each: `source: ...` for every Hub model or dataset, `targets: ...`, `skipped: ...` and
+    `experts: ...` for what the targets leave frozen (plan/skeleton.py's coverage_notes), and
     `trackers: ...` when train.report_to names any."""
     with blame(spec.source, spec.locate):
         check_installed(spec.train.report_to)
     trackers = describe(spec.train.report_to, spec.output.dir)
-    return [*hub_sources(spec), f"targets: {describe_targets(method_on_skeleton(spec))}",
+    found = method_on_skeleton(spec)
+    return [*hub_sources(spec), f"targets: {describe_targets(found)}", *coverage_notes(found),
             *([f"trackers: {trackers}"] if trackers else [])]
 
 
