@@ -97,7 +97,9 @@ def test_a_model_too_large_to_count_as_a_whole_subprocess(exported, tmp_path):
 
 
 @pytest.mark.parametrize("changes, phrase", [
-    ({"n_head": 5}, "'n_embd' is 64, which the 5 attention heads ('n_head') do not divide"),
+    # GPT-2 cannot build heads that do not divide its width (families deriving head_dim by floor can):
+    # transformers' own refusal, while the skeleton is built, as the one error.
+    ({"n_head": 5}, "transformers cannot build a model from it: `embed_dim` must be divisible by num_heads"),
     ({"n_layer": 0}, "'n_layer' is 0, not a size"),
     ({"n_layer": None, "n_embd": None}, None),  # defaults: 12 layers of 768; weights disagree (train only)
     ({"pad_token_id": 900}, "'pad_token_id' names token 900, outside the vocabulary of 257"),
@@ -168,3 +170,17 @@ def test_a_config_with_fewer_layers_than_saved_is_refused_before_training(export
     recipe, model = edited(exported, tmp_path, n_layer=1)
     refused("train", recipe, tmp_path, f"{model / 'config.json'} disagrees with the weights",
             "the config has no layer for them", "transformer.h.1.")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gemma3n_text", "gemma4", "gemma3", "glm4_moe", "xlnet"])
+def test_configs_transformers_writes_for_real_families_pass_the_checks(family):
+    """Shapes of a valid config that a too-strict check refused: Qwen2-MoE's sliding_window 0 (none),
+    Gemma 3n's per-layer list of sizes, Gemma 4's per-layer fields that transformers will not read
+    globally, a multimodal config whose own level has no vocabulary (Gemma 3), GLM-4-MoE's heads
+    that do not divide the width (its head_dim is hidden // heads), XLNet's max_position_embeddings
+    of -1."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from peftctl.model.config_checks import check_config
+
+    check_config(CONFIG_MAPPING[family](), "config.json")

@@ -42,6 +42,9 @@ LARGEST_MODEL = 2**50
 # have about a hundred layers and a few hundred experts.
 MOST_MODULES = {"num_hidden_layers": 10_000, "num_local_experts": 65_536, "num_experts": 65_536}
 
+# Values that a family's own config class writes for "none" (Qwen2-MoE's default sliding window
+# is 0 with use_sliding_window false; XLNet's max_position_embeddings is -1): not faults.
+NO_LIMIT = {"sliding_window": 0, "max_position_embeddings": -1}
 EXPECTED_SIZE = "a whole number of at least 1 (a JSON integer, not a string or a fraction)"
 FIX_CONFIG = "restore the model's original {file} (download it again), or correct the field by hand"
 
@@ -57,6 +60,25 @@ def _own_name(config: Any, name: str) -> str:
     return mapping.get(name, name)
 
 
+def _get(config: Any, name: str) -> Any:
+    """`config.name`, or None where the config has none or cannot give one globally: transformers
+    raises its own errors for per-layer fields of heterogeneous configs (Gemma 4's attention heads),
+    which such a family checks per layer itself."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError is no AttributeError
+        return None
+
+
+def _text_config(config: Any) -> Any:
+    """The language model's config of a multimodal one (what peftctl builds), else `config` itself;
+    `config` where transformers cannot say which of several it is (MusicGen's text encoder and decoder)."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:
+        return config
+
+
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -65,45 +87,49 @@ def check_config(config: Any, file: str | Path) -> None:
     """Every size a whole number in range, heads that divide as the model needs, token ids inside
     the vocabulary, dropout probabilities between 0 and 1, and the whole countable: before any
     tensor is made from `config` (read from `file`, named in the error)."""
-    configs = [config]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if text is not config:  # a multimodal config: its language model's sizes are what peftctl builds
-        configs.append(text)
-    for each in configs:
-        _check_sizes(each, file)
+    text = _text_config(config)
+    if text is not config:  # a multimodal config: its language model's sizes are what peftctl builds,
+        _check_sizes(config, file, required=())  # the outer one's own sizes only where it gives them
+    _check_sizes(text, file, required=REQUIRED)
     _check_relations(text, file)
     _check_count(text, file)
 
 
-def _check_sizes(config: Any, file: str | Path) -> None:
+def _check_sizes(config: Any, file: str | Path, required: tuple[str, ...]) -> None:
     for name in SIZE_FIELDS:
         field = _own_name(config, name)
-        if name not in REQUIRED and not hasattr(config, name):
+        if name not in required and _get(config, name) is None:
             continue
-        value = getattr(config, name, None)
+        value = _get(config, name)
         if value is None:
-            if name in REQUIRED:
+            if name in required:
                 raise _refusal(file, field, "is missing", EXPECTED_SIZE)
             continue  # optional: the family derives it (head_dim from hidden_size, say)
-        if not _is_whole(value):
-            raise _refusal(file, field, f"is {value!r} ({type(value).__name__}), not a size", EXPECTED_SIZE)
-        if value < 1:
-            raise _refusal(file, field, f"is {value}, not a size", EXPECTED_SIZE)
-        if value > MOST_MODULES.get(name, LARGEST_SIZE):
-            if name in MOST_MODULES:
-                raise _refusal(file, field, f"is {value}: a model of that many is too large to build",
-                               f"at most {MOST_MODULES[name]:,}")
-            raise _refusal(file, field, f"is {value}: a model of that size is too large to count",
-                           f"a size of at most 2^32 ({LARGEST_SIZE:,})")
+        # A list is one size per layer (Gemma 3n's intermediate_size): each is checked.
+        for size in value if isinstance(value, list) and value else [value]:
+            _check_size(file, name, field, size)
     for name, value in vars(config).items():
         if (name.endswith("dropout") or name.endswith("pdrop")) and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise _refusal(file, name, f"is {value!r}, not a probability", "a number from 0 to 1")
 
 
+def _check_size(file: str | Path, name: str, field: str, value: Any) -> None:
+    if not _is_whole(value):
+        raise _refusal(file, field, f"is {value!r} ({type(value).__name__}), not a size", EXPECTED_SIZE)
+    if value < 1 and NO_LIMIT.get(name) != value:
+        raise _refusal(file, field, f"is {value}, not a size", EXPECTED_SIZE)
+    if value > MOST_MODULES.get(name, LARGEST_SIZE):
+        if name in MOST_MODULES:
+            raise _refusal(file, field, f"is {value}: a model of that many is too large to build",
+                           f"at most {MOST_MODULES[name]:,}")
+        raise _refusal(file, field, f"is {value}: a model of that size is too large to count",
+                       f"a size of at most 2^32 ({LARGEST_SIZE:,})")
+
+
 def _check_relations(config: Any, file: str | Path) -> None:
-    heads, hidden = getattr(config, "num_attention_heads", None), config.hidden_size
-    kv_heads = getattr(config, "num_key_value_heads", None)
+    heads, hidden = _get(config, "num_attention_heads"), config.hidden_size
+    kv_heads = _get(config, "num_key_value_heads")
     if not _is_whole(heads):
         heads = kv_heads = None  # no attention: nothing to divide
     if _is_whole(kv_heads) and heads % kv_heads:
@@ -111,18 +137,17 @@ def _check_relations(config: Any, file: str | Path) -> None:
                        f"is {kv_heads}, which does not divide the {heads} attention heads "
                        f"('{_own_name(config, 'num_attention_heads')}')",
                        "a number of key/value heads that divides the number of attention heads")
-    if heads is not None and getattr(config, "head_dim", None) is None and hidden % heads:
-        raise _refusal(file, _own_name(config, "hidden_size"),
-                       f"is {hidden}, which the {heads} attention heads ('{_own_name(config, 'num_attention_heads')}') "
-                       "do not divide", "a hidden size that is a multiple of the number of attention heads")
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    chosen = getattr(config, "num_experts_per_tok", None)
+    # Heads that do not divide the hidden size are not checked here: families that derive head_dim
+    # as hidden // heads build and run so (GLM-4-MoE's default config does); those that cannot
+    # (GPT-2) refuse while the model is built, which `building` reports as a UserError.
+    experts = _get(config, "num_local_experts") or _get(config, "num_experts")
+    chosen = _get(config, "num_experts_per_tok")
     if _is_whole(experts) and _is_whole(chosen) and chosen > experts:
         raise _refusal(file, "num_experts_per_tok", f"is {chosen}, more than the {experts} experts there are",
                        "at most the number of experts")
     vocab = config.vocab_size
     for name in TOKEN_ID_FIELDS:
-        for token in _token_ids(getattr(config, name, None)):
+        for token in _token_ids(_get(config, name)):
             if not _is_whole(token) or not 0 <= token < vocab:
                 raise _refusal(file, name, f"names token {token!r}, outside the vocabulary of {vocab} "
                                f"('{_own_name(config, 'vocab_size')}')",
@@ -139,16 +164,16 @@ def _check_count(config: Any, file: str | Path) -> None:
     """An upper estimate of the parameters, in Python's unbounded integers: what torch would
     overflow on is refused here."""
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inner = max((v for v in (getattr(config, name, None) for name in (
+    inner = max((v for v in (_get(config, name) for name in (
         "intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size")) if _is_whole(v)), default=4 * hidden)
-    experts = max((v for v in (getattr(config, "num_local_experts", None), getattr(config, "num_experts", None))
+    experts = max((v for v in (_get(config, "num_local_experts"), _get(config, "num_experts"))
                    if _is_whole(v)), default=1)
-    head_dim = getattr(config, "head_dim", None)
-    heads = getattr(config, "num_attention_heads", None)
+    head_dim = _get(config, "head_dim")
+    heads = _get(config, "num_attention_heads")
     attention = heads * head_dim if _is_whole(head_dim) and _is_whole(heads) else hidden
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = _get(config, "max_position_embeddings")
     count = (layers * (4 * hidden * max(hidden, attention) + 3 * hidden * inner * (experts + 1))
-             + 2 * vocab * hidden + (positions if _is_whole(positions) else 0) * hidden)
+             + 2 * vocab * hidden + (max(positions, 0) if _is_whole(positions) else 0) * hidden)
     if count > LARGEST_MODEL:
         raise _refusal(file, _own_name(config, "hidden_size"),
                        f"and the other sizes describe a model too large to count (about 10^{int(math.log10(count))} "
@@ -232,8 +257,8 @@ def check_generation_config(file: Path, vocab: int) -> None:
 def check_tokenizer_fits(tokenizer: Any, config: Any, file: str | Path) -> None:
     """Every id the tokenizer can give must be a row of the model's embeddings: an id beyond them
     is an index error in the first step."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None)
+    text = _text_config(config)
+    vocab = _get(text, "vocab_size")
     if not _is_whole(vocab):
         return  # the config's own check names it
     size = len(tokenizer)
