@@ -128,7 +128,7 @@ def _check_size(file: str | Path, name: str, field: str, value: Any) -> None:
 
 
 def _check_relations(config: Any, file: str | Path) -> None:
-    heads, hidden = _get(config, "num_attention_heads"), config.hidden_size
+    heads = _get(config, "num_attention_heads")
     kv_heads = _get(config, "num_key_value_heads")
     if not _is_whole(heads):
         heads = kv_heads = None  # no attention: nothing to divide
@@ -177,7 +177,7 @@ def _check_count(config: Any, file: str | Path) -> None:
     if count > LARGEST_MODEL:
         raise _refusal(file, _own_name(config, "hidden_size"),
                        f"and the other sizes describe a model too large to count (about 10^{int(math.log10(count))} "
-                       "parameters)", f"a model of at most 2^50 (about 10^15) parameters")
+                       "parameters)", "a model of at most 2^50 (about 10^15) parameters")
 
 
 @contextmanager
