@@ -6,6 +6,7 @@ quantization (which replaces them) can both build on it without importing each o
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -23,6 +24,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def layer_kind(name: str) -> str:
+    """A module or parameter name with its layer numbers folded ("model.layers.N.self_attn.q_proj"):
+    what 30 layers' q_proj have in common, for listing them once and for matching one layer's names
+    against another's."""
+    return re.sub(r"\.\d+\.", ".N.", name)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:

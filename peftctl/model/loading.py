@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from transformers import (
 )
 
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
-from peftctl.arch.layers import resolve_dtype
+from peftctl.arch.layers import layer_kind, resolve_dtype
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
@@ -289,8 +288,8 @@ def _check_loaded(model: nn.Module, loaded: dict, file: Path) -> None:
     """What transformers could not match after its own renames: weights the files lack would be
     random; stored layers the config has no place for (it names fewer layers than were saved)
     would be dropped. Other extra tensors transformers ignores, and so does this."""
-    kinds = {re.sub(r"\.\d+\.", ".N.", name) for name in model.state_dict()}
-    unplaced = [name for name in loaded.get("unexpected_keys") or () if re.sub(r"\.\d+\.", ".N.", name) in kinds]
+    kinds = {layer_kind(name) for name in model.state_dict()}
+    unplaced = [name for name in loaded.get("unexpected_keys") or () if layer_kind(name) in kinds]
     for names, what in ((loaded.get("mismatched_keys"), "have other shapes than the config gives them"),
                         (loaded.get("missing_keys"), "are not in the weights files (they would be random)"),
                         (unplaced, "are in the weights files, but the config has no layer for them")):

@@ -9,7 +9,6 @@ plan` start from here, so they agree on which options train: the recipe's, or wi
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from torch import nn
 
 from peftctl import methods
 from peftctl.arch.architectures import TESTED
-from peftctl.arch.layers import expert_tensors, linear_shape
+from peftctl.arch.layers import expert_tensors, layer_kind, linear_shape
 from peftctl.core.errors import UserError, blame
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
@@ -74,7 +73,7 @@ def coverage_notes(found: OnSkeleton) -> list[str]:
     and the training header): the layers 'all-linear' skipped, and the expert weights no target reaches."""
     adapter, notes = found.adapter, []
     if adapter.skipped:
-        shapes = {re.sub(r"\.\d+\.", ".N.", name): " × ".join(map(str, linear_shape(adapter.model.get_submodule(name))[:2]))
+        shapes = {layer_kind(name): " × ".join(map(str, linear_shape(adapter.model.get_submodule(name))[:2]))
                   for name in adapter.skipped}
         notes.append(f"skipped: 'all-linear' leaves out {len(adapter.skipped)} linear layers narrower than the rank "
                      f"(routers and gates): {_folded(adapter.skipped, shapes)}")
@@ -95,7 +94,7 @@ def coverage_notes(found: OnSkeleton) -> list[str]:
 
 def _folded(names, details: dict[str, str] | None = None) -> str:
     """Names with their layer numbers folded, so 30 layers' q_proj read as one entry: "model.layers.N.self_attn.q_proj ×30"."""
-    kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in names)
+    kinds = Counter(layer_kind(name) for name in names)
     return ", ".join(kind + (f" ({details[kind]})" if details and kind in details else "")
                      + (f" ×{count}" if count > 1 else "") for kind, count in kinds.items())
 
