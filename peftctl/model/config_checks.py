@@ -227,8 +227,9 @@ _GENERATION_NUMBERS = {"temperature": (0, math.inf), "top_p": (0, 1), "min_p": (
                        "repetition_penalty": (0, math.inf)}
 
 
-def check_generation_config(file: Path, vocab: int) -> None:
-    """generation_config.json, when the folder has one: JSON, and its numbers possible."""
+def check_generation_config(file: Path, config: Any) -> None:
+    """generation_config.json, when the folder has one: JSON, and its numbers possible (token ids
+    inside the vocabulary of `config`'s language model)."""
     try:
         found = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -247,7 +248,8 @@ def check_generation_config(file: Path, vocab: int) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not low <= value <= high):
             raise _refusal(file, name, f"is {value!r}", f"a number from {low} to {high}", fix)
-    for name in (*TOKEN_ID_FIELDS, "decoder_start_token_id"):
+    vocab = _get(_text_config(config), "vocab_size")
+    for name in (*TOKEN_ID_FIELDS, "decoder_start_token_id") if _is_whole(vocab) else ():
         for token in _token_ids(found.get(name)):
             if not _is_whole(token) or not 0 <= token < vocab:
                 raise _refusal(file, name, f"names token {token!r}, outside the model's vocabulary of {vocab}",

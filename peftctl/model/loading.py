@@ -239,7 +239,7 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
         )
     check_config(config, config_file(source))  # before anything is built from it, `plan`'s skeleton included
     if (source.folder / "generation_config.json").is_file() and not source.gguf_file:
-        check_generation_config(source.folder / "generation_config.json", config.get_text_config().vocab_size)
+        check_generation_config(source.folder / "generation_config.json", config)
     if key is not None:
         _GGUF_CONFIGS[key] = copy.deepcopy(config)
     return config

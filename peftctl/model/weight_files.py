@@ -11,6 +11,7 @@ files must hold at least as many values as the model has parameters.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -97,17 +98,10 @@ def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path) -> N
     if any(dtype not in _FLOATS for _, dtype, _ in stored.values()):
         return  # packed storage: the values are not countable from shapes
     params = sum(p.numel() for p in skeleton.parameters())
-    held = sum(_numel(shape) for shape, _, _ in stored.values())
+    held = sum(math.prod(shape) for shape, _, _ in stored.values())
     if params > held:
         raise UserError(
             f"{config_file} describes {params:,} parameters, but the weights files hold {held:,} values: "
             "the rest would be random (the config claims more layers or experts than were saved?)",
             where="model.name_or_path", expected="a config that describes the saved weights",
             fix="restore the model's original config.json (num_hidden_layers and the other sizes as saved)")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
