@@ -6,7 +6,7 @@ first one trains (a typo in the seventh run must not surface after six): each ru
 user's, its method replaced) is validated by the recipe model, its method put on the weightless
 model with the rows as `peftctl train` does first (pipeline.check_method), its memory planned.
 state.py keeps `<output>/bakeoff.json`, runner.py trains the runs (each in a process
-of its own), table.py shows them.
+of its own), table.py makes the rows and bakeoff.md that cli/console.py shows.
 
 What each run trains with:
   * the method: a registered name, or a named variant of one (`dora`: LoRA with use_dora). The
