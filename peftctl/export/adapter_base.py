@@ -45,19 +45,7 @@ def check_same_base(folders: list[Path], what: str, named: bool = True) -> None:
     quantization): `what` they are to do together (be combined, be evaluated on one base) needs one.
     A local folder counts by its resolved path, so ./base and /abs/base are one model. Without
     `named` (the user passed --base) an adapter that names no base is not compared."""
-    def identity(folder: Path) -> dict[str, Any] | None:
-        base = saved_base(folder, named)
-        if not isinstance(base["name_or_path"], str) or not base["name_or_path"]:
-            return None
-        local = Path(base["name_or_path"]).expanduser()
-        found = {"name_or_path": str(local.resolve()) if local.exists() else base["name_or_path"],
-                 "revision": base["revision"], "gguf_file": base["gguf_file"],
-                 "quantization": base.get("quantization", "none")}
-        if found["quantization"] == "4bit":  # which 4-bit weights; the compute precision is not the base's
-            found.update({key: base.get(key, ModelSpec.model_fields[key].default) for key in ("quant_type", "double_quant")})
-        return found
-
-    known = [(folder, found) for folder in folders if (found := identity(folder)) is not None]
+    known = [(folder, found) for folder in folders if (found := base_identity(saved_base(folder, named))) is not None]
     if not known:
         return
     (first, expected), *others = known
@@ -69,6 +57,21 @@ def check_same_base(folders: list[Path], what: str, named: bool = True) -> None:
                             expected=f"adapters trained on one base model, to {what}",
                             fix="pass only adapters of the same base model (see each adapter_config.json's "
                                 "base_model_name_or_path)")
+
+
+def base_identity(base: dict[str, Any]) -> dict[str, Any] | None:
+    """What makes two bases one model, from a `saved_base` mapping (None where it names none):
+    its name (a local folder by its resolved path, so ./base and /abs/base are one model),
+    revision, GGUF file and quantization (for 4-bit, which 4-bit weights)."""
+    if not isinstance(base["name_or_path"], str) or not base["name_or_path"]:
+        return None
+    local = Path(base["name_or_path"]).expanduser()
+    found = {"name_or_path": str(local.resolve()) if local.exists() else base["name_or_path"],
+             "revision": base["revision"], "gguf_file": base["gguf_file"],
+             "quantization": base.get("quantization", "none")}
+    if found["quantization"] == "4bit":  # which 4-bit weights; the compute precision is not the base's
+        found.update({key: base.get(key, ModelSpec.model_fields[key].default) for key in ("quant_type", "double_quant")})
+    return found
 
 
 def base_model_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False):
