@@ -4,7 +4,9 @@ The packages, each one job, from the commands down; a package imports only from 
 (pyproject.toml's import-linter contracts, checked by the test suite; docs/architecture.md):
 
     cli        the commands: parse, load the recipe, call a component, show the result
-    bakeoff    one recipe trained per method or option, compared
+    bakeoff    one recipe trained per method or option, compared  } one layer: neither
+    serve      chat and the OpenAI-compatible server, many adapters } imports the other
+               batched on one base
     run        the pipeline: prepare (every weightless check), then execute
     report     run and bake-off reports              } one layer: none of the three
     eval       held-out scores and sample replies    } imports another

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from peftctl.cli import chat_serve
 from peftctl.cli.boundary import leave_process_group, quiet_libraries, user_errors
 from peftctl.cli.console import print_interrupted, print_summary, print_summary_lines, stdout
 from peftctl.cli.parsing import (BakeoffOutputOpt, BakeoffOverwriteOpt, BudgetMinutesOpt, BudgetStepsOpt, DtypeOpt,
@@ -381,6 +382,10 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     stdout.print(plan_table(result))
     print_summary_lines([("model", str(result.model))])
 
+
+# Defined beside their terminal and stdin handling; registered here with the other commands.
+app.command()(chat_serve.chat)
+app.command()(chat_serve.serve)
 
 if __name__ == "__main__":
     app()
