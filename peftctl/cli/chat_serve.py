@@ -117,6 +117,15 @@ def serve(
     """Serve the base model and adapters over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/models), each request's `model` picking the adapter; rows of different
     adapters are batched together."""
+    import importlib.util
+
+    from peftctl.core.errors import UserError
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    with user_errors():
+        if missing:
+            raise UserError(f"peftctl serve needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                            "not installed", fix="pip install -c constraints.txt 'peftctl[serve]'")
     from peftctl.serve.http_app import Limits
     from peftctl.serve.server import check_exposure, parse_adapters, serve as run_server, start_engine
 
