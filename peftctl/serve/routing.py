@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from peftctl.methods.base import Adapter, WrappingMethod
+from peftctl.methods.lora import LoraLinear
+from peftctl.methods.low_rank import add_update, low_rank_update
 
 
 class RowSlots:
@@ -63,12 +65,26 @@ class RowRouter(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         for slot, rows in slots.groups:
             layer = self.adapted[str(slot)] if str(slot) in self.adapted else None
-            if layer is not None:
-                out = out.index_copy(0, rows, layer(x.index_select(0, rows), *args, **kwargs).to(out.dtype))
+            if layer is None:
+                continue
+            mine = x.index_select(0, rows)
+            if _plain_lora(layer, x):
+                # The base's output for these rows is already there: add the low-rank update as
+                # LoraLinear.forward adds it, instead of running the base layer on them again.
+                update = low_rank_update(mine, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, layer.dropout)
+                out = out.index_copy(0, rows, add_update(out.index_select(0, rows), update))
+            else:
+                out = out.index_copy(0, rows, layer(mine, *args, **kwargs).to(out.dtype))
         return out
 
     def layer(self, slot: int) -> nn.Module:
         return self.adapted[str(slot)] if str(slot) in self.adapted else self.base_layer
+
+
+def _plain_lora(layer: nn.Module, x: torch.Tensor) -> bool:
+    """A LoRA layer whose forward is base(x) + low_rank_update(x) (not DoRA, not under autocast)."""
+    return (type(layer) is LoraLinear and layer.lora_magnitude_vector is None
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def batchable_refusal(adapter: Adapter) -> str | None:
