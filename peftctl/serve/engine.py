@@ -78,6 +78,7 @@ class Job:
     listener: Callable[[Any], None]
     reply: ReplyText
     started: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None  # seconds from submission to the first token chosen
     cache: Any = None
     position: int = 0  # tokens in the sequence so far (the next token's position)
     pending_token: int | None = None  # chosen, not yet fed to the model
@@ -254,7 +255,9 @@ class Engine:
 
     def _choose(self, job: Job, logits: torch.Tensor) -> None:
         token = next_token(logits, job.sampling, job.generator)
-        if token in self.eos:
+        if job.first_token_s is None:
+            job.first_token_s = time.monotonic() - job.started
+        if token in self.eos and not job.sampling.ignore_eos:
             self._finish(job, "stop")
             return
         piece = job.reply.add(token)

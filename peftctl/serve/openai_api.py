@@ -33,11 +33,12 @@ class Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1, description="One reply per request.")
+    ignore_eos: bool = Field(False, description="vLLM's extension: run on to max_tokens past the end-of-sequence token.")
 
     def sampling(self, default_max: int, timeout_s: float | None) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Sampling(max_tokens=self.max_tokens or default_max, temperature=self.temperature, top_p=self.top_p,
-                        seed=self.seed, stop=tuple(stop), timeout_s=timeout_s)
+                        seed=self.seed, stop=tuple(stop), timeout_s=timeout_s, ignore_eos=self.ignore_eos)
 
     def wants_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))

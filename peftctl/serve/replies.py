@@ -19,6 +19,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None  # the reply ends (finish reason "timeout") after this many seconds
+    ignore_eos: bool = False  # run on to max_tokens past EOS (vLLM's option; for benchmarks)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream: seeded, the same draw whatever else is in the batch."""
