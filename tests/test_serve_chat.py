@@ -52,3 +52,21 @@ def test_refusals(folders, tmp_path):
     other.mkdir()
     (other / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/other"}))
     assert_refused(invoke("chat", folders[0], other), "another base model")
+
+
+def test_a_conversation_longer_than_the_context_gets_no_reply_and_says_so(folders):
+    from peftctl.serve.chat import open_chat
+    from peftctl.serve.replies import Sampling
+
+    session = open_chat([folders[0]], Sampling(max_tokens=2000))
+    try:
+        session.history = [{"role": "user", "content": "x" * 980}]  # ~1000 of the 1024 tokens' context
+        reply = session.say("hi")  # max_tokens cut to the room the context leaves
+        assert reply.reason == "length" and reply.prompt_tokens + reply.completion_tokens == 1024
+        session.history = [{"role": "user", "content": "x" * 2000}]
+        assert session.say("and?").reason == "context"
+        assert session.command("/reset").text == "conversation forgotten"
+        session.command("/set max_tokens=4")
+        assert session.say("hi").completion_tokens == 4
+    finally:
+        session.engine.stop(drain=False)

@@ -30,7 +30,7 @@ def chat(
 ) -> None:
     """Talk to a base model and its adapters in the model's chat template, tokens streamed as they come.
     With input from a pipe or file: one prompt per line in, one reply per line out."""
-    from peftctl.serve.chat import HELP, open_chat
+    from peftctl.serve.chat import open_chat
     from peftctl.serve.replies import Sampling
 
     quiet_libraries()
@@ -39,7 +39,7 @@ def chat(
     session.system = system
     try:
         if sys.stdin.isatty():
-            print(f"chatting with {session.current}; {HELP.splitlines()[0].split('  ')[0]} ... /help, Ctrl-D to leave",
+            print(f"chatting with {session.current} (/help: the commands; Ctrl-C stops a reply, Ctrl-D leaves)",
                   file=sys.stderr)
             _terminal(session)
         else:
@@ -48,14 +48,23 @@ def chat(
         session.engine.stop(drain=False)
 
 
+# What str.splitlines and most readers split on: written as escapes, a reply stays one line.
+LINE_BREAKS = "\\\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(text: str) -> str:
+    """`text` with its backslashes and line breaks escaped (\\n, \\r, \\x0b, ...)."""
+    return "".join(ch.encode("unicode_escape").decode() if ch in LINE_BREAKS else ch for ch in text)
+
+
 def _lines(session, json_: bool) -> None:
-    """One prompt per input line, one reply per output line (a reply's own newlines written as \\n)."""
+    """One prompt per input line, one reply per output line (a reply's line breaks escaped: \\n)."""
     def show(name: str, finished) -> None:
         if json_:
-            print(json.dumps({"model": name, "reply": finished.text, "finish_reason": finished.reason},
-                             ensure_ascii=False), flush=True)
+            # ASCII: JSON leaves U+2028 and U+0085 raw, which some readers take for line breaks.
+            print(json.dumps({"model": name, "reply": finished.text, "finish_reason": finished.reason}), flush=True)
         else:
-            print(finished.text.replace("\\", "\\\\").replace("\n", "\\n"), flush=True)
+            print(one_line(finished.text), flush=True)
 
     for line in sys.stdin:
         line = line.rstrip("\r\n")
@@ -90,7 +99,8 @@ def _terminal(session) -> None:
                 print(f"[{name}] {finished.text}")
             continue
         finished = session.say(line, lambda piece: print(piece, end="", flush=True))
-        print(" [stopped]" if finished.reason == "cancelled" else "")
+        print({"cancelled": " [stopped]", "context": "[the conversation fills the model's context: /reset]"}
+              .get(finished.reason, ""))
 
 
 def serve(

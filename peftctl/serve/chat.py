@@ -53,18 +53,22 @@ class ChatSession:
         """`name`'s reply to `messages` (the system message put first), streamed to `on_text`.
         Ctrl-C (KeyboardInterrupt) while it runs stops this reply only."""
         system = [{"role": "system", "content": self.system}] if self.system else []
+        ids = chat_prompt(self.engine.pool.tokenizer, system + messages)
+        # A long conversation leaves less room for the reply; one that fills the context gets none.
+        room = self.engine.context - len(ids) if self.engine.context else self.sampling.max_tokens
+        if room < 1:
+            return Finished("", "context", len(ids), 0)
         events: queue.Queue = queue.Queue()
-        job = self.engine.submit(name, chat_prompt(self.engine.pool.tokenizer, system + messages), self.sampling,
-                                 events.put)
+        sampling = dataclasses.replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
+        job = self.engine.submit(name, ids, sampling, events.put)
         while True:
             try:
                 event = events.get()
-            except KeyboardInterrupt:
+                if isinstance(event, Finished):
+                    return event
+                on_text(event)
+            except KeyboardInterrupt:  # while waiting or while showing a piece: the engine ends it
                 job.cancel()
-                continue
-            if isinstance(event, Finished):
-                return event
-            on_text(event)
 
     def command(self, line: str) -> Said:
         """Run one slash command; a mistake in it is said, not raised."""
