@@ -199,6 +199,7 @@ def test_exposed_host_without_key_is_refused(monkeypatch):
     monkeypatch.delenv("PEFTCTL_API_KEY", raising=False)
     assert_refused(invoke("serve", BASE, "--host", "0.0.0.0"), "--host", "API key")
     assert_refused(invoke("serve", BASE, "--adapter", "nameonly"), "NAME=PATH")
+    assert_refused(invoke("serve", BASE, "--dtype", "float64"), "--dtype", "float32")
 
 
 def test_sigterm_finishes_the_replies_in_flight_then_exits(folders):

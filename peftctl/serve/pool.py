@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 
 from peftctl.core.errors import UserError
@@ -63,7 +64,11 @@ def spec_of(target: str, dtype: str = "auto", trust_remote_code: bool = False) -
     path = Path(target).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return base_model_spec(path, None, trust_remote_code), path
-    spec = ModelSpec(name_or_path=target, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        spec = ModelSpec(name_or_path=target, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        raise UserError(f"invalid {problem['loc'][0]}: {problem['msg']}", where=f"--{problem['loc'][0]}") from None
     resolve_source(spec)
     return spec, None
 
