@@ -6,23 +6,27 @@
 
 Adapters: three LoRA (r=8 on q/v) and one IA3, random weights (seeded), on the base; requests go
 round-robin over the base and the four adapters, every one generating exactly --new-tokens
-(EOS ignored) so the contenders do the same work. All requests arrive at once. Contenders, each
-in a process of its own (for its peak RSS):
+(EOS ignored) so the contenders do the same work. --clients clients each send their share of
+the requests one after another (client c sends requests c, c + clients, ...), the next when
+the last is answered. Contenders, each in a process of its own (for its peak RSS):
 
   peftctl          the engine behind `peftctl serve` (continuous batching, up to --clients rows)
-  peft-mixed       peft's mixed-adapter batch, `generate(..., adapter_names=...)`, fixed batches of
-                   --clients (IA3 cannot join a LoRA PeftModel: its requests get batches of their
-                   own on a second PeftModel, which shares the base's weights)
-  peft-sequential  peft + generate, one request at a time, `set_adapter` between them
+  peft-mixed       peft's mixed-adapter batch, `generate(..., adapter_names=...)`, in fixed batches
+                   of --clients requests (one from each client), each batch after the last; IA3
+                   cannot join a LoRA PeftModel, so a batch's IA3 rows are a second generate call
+                   on a second PeftModel, which shares the base's weights
+  peft-sequential  peft + generate, one request at a time in the order they are sent,
+                   `set_adapter` between them
 
-Reported: generated tokens/s over the whole burst, p50/p95 time to the first token and to the
-last, peak RSS. One line of JSON per contender, then a Markdown table.
+Reported: generated tokens/s over the whole run, p50/p95 time from a request's sending to its
+first token and to its last, peak RSS. One line of JSON per contender, then a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 MARKER = "BENCH_RESULT "
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's bars
 ADAPTERS = {"lora-a": {"name": "lora", "r": 8}, "lora-b": {"name": "lora", "r": 8}, "lora-c": {"name": "lora", "r": 8},
             "ia3": {"name": "ia3"}}
 
@@ -66,13 +71,14 @@ def requests(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]
             for i in range(args.requests)]
 
 
-def run_peftctl(args, folders) -> tuple[list[float], list[float], int]:
+def run_peftctl(args, folders) -> tuple[list[float], list[float], int, float]:
     import queue
+    import threading
 
+    from peftctl.recipe.schema import ModelSpec
     from peftctl.serve.engine import Engine, Finished
     from peftctl.serve.pool import ModelPool
     from peftctl.serve.replies import Sampling
-    from peftctl.recipe.schema import ModelSpec
 
     pool = ModelPool(ModelSpec(name_or_path=args.base), args.base)
     for name, folder in folders.items():
@@ -81,24 +87,29 @@ def run_peftctl(args, folders) -> tuple[list[float], list[float], int]:
     engine.start()
     work = requests(args, pool.tokenizer)
     sampling = Sampling(max_tokens=args.new_tokens, ignore_eos=True)
-    start, boxes, jobs = time.perf_counter(), [], []
-    for name, ids in work:
-        boxes.append(queue.Queue())
-        jobs.append(engine.submit(name, ids, sampling, lambda event, box=boxes[-1]: box.put((time.perf_counter(), event))))
-    first, last, tokens = [], [], 0
-    for job, box in zip(jobs, boxes):
-        while not isinstance((event := box.get())[1], Finished):
-            pass
-        at, event = event
-        last.append(at - start)
-        first.append(job.first_token_s + (job.started - jobs[0].started))
-        tokens += event.completion_tokens
+    first, last, tokens = [0.0] * len(work), [0.0] * len(work), [0] * len(work)
+
+    def client(c: int) -> None:
+        for i in range(c, len(work), args.clients):
+            box: queue.Queue = queue.Queue()
+            job = engine.submit(*work[i], sampling, box.put)
+            while not isinstance(event := box.get(), Finished):
+                pass
+            first[i], last[i], tokens[i] = job.first_token_s, time.monotonic() - job.started, event.completion_tokens
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
     engine.stop(drain=False)
-    return first, last, tokens
+    return first, last, sum(tokens), wall
 
 
 class FirstToken:
-    """A generate() streamer noting when the first new token of a batch comes out."""
+    """A generate() streamer noting when the first new token of a batch comes out (seconds from `start`)."""
 
     def __init__(self, start: float):
         self.start, self.calls, self.at = start, 0, None
@@ -112,7 +123,7 @@ class FirstToken:
         pass
 
 
-def run_peft(args, folders, mixed: bool) -> tuple[list[float], list[float], int]:
+def run_peft(args, folders, mixed: bool) -> tuple[list[float], list[float], int, float]:
     import torch
     from peft import PeftModel
 
@@ -133,42 +144,50 @@ def run_peft(args, folders, mixed: bool) -> tuple[list[float], list[float], int]
     options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
                "pad_token_id": tokenizer.pad_token_id}
     first, last = [0.0] * len(work), [0.0] * len(work)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        if not mixed:
-            for i, (name, ids) in enumerate(work):
-                streamer = FirstToken(start)
-                input_ids = torch.tensor([ids])
-                if name == "ia3":
-                    ia3_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                       **options)
-                elif name == args.base:
-                    with lora_model.disable_adapter():
-                        lora_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                            streamer=streamer, **options)
-                else:
-                    lora_model.set_adapter(name)
-                    lora_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, **options)
-                first[i], last[i] = streamer.at, time.perf_counter() - start
+
+    def generate(rows: list[int], sent: dict[int, float]) -> None:
+        """One generate call over `rows` (one adapter kind), noting each row's times from its sending."""
+        width = max(len(work[i][1]) for i in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(work[i][1])) + work[i][1] for i in rows])
+        mask = torch.tensor([[0] * (width - len(work[i][1])) + [1] * len(work[i][1]) for i in rows])
+        began = time.perf_counter()
+        streamer = FirstToken(began)
+        names = [work[i][0] for i in rows]
+        if names[0] == "ia3":
+            ia3_model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
+        elif mixed:
+            lora_model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options,
+                                adapter_names=["__base__" if name == args.base else name for name in names])
+        elif names[0] == args.base:
+            with lora_model.disable_adapter():
+                lora_model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
         else:
-            lora_rows = [i for i, (name, _) in enumerate(work) if name != "ia3"]
-            ia3_rows = [i for i, (name, _) in enumerate(work) if name == "ia3"]
-            batches = [rows[k:k + args.clients] for rows in (lora_rows, ia3_rows) for k in range(0, len(rows), args.clients)]
-            for rows in sorted(batches, key=min):  # in arrival order
-                width = max(len(work[i][1]) for i in rows)
-                input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(work[i][1])) + work[i][1] for i in rows])
-                mask = torch.tensor([[0] * (width - len(work[i][1])) + [1] * len(work[i][1]) for i in rows])
-                streamer = FirstToken(start)
-                if work[rows[0]][0] == "ia3":
-                    ia3_model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
-                else:
-                    names = ["__base__" if work[i][0] == args.base else work[i][0] for i in rows]
-                    lora_model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names,
-                                        streamer=streamer, **options)
-                for i in rows:
-                    first[i], last[i] = streamer.at, time.perf_counter() - start
-    return first, last, len(work) * args.new_tokens
+            lora_model.set_adapter(names[0])
+            lora_model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
+        done = time.perf_counter()
+        for i in rows:
+            first[i], last[i] = began + streamer.at - sent[i], done - sent[i]
+
+    began = time.perf_counter()
+    with torch.inference_mode():
+        if mixed:  # batch k holds each client's k-th request, sent when batch k-1 is done
+            for k in range(0, len(work), args.clients):
+                rows = list(range(k, min(k + args.clients, len(work))))
+                sent = dict.fromkeys(rows, time.perf_counter())
+                for kind in ([i for i in rows if work[i][0] != "ia3"], [i for i in rows if work[i][0] == "ia3"]):
+                    if kind:
+                        generate(kind, sent)
+        else:  # one worker; a client sends its next request when its last is answered
+            start = time.perf_counter()
+            sent = {i: start for i in range(min(args.clients, len(work)))}
+            waiting = list(sent)
+            while waiting:
+                i = waiting.pop(0)
+                generate([i], sent)
+                if i + args.clients < len(work):
+                    sent[i + args.clients] = time.perf_counter()
+                    waiting.append(i + args.clients)
+    return first, last, len(work) * args.new_tokens, time.perf_counter() - began
 
 
 def contender(args) -> None:
@@ -180,8 +199,7 @@ def contender(args) -> None:
     run = {"peftctl": run_peftctl, "peft-mixed": lambda a, f: run_peft(a, f, True),
            "peft-sequential": lambda a, f: run_peft(a, f, False)}[args.only]
     began = time.perf_counter()
-    first, last, tokens = run(args, folders)
-    wall = max(last)
+    first, last, tokens, wall = run(args, folders)
     def pct(values, q):
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
     result = {"contender": args.only, "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall,
