@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,19 +47,28 @@ def folders(tmp_path_factory):
     return {label: noisy_adapter(root / label, label, seed) for seed, label in enumerate([*ADAPTERS, "prefix_tuning"], 1)}
 
 
-@pytest.fixture(scope="module")
-def server(folders):
-    engine = start_engine(BASE, [(label, folders[label]) for label in ADAPTERS], max_batch=8, max_queue=64)
-    app = create_app(engine, KEY, Limits(max_body_bytes=20_000, max_tokens=64))
+@contextmanager
+def running(engine, api_key=KEY, limits=Limits(max_body_bytes=20_000, max_tokens=64)):
+    """The app on a free loopback port, uvicorn in a thread; its URL."""
     port = free_port()
-    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    runner = uvicorn.Server(uvicorn.Config(create_app(engine, api_key, limits), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     while not runner.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    runner.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        runner.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    engine = start_engine(BASE, [(label, folders[label]) for label in ADAPTERS], max_batch=8, max_queue=64)
+    with running(engine) as url:
+        yield url, engine
 
 
 @pytest.fixture()
@@ -230,3 +240,23 @@ def test_sigterm_finishes_the_replies_in_flight_then_exits(folders):
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
         process.kill()
+
+
+def test_a_flood_past_the_queue_gets_replies_or_429s_and_leaves_nothing_behind(folders):
+    engine = start_engine(BASE, [("lora", folders["lora"])], max_batch=2, max_queue=4)
+    with running(engine, None) as url:
+        def send(i):
+            body = {"model": ["lora", BASE][i % 2], "prompt": f"flood {i}", "max_tokens": 60, "temperature": 0,
+                    "ignore_eos": True}
+            return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        with ThreadPoolExecutor(12) as pool:  # twice the batch and the queue together
+            answers = list(pool.map(send, range(12)))
+        assert {a.status_code for a in answers} <= {200, 429} and 429 in {a.status_code for a in answers}
+        for answer in answers:
+            if answer.status_code == 200:  # complete: every token it asked for
+                assert answer.json()["usage"]["completion_tokens"] == 60
+            else:
+                assert answer.headers["Retry-After"] == "1" and answer.json()["error"]["code"] == "queue_full"
+        assert engine.load() == 0 and not engine.active and not engine.waiting
+        assert send(0).status_code == 200  # and it serves on

@@ -173,7 +173,7 @@ class Engine:
                 if not self.running and not self.active and not self.waiting:
                     return
                 joining = []
-                while self.waiting and len(self.active) + len(joining) < self.max_batch:
+                while self.running and self.waiting and len(self.active) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
                 self.active += joining
             with torch.inference_mode(), self.pool.lock:
