@@ -47,6 +47,15 @@ def task_of_peft_type(task_type: str | None) -> str:
     return "causal_lm"
 
 
+def model_task(model: nn.Module) -> str:
+    """The task a loaded model was built for, read off its class (what `head_modules` needs when
+    only the model is at hand)."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    return "seq2seq" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal_lm"
+
+
 def head_modules(model: nn.Module, task: str) -> list[str]:
     """The modules a task's head consists of, which train whole: for a classifier, every child of
     the model beside its transformer body (BERT's `classifier`, DistilBERT's `pre_classifier` and
