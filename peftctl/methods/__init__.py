@@ -61,10 +61,11 @@ def apply(model, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
     """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter.
     `base`: what the method may know of the model beyond its modules (model.loading.base_facts).
     The task's head (a classifier's) trains whole beside the method, whichever it is."""
+    head = list(base.head) if base.head is not None else head_modules(model, base.task)  # before a method adds modules
     with options_named(cfg):
         adapter = get(cfg.name).apply(model, cfg, base)
     adapter.task = base.task
-    adapter.train_whole(list(base.head) if base.head is not None else head_modules(model, base.task))
+    adapter.train_whole(head)
     return adapter
 
 

@@ -84,6 +84,9 @@ class Method:
     merge_refusal: ClassVar[str | None] = None
     # Whether it feeds the model a prefilled KV cache, which gradient checkpointing drops.
     feeds_kv_cache: ClassVar[bool] = False
+    # Where peft saves the modules that train whole (a classifier's head) for this method: under the
+    # wrapper path of its model, which is one level shorter for the prompt-learning methods.
+    head_key_prefix: ClassVar[str] = PEFT_KEY_PREFIX
     # Small, valid option sets (without `name`), by a label: what the cross-method tests run.
     # Each should make a non-trivial adapter on a tiny model; the first is the method's plain form.
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -233,7 +236,7 @@ class Adapter:
         return replace(self, params={k: p for k, p in self.params.items() if k not in head}, head=[])
 
     def _head_state(self) -> dict[str, torch.Tensor]:
-        return {PEFT_KEY_PREFIX + name: p for name, p in self.head_params().items()}
+        return {self.method.head_key_prefix + name: p for name, p in self.head_params().items()}
 
 
 def _to_float32(module: nn.Module, args: tuple) -> tuple:
