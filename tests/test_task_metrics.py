@@ -118,3 +118,13 @@ print(json.dumps(asdict(seq2seq_scores(["the cats were running"], ["the cat runs
     assert scores["rouge1"] == pytest.approx(2 * 1 * 0.75 / 1.75)
     assert scores["rouge2"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))
 
+
+def test_confusion_figure_writes_a_png(tmp_path):
+    from peftctl.report import plots
+
+    path = tmp_path / "confusion.png"
+    scores = classification_scores([0, 0, 1, 2], [0, 1, 1, 0], ["text processing", "networking", "math"])
+    plots.write_png(plots.confusion_figure(scores.confusion, scores.labels), path)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    assert "networking" in plots.svg(plots.confusion_figure(scores.confusion, scores.labels), "confusion")
