@@ -3,6 +3,8 @@ transformers loads offline, once, safely when processes race; a missing package 
 
 import importlib.util
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -65,6 +67,20 @@ def test_a_process_that_loses_the_race_keeps_the_winners_folder(hf_home, monkeyp
     folder = minilm_l6_folder()
     assert [p.name for p in folder.iterdir()] == ["winner"]
     assert os.listdir(folder.parent) == [folder.name]
+
+
+def test_processes_racing_to_extract_all_get_the_one_whole_folder(tmp_path):
+    """Three processes ask at once on a fresh cache: each gets the same folder, whole, and no
+    temporary folder is left beside it."""
+    script = "from peftctl.model.builtins import minilm_l6_folder; print(minilm_l6_folder())"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    racers = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    folders = {racer.communicate(timeout=120)[0].strip() for racer in racers}
+    assert all(racer.returncode == 0 for racer in racers)
+    (folder,) = map(Path, folders)
+    assert os.listdir(folder.parent) == [folder.name]
+    assert (folder / "model.safetensors").stat().st_size > 80e6
 
 
 def test_a_missing_package_is_named_with_its_install_command(monkeypatch):
