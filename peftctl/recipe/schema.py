@@ -295,8 +295,8 @@ class TrainSpec(Section):
         description="Attention kernel for training. 'auto': eager attention on CPU when no row exceeds 512 tokens "
         "(there PyTorch's fused CPU kernel is slower, mostly in the backward pass: a whole SmolLM2 step ran "
         "~1.2× faster with 'eager'), as peftctl's grouped kernel (no key/value or fp32 softmax copies) where "
-        "it gives the model bit-identical losses on a training row, else transformers' 'eager'; otherwise the "
-        "model's own (usually 'sdpa', best for long rows and on GPUs). 'eager' and 'sdpa' are transformers' own.",
+        "it gives the model bit-identical losses on a training row, else transformers' 'eager'; otherwise, and for "
+        "classifiers and seq2seq models, the model's own (usually 'sdpa', best for long rows and on GPUs). 'eager' and 'sdpa' are transformers' own.",
     )
     compile: bool = Field(
         False,
