@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftctl import methods
-from peftctl.arch.tasks import PEFT_TASK_TYPES, task_of_peft_type
+from peftctl.arch.tasks import PEFT_TASK_TYPES, TaskHead, task_of_peft_type
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import atomic_directory
 from peftctl.methods import Adapter, BaseFacts, Method, MethodConfig
@@ -147,6 +147,25 @@ def saved_head(folder: Path, model: nn.Module) -> tuple[str, ...] | None:
     names = [name for name, _ in model.named_modules()
              if name and any(name == item or name.endswith("." + item) for item in listed)]
     return tuple(name for name in names if not any(name.startswith(other + ".") for other in names))
+
+
+def adapter_head(folder: Path) -> TaskHead:
+    """The task the adapter in `folder` was trained for and a classifier's label names: those its
+    saved recipe records, else (an adapter made by peft) LABEL_0... as many as its head has outputs."""
+    task = adapter_task(folder)
+    if task != "sequence_classification":
+        return TaskHead(task)
+    saved = (saved_recipe(folder).get("data") or {}).get("labels")
+    if isinstance(saved, list) and all(isinstance(name, str) for name in saved) and len(saved) > 1:
+        return TaskHead(task, tuple(saved))
+    from safetensors import safe_open
+
+    listed = read_adapter_config(folder).get("modules_to_save") or []
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as weights:  # the head's output layer: its narrowest
+        shapes = [weights.get_slice(key).get_shape() for key in weights.keys()
+                  if any(f".{name}." in f".{key}" for name in listed)]
+    outputs = min((shape[0] for shape in shapes if len(shape) == 2), default=2)
+    return TaskHead(task, tuple(f"LABEL_{i}" for i in range(outputs)))
 
 
 def read_weights(path: Path) -> dict:
