@@ -125,3 +125,16 @@ def test_seq2seq_eval_scores_rouge_of_the_greedy_generations(tmp_path):
     assert report["adapter"]["loss"] < report["base"]["loss"]
     assert report["generations"] and {"prompt", "reference", "generated", "base"} <= set(report["generations"][0])
     assert report["generations"][0]["reference"] == seq2seq_rows(36)[30]["target"]
+
+
+def test_a_classifier_run_reports_held_out_accuracy_and_draws_its_confusion_matrix(tmp_path):
+    from peftctl.run import pipeline
+
+    recipe, _ = task_recipe(tmp_path, "bert", "sequence_classification")
+    summary = pipeline.run(recipe)
+    figures = json.loads((summary.output_dir / "summary.json").read_text())
+    confusion = figures["classes"]["confusion"]
+    assert sum(map(sum, confusion)) == 6
+    assert figures["val_accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(3)) / 6)
+    page = (summary.output_dir / "report.html").read_text()
+    assert "Held-out classes" in page and page.count("<svg") == 3

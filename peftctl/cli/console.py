@@ -171,6 +171,8 @@ def print_train_summary(summary, figures: dict) -> None:
                      "training steps)"),
         ("train loss (last window)", fmt_loss(result.train_loss)),
         ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
+        *([("validation accuracy / macro-F1", f"{figures['val_accuracy']:.4f} / {figures['val_macro_f1']:.4f}")]
+          if "val_accuracy" in figures else []),
     ], [
         ("adapter", str(summary.adapter_dir)),
         ("metrics", str(summary.output_dir / "metrics.jsonl")),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.data.tokenize import TokenizedData, load_data
 from peftctl.eval.samples import replies, sample_rows, write_generations
+from peftctl.eval.task_scores import score_classifier
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import base_facts, load_model, load_tokenizer, model_files, prefilled_cache_refusal
@@ -80,6 +81,8 @@ class RunSummary:
     result: TrainResult
     main_process: bool = True  # False in the other processes of `accelerate launch`: they print nothing
     report: Path | None = None  # <output>/report.html, when output.report wrote one
+    # A classifier's held-out accuracy, macro-F1 and per-class figures after training (`classes`).
+    task_scores: dict[str, Any] = field(default_factory=dict)
 
 
 def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False,
@@ -167,6 +170,7 @@ def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
         )
         if processes.is_main_process:
             _export(plan, adapter, summary.adapter_dir)
+            summary.task_scores = _task_scores(plan, adapter)
             summary.report = _write_run_files(plan, summary, adapter, rows, base_replies)
         processes.wait_for_everyone()  # every process ends the run together
     return summary
@@ -198,6 +202,17 @@ def _sample_rows(plan: PreparedRun) -> list[dict[str, Any]]:
     if not processes.is_main_process or fsdp or plan.recipe.task != "causal_lm":
         return []  # a classifier's and seq2seq model's held-out predictions are `peftctl eval`'s  # FSDP shards the model over the processes: one of them alone cannot run it
     return sample_rows(plan.data, plan.recipe.data.format, plan.recipe.output.samples)
+
+
+def _task_scores(plan: PreparedRun, adapter: Adapter) -> dict[str, Any]:
+    """A classifier's held-out figures after training, for the summary and the report's confusion
+    matrix (seq2seq's ROUGE needs generations: `peftctl eval` makes them)."""
+    data = plan.data
+    if data.task != "sequence_classification" or not data.validation:
+        return {}
+    scores = score_classifier(adapter.model, plan.tokenizer.pad_token_id, data.validation, data.labels,
+                              plan.recipe.train.batch_size)
+    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"], "classes": scores["details"]}
 
 
 def _write_run_files(plan: PreparedRun, summary: RunSummary, adapter: Adapter, rows: list[dict[str, Any]],
@@ -237,6 +252,7 @@ def train_figures(summary: RunSummary) -> dict[str, Any]:
         "val_loss_before": result.val_loss_before,
         "val_loss_after": result.val_loss_after,
         "peak_memory_bytes": result.peak_memory_bytes,
+        **summary.task_scores,
     }
 
 
