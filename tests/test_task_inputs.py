@@ -138,3 +138,32 @@ def test_a_classifier_run_reports_held_out_accuracy_and_draws_its_confusion_matr
     assert figures["val_accuracy"] == pytest.approx(sum(confusion[i][i] for i in range(3)) / 6)
     page = (summary.output_dir / "report.html").read_text()
     assert "Held-out classes" in page and page.count("<svg") == 3
+
+
+@pytest.mark.slow  # a minute or two: a process per run
+def test_a_classifier_bakeoff_scores_every_run_and_ranks_them_by_held_out_accuracy(tmp_path, monkeypatch):
+    from peftctl.bakeoff.state import ordered
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    task_recipe(tmp_path, "bert", "sequence_classification")
+    result = invoke("bakeoff", tmp_path / "recipe.yaml", "--methods", "lora,ia3", "--budget-steps", "3",
+                    "--output", tmp_path / "bakeoff")
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "bakeoff" / "bakeoff.json").read_text())
+    accuracies = [run["figures"]["accuracy"] for run in ordered(state["runs"])]
+    assert all(a is not None for a in accuracies) and accuracies == sorted(accuracies, reverse=True)
+    base = next(iter(state["base"].values()))
+    assert base["accuracy"] is not None and "untrained head" in " ".join(result.output.split())
+
+
+def test_a_bakeoff_of_classifiers_ranks_by_accuracy_and_of_causal_lms_by_validation_loss():
+    from peftctl.bakeoff.state import ordered
+
+    def run(label, status="done", **figures):
+        return {"label": label, "status": status, "figures": figures}
+
+    classifiers = [run("a", accuracy=0.5, val_loss_after=0.9), run("b", accuracy=0.8, val_loss_after=1.2),
+                   run("c", "failed"), run("d", accuracy=None, val_loss_after=0.1)]
+    assert [r["label"] for r in ordered(classifiers)] == ["b", "a", "d", "c"]
+    causal = [run("a", val_loss_after=0.9, accuracy=None), run("b", val_loss_after=0.7, accuracy=None)]
+    assert [r["label"] for r in ordered(causal)] == ["b", "a"]
