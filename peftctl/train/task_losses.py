@@ -18,12 +18,16 @@ from peftctl.data.examples import IGNORE
 from peftctl.train.loss import CausalLMLoss
 
 
-class ClassificationLoss(nn.Module):
-    """Summed cross-entropy of the classifier's logits, and the number of rows."""
+class _TaskLoss(nn.Module):
+    """A loss module holds the model (accelerate prepares the one module)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+
+class ClassificationLoss(_TaskLoss):
+    """Summed cross-entropy of the classifier's logits, and the number of rows."""
 
     @staticmethod
     def labelled(batch: dict[str, torch.Tensor]) -> int:
@@ -38,12 +42,8 @@ class ClassificationLoss(nn.Module):
         return losses if per_token else (losses.sum(), labels.numel())
 
 
-class Seq2SeqLoss(nn.Module):
+class Seq2SeqLoss(_TaskLoss):
     """Summed cross-entropy of the decoder over the target tokens, and their number."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
     @staticmethod
     def labelled(batch: dict[str, torch.Tensor]) -> int:
