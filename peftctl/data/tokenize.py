@@ -69,7 +69,10 @@ def _task_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, task: str, tr
     """A classifier's or a seq2seq model's examples (task_examples.py): every row trains, none is dropped."""
     labels: tuple[str, ...] = ()
     if task == "sequence_classification":
-        labels = task_examples.label_names(train_rows, spec)
+        # A fraction held out of the same file: its labels are the file's (a rare class may land
+        # only in the held-out part), so no held-out row is refused for a label training lacks.
+        held_out_of_train = isinstance(spec.validation, float)
+        labels = task_examples.label_names(train_rows + (val_rows if held_out_of_train else []), spec)
         val_file = spec.validation if isinstance(spec.validation, (str, Path)) else spec.train
         train = task_examples.classification_examples(train_rows, spec, tokenizer, labels, spec.train)
         validation = task_examples.classification_examples(val_rows, spec, tokenizer, labels, val_file)
