@@ -22,7 +22,7 @@ def measure_trl(run, folder: Path, work: Path, warmup: int, steps: int, batch_si
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from peftctl.model.loading import byte_level_tokenizer
+    from peftctl.model.builtins import byte_level_tokenizer
 
     recipe = gpu_proof.recipe_for(run, folder, work, warmup + steps, batch_size)
     model = gpu_proof.build_model(recipe.model, device)

@@ -47,14 +47,12 @@ Options: ``--seed`` (default 0) and ``--out-dir`` (default ``recipes/data``).
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import json
 import random
-import sys
 from pathlib import Path
 
-from stdlib_docs import FORBIDDEN, collect_objects, signature, summary
+from stdlib_docs import FORBIDDEN, collect_objects, script_args, signature, summary
 
 # ---------------------------------------------------------------------------
 # Configuration (the objects asked about: stdlib_docs.py)
@@ -230,14 +228,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out-dir", type=Path, default=Path("recipes/data"))
-    args = parser.parse_args()
-
-    if sys.version_info[:2] != (3, 11):
-        sys.exit("this script must run on Python 3.11 (docstrings differ between versions)")
-
+    args = script_args(__doc__.splitlines()[0], SEED)
     rng = random.Random(args.seed)
     items = build_items()
     rng.shuffle(items)

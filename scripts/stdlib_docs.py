@@ -1,4 +1,5 @@
-"""The Python standard library's objects and what their docstrings say, for make_quickstart_data.py.
+"""The Python standard library's objects and what their docstrings say, for make_quickstart_data.py
+and make_classify_data.py.
 
 Which modules, built-ins and built-in types' methods are asked about, the objects collected from
 them (each with its qualified name, module, kind), and each one's docstring cut to a clean
@@ -7,10 +8,13 @@ summary and its signature, both skipped when too long or machine-specific (FORBI
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import importlib
 import inspect
 import re
+import sys
+from pathlib import Path
 
 # Modules whose public functions and classes are used.  "os.path" is shown to
 # the model under that name (it is posixpath on POSIX systems).
@@ -194,3 +198,14 @@ def signature(obj, qualname: str) -> str | None:
     if "<" in text or len(text) > MAX_SIGNATURE_CHARS:
         return None
     return text
+
+
+def script_args(description: str, seed: int) -> argparse.Namespace:
+    """The data scripts' options (--seed, --out-dir), once this is the Python they need."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--out-dir", type=Path, default=Path("recipes/data"))
+    args = parser.parse_args()
+    if sys.version_info[:2] != (3, 11):
+        sys.exit("this script must run on Python 3.11 (docstrings differ between versions)")
+    return args

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from peftctl.model.loading import byte_level_tokenizer
+from peftctl.model.builtins import byte_level_tokenizer
 from tiny_models import tiny_llama_config
 
 BYTE_VOCAB = 257  # peftctl's byte-level tokenizer: 256 bytes + <|endoftext|> (id 256)

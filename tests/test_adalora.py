@@ -25,7 +25,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.export.merge import merge_to_folder
 from peftctl.methods.adalora import METHOD, AdaLoraConfig
 from peftctl.recipe.schema import ModelSpec
-from peftctl.train.loop import CausalLMLoss
+from peftctl.train.loss import CausalLMLoss
 from tiny_models import batch_logits, real_difference, tiny_gpt2, tiny_llama, token_batch
 
 ATOL = 1e-5

@@ -124,7 +124,7 @@ def test_schema_documents_every_key():
     undocumented = [f"{name}.{key}" for name, section in sections.items()
                     for key, prop in section.get("properties", {}).items() if not prop.get("description", "").strip()]
     assert not undocumented, undocumented
-    assert set(schema["properties"]) == {"model", "method", "data", "train", "output"}
+    assert set(schema["properties"]) == {"task", "model", "method", "data", "train", "output"}
     assert schema["additionalProperties"] is False  # unknown keys are errors
 
 

@@ -31,7 +31,8 @@ from peftctl.export.ollama import CHATML, LLAMA3, modelfile, translate
 from peftctl.methods.ia3 import IA3Config
 from peftctl.methods.lora import LoraConfig
 from peftctl.methods.prompt import PromptTuningConfig
-from peftctl.model.loading import load_model, load_tokenizer, tiny_gpt2_config
+from peftctl.model.builtins import tiny_gpt2_config
+from peftctl.model.loading import load_model, load_tokenizer
 from peftctl.recipe.schema import ModelSpec
 from cli_checks import assert_refused, invoke, snapshot
 from hf_folders import SMOLLM2_TEMPLATE, chatml_bpe_tokenizer, save_tiny_llama

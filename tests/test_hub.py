@@ -137,7 +137,7 @@ def test_validate_says_where_hub_sources_are(tmp_path, cached_model, cached_data
     assert result.exit_code == 0, result.output
     assert f"source: model '{MODEL}': in the Hugging Face cache" in result.stderr
     assert f"source: dataset '{DATASET}': in the Hugging Face cache" in result.stderr
-    assert result.stdout.startswith("model:")  # stdout stays the recipe
+    assert result.stdout.startswith("task: causal_lm\nmodel:")  # stdout stays the recipe
 
 
 # --- what cannot be had, and why --------------------------------------------------------------

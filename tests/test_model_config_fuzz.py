@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from peftctl.cli.commands import app
 from peftctl.model.config_checks import SIZE_FIELDS, TOKEN_ID_FIELDS
-from peftctl.model.loading import byte_level_tokenizer
+from peftctl.model.builtins import byte_level_tokenizer
 from test_architectures import ARCHITECTURES, COMMON, GPT2_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from peftctl import methods
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_files import save_adapter
 from peftctl.methods.lora import LoraConfig
-from peftctl.model.loading import byte_level_tokenizer
+from peftctl.model.builtins import byte_level_tokenizer
 from cli_checks import invoke
 from tiny_models import batch_logits, real_difference, token_batch, train_steps
 

@@ -29,7 +29,7 @@ from peftctl.export.adapter_files import load_adapter, save_adapter
 import peftctl.methods
 from peftctl.methods.base import BaseFacts
 from peftctl.methods.prompt import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
-from peftctl.model.loading import byte_level_tokenizer
+from peftctl.model.builtins import byte_level_tokenizer
 from peftctl.recipe.load import load_recipe
 from peftctl.run.pipeline import run
 from peftctl.train.loss import CausalLMLoss

@@ -35,6 +35,17 @@ IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),  # q, k, v fused
     "olmo2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "granite": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    # Encoders and encoder-decoders, as peft's defaults (IA3 was introduced on T0, a T5). "output.dense"
+    # matches the attention's output projection too, in peft as here.
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "electra": (["key", "value", "output.dense"], ["output.dense"]),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "modernbert": (["Wqkv", "mlp.Wo"], ["mlp.Wo"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "mt5": (["k", "v", "wi_1"], []),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
 }
 
 # Bottleneck adapters (Houlsby, Pfeiffer) sit on the output of the linear layer that ends a
@@ -44,8 +55,13 @@ IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
 #   GPT-NeoX: attention.dense, mlp.dense_4h_to_h;  Falcon: self_attention.dense, mlp.dense_4h_to_h;
 #   OPT: self_attn.out_proj, fc2.  Mixture-of-experts feed-forward blocks end in no linear layer.
 BOTTLENECK_SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "attention": (("self_attn", "attn", "attention", "self_attention"), ("o_proj", "c_proj", "dense", "out_proj")),
-    "feed-forward": (("mlp", ""), ("down_proj", "c_proj", "dense_4h_to_h", "fc2")),
+    # After the decoders' names, the encoders' and encoder-decoders': BERT-style attention.output.dense
+    # and output.dense (RoBERTa, DeBERTa, ELECTRA too), DistilBERT's out_lin and ffn.lin2, ModernBERT's
+    # attn.Wo and mlp.Wo, T5's layer.0.SelfAttention.o and the last sublayer's DenseReluDense.wo.
+    "attention": (("self_attn", "attn", "attention", "self_attention", "layer.0"),
+                  ("o_proj", "c_proj", "dense", "out_proj", "output.dense", "out_lin", "Wo", "SelfAttention.o")),
+    "feed-forward": (("mlp", "", "ffn", "layer.2", "layer.1"),
+                     ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "output.dense", "lin2", "Wo", "DenseReluDense.wo")),
 }
 
 # BitFit's created biases: the config flags by which Llama-style architectures build a bias on

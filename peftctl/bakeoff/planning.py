@@ -350,12 +350,12 @@ def _check_runs(runs: list[Run]) -> None:
     for run in runs:
         recipe = run.recipe
         with checks.check(), run_named(run.label), blame(recipe.source, recipe.locate):
-            model_key = json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True)
+            model_key = json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True) + recipe.task
             if model_key not in tokenizers:
-                tokenizers[model_key] = load_tokenizer(recipe.model)
+                tokenizers[model_key] = load_tokenizer(recipe.model, recipe.task)
             data_key = model_key + json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True) + str(recipe.train.seed)
             if data_key not in data:
-                data[data_key] = load_data(recipe.data, tokenizers[model_key], recipe.train.seed)
+                data[data_key] = load_data(recipe.data, tokenizers[model_key], recipe.train.seed, recipe.task)
             check_output_dir(recipe, overwrite=True)  # a run's folder may hold its earlier attempt
             run.trainable_params = check_method(recipe, data[data_key]).adapter.trainable_count()
             run.planned_peak_bytes = int(plan(recipe).peft.total)

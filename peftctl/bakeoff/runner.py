@@ -233,9 +233,9 @@ def _evaluate(plan: BakeoffPlan, state: dict[str, Any], run: Run, position: str,
         if key not in bases:
             say(f"{position}: scoring the base model once on them")
             bases[key] = {"model": recipe.model.name_or_path, "data": str(validation),
-                          **held.score(load_model(held.spec), samples).figures()}
+                          **held.score(load_model(held.spec, held.head), samples).figures()}
             save_state(plan.out, state)
-        model = load_model(held.spec)
+        model = load_model(held.spec, held.head)
         load_adapter(model, adapter_dir)
         scores = held.score(model, samples)
     except UserError as err:
@@ -258,6 +258,9 @@ def _figures(plan: BakeoffPlan, run: Run, entry: dict[str, Any], scores) -> dict
         "val_loss_before": trained["val_loss_before"],
         "val_loss_after": trained["val_loss_after"],
         "token_accuracy": scores.token_accuracy if scores else None,
+        # The task's own held-out metric, by which the table ranks classifiers and seq2seq models.
+        "accuracy": scores.accuracy if scores else None,
+        "rouge_l": scores.rouge_l if scores else None,
         "exact_match": scores.exact_match if scores else None,
         "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
         "mergeable": METHODS[run.recipe.method.name].merge_refusal is None,

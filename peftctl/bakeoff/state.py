@@ -31,7 +31,10 @@ STATE_FILE = "bakeoff.json"
 VERSION = 1
 # A done run's figures, in the order tables show them.
 FIGURES = ("trainable_params", "trainable_percent", "planned_peak_bytes", "measured_peak_bytes", "tokens_per_s",
-           "wall_s", "val_loss_before", "val_loss_after", "token_accuracy", "exact_match", "adapter_bytes", "mergeable")
+           "wall_s", "val_loss_before", "val_loss_after", "token_accuracy", "exact_match", "accuracy", "rouge_l",
+           "adapter_bytes", "mergeable")
+# A task's own held-out metric, higher is better: done runs that have one are ranked by it.
+TASK_METRICS = ("accuracy", "rouge_l")
 
 
 def fingerprint(plan: BakeoffPlan) -> dict[str, Any]:
@@ -113,10 +116,18 @@ def save_state(out: Path, state: dict[str, Any]) -> None:
 
 
 def ordered(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Done runs by validation loss after training (lowest first, none last), then failed ones, then the rest."""
+    """Done runs by their task's held-out metric (a classifier's accuracy, a seq2seq model's ROUGE-L;
+    highest first), else by validation loss after training (lowest first), none last; then failed
+    ones, then the rest."""
+    done = [run["figures"] for run in runs if run["status"] == "done"]
+    metric = next((m for m in TASK_METRICS if any(f.get(m) is not None for f in done)), None)
+
     def key(run: dict[str, Any]) -> tuple:
-        loss = run["figures"].get("val_loss_after") if run["status"] == "done" else None
+        figures = run["figures"] if run["status"] == "done" else {}
+        value = -figures[metric] if metric and figures.get(metric) is not None else None
+        if metric is None:
+            value = figures.get("val_loss_after")
         rank = {"done": 0, "failed": 1}.get(run["status"], 2)
-        return rank, loss is None, loss if loss is not None else 0.0
+        return rank, value is None, value if value is not None else 0.0
 
     return sorted(runs, key=key)

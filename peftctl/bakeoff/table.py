@@ -1,4 +1,5 @@
-"""What a bake-off shows: one table of its runs, sorted by validation loss after training (failed
+"""What a bake-off shows: one table of its runs, sorted by validation loss after training, or by
+the task's own held-out metric for classifiers (accuracy) and seq2seq models (ROUGE-L) (failed
 runs below it with their error): its rows and notes (cli/console.py shows them as a rich table on
 the terminal) and bakeoff.md."""
 
@@ -41,8 +42,13 @@ def cells(run: dict[str, Any]) -> list[str]:
     return [run["label"], f"{run['lr']:g}", trainable, _peaks(f.get("planned_peak_bytes"), f.get("measured_peak_bytes")),
             _number(f.get("tokens_per_s"), ",.0f"), "-" if wall is None else f"{int(wall) // 60}:{int(wall) % 60:02d}",
             f"{_number(f.get('val_loss_before'), '.4f')} → {_number(f.get('val_loss_after'), '.4f')}",
-            _number(f.get("token_accuracy"), ".3f"), _number(f.get("exact_match"), ".2f"), _size(f.get("adapter_bytes")),
+            _number(_accuracy(f), ".3f"), _number(f.get("exact_match"), ".2f"), _size(f.get("adapter_bytes")),
             {True: "yes", False: "no"}.get(f.get("mergeable"), "-")]
+
+
+def _accuracy(figures: dict[str, Any]) -> float | None:
+    """The accuracy column: token accuracy (causal LM, seq2seq) or a classifier's accuracy over rows."""
+    return figures.get("token_accuracy") if figures.get("token_accuracy") is not None else figures.get("accuracy")
 
 
 def notes(state: dict[str, Any]) -> list[str]:
@@ -52,9 +58,11 @@ def notes(state: dict[str, Any]) -> list[str]:
     lines = [f"budget: {budget['steps']} optimizer steps per run" if "steps" in budget
              else f"budget: {budget['minutes']:g} minutes of training steps per run"]
     for base in (state.get("base") or {}).values():
-        lines.append(f"base model ({base['model']}) on {Path(base['data']).name}: loss {base['loss']:.4f}, token accuracy "
-                     f"{base['token_accuracy']:.3f}" + ("" if base.get("exact_match") is None
-                                                        else f", exact match {base['exact_match']:.2f}"))
+        kind = "token accuracy" if base.get("token_accuracy") is not None else "accuracy (a new, untrained head)"
+        lines.append(f"base model ({base['model']}) on {Path(base['data']).name}: loss {base['loss']:.4f}, {kind} "
+                     f"{_number(_accuracy(base), '.3f')}" + ("" if base.get("exact_match") is None
+                                                            else f", exact match {base['exact_match']:.2f}")
+                     + ("" if base.get("rouge_l") is None else f", ROUGE-L {base['rouge_l']:.3f}"))
     lines += ["val loss: training's own, before → after; token acc, exact: peftctl eval on the held-out rows "
               f"(exact match of {state['samples']} greedy replies)",
               "peak: peftctl plan's total / the training process's peak (resident memory on CPU, CUDA memory "

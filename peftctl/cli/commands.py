@@ -285,7 +285,7 @@ def write_model_folder(title: str, write: Callable[[], dict], rows: Callable[[di
     label, out = folder
     print_summary(title, rows(figures), [
         (label, str(out)),
-        ("load it with", f"AutoModelForCausalLM.from_pretrained({str(out)!r})"),
+        ("load it with", f"{figures.get('auto_class', 'AutoModelForCausalLM')}.from_pretrained({str(out)!r})"),
     ])
 
 

@@ -171,6 +171,8 @@ def print_train_summary(summary, figures: dict) -> None:
                      "training steps)"),
         ("train loss (last window)", fmt_loss(result.train_loss)),
         ("validation loss", f"{fmt_loss(result.val_loss_before)} → {fmt_loss(result.val_loss_after)}"),
+        *([("validation accuracy / macro-F1", f"{figures['val_accuracy']:.4f} / {figures['val_macro_f1']:.4f}")]
+          if "val_accuracy" in figures else []),
     ], [
         ("adapter", str(summary.adapter_dir)),
         ("metrics", str(summary.output_dir / "metrics.jsonl")),
@@ -202,6 +204,9 @@ def _eval_tables(report) -> list[Table]:
         style = "green" if better else "red" if change else ""
         figures.add_row(metric, f"{base_value:.4f}", f"{value:.4f}", Text(f"{change:+.4f}", style=style))
     tables = [figures]
+    if report.adapter.details is not None:
+        figures.caption = "base: the base model with a new, untrained classification head (chance level)"
+        tables += _class_tables(report.adapter.details)
     if report.adapter.generations:
         samples = Table(title="generations (greedy)", title_justify="left", show_lines=True)
         for column in ("prompt", "reference", "base", "adapter"):
@@ -213,9 +218,29 @@ def _eval_tables(report) -> list[Table]:
     return tables
 
 
+def _class_tables(details: dict) -> list[Table]:
+    """The adapter's per-class precision, recall and F1, and its confusion matrix (rows: gold labels,
+    columns: predicted, by number so that six or more classes fit a terminal)."""
+    labels = details["labels"]
+    per_class = Table(title="per class (base + adapter)", title_justify="left")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        per_class.add_column(column, justify="left" if column == "label" else "right", no_wrap=True)
+    for row in details["per_class"]:
+        per_class.add_row(row["label"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                          str(row["support"]))
+    confusion = Table(title="confusion matrix (rows: gold label, columns: predicted)", title_justify="left")
+    confusion.add_column("gold", no_wrap=True)
+    for number in range(len(labels)):
+        confusion.add_column(str(number), justify="right", no_wrap=True)
+    for number, (label, counts) in enumerate(zip(labels, details["confusion"])):
+        confusion.add_row(f"{number} {label}", *(str(count) for count in counts))
+    return [per_class, confusion]
+
+
 # print_comparison's column headers: short, so that a row of figures fits a terminal's 80 columns.
 HEADERS = {"loss": "loss", "perplexity": "perplexity", "token_accuracy": "accuracy", "exact_match": "exact",
-           "token_f1": "F1"}
+           "token_f1": "F1", "accuracy": "acc", "macro_f1": "macro-F1", "rouge1": "R-1", "rouge2": "R-2",
+           "rouge_l": "R-L"}
 
 
 def print_comparison(report) -> None:

@@ -22,6 +22,8 @@ _LAYOUTS = {
     "alpaca": '{"instruction": "...", "input": "... (optional)", "output": "..."}',
     "chat": '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "completion": '{"text": "..."}',
+    "classification": '{"text": "...", "text_pair": "... (optional)", "label": "a name or an integer"}',
+    "seq2seq": '{"source": "...", "target": "..."}',
 }
 
 
@@ -265,6 +267,23 @@ def check_row(row: Any, fmt: str, path: Path | str, place: str, columns: list[st
         text("output")
     elif fmt == "completion":
         text("text")
+    elif fmt == "classification":
+        text("text")
+        text("text_pair", required=False)
+        label = row.get("label")
+        if label is None:
+            fail("missing field 'label'", fix=_mapping_hint("label", fmt, columns))
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            fail(f"field 'label' is {_kind(label)}, not a label name or an integer",
+                 expected="one label per row: a name (text) or an integer index into data.labels",
+                 fix="give each row a single label; multi-label rows are not supported")
+        if isinstance(label, str) and not label.strip():
+            fail("field 'label' is empty")
+        if isinstance(label, int) and label < 0:
+            fail(f"field 'label' is {label}; integer labels count from 0")
+    elif fmt == "seq2seq":
+        text("source")
+        text("target")
     else:
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,20 +22,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftctl.core.errors import UserError
+from peftctl.data import task_examples
+from peftctl.data.examples import IGNORE, WIDTH_MULTIPLE, Example, padded_width
 from peftctl.data.rows import read_source
 from peftctl.recipe.schema import DataSpec
-
-IGNORE = -100  # label of tokens that carry no loss
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
 
 
 @dataclass
@@ -47,9 +37,11 @@ class TokenizedData:
     max_seq_len: int | None = None  # the longest packed row; None: the longest example
     # The validation rows as read (the format's fields): prompts for the run's sample replies.
     validation_rows: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "causal_lm"  # the recipe's task: how examples are batched (`collate_for`) and scored
+    labels: tuple[str, ...] = ()  # a classifier's label names, in the order of its outputs
 
 
-def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> TokenizedData:
+def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "causal_lm") -> TokenizedData:
     train_rows = read_source(spec.train, spec)
     if isinstance(spec.validation, (str, Path)):
         val_rows = read_source(spec.validation, spec, key="data.validation", split=spec.validation_split)
@@ -62,12 +54,38 @@ def load_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> 
         val_rows, train_rows = train_rows[:held_out], train_rows[held_out:]
     else:
         val_rows = []
+    if task != "causal_lm":
+        return _task_data(spec, tokenizer, task, train_rows, val_rows)
     train, dropped_train = tokenize_rows(train_rows, spec, tokenizer)
     validation, dropped_val = tokenize_rows(val_rows, spec, tokenizer)
     if not train:
         raise UserError("no training row has a response token left after truncation",
                         file=spec.train, where="data.max_seq_len", fix="raise data.max_seq_len")
     return TokenizedData(train, validation, dropped_train + dropped_val, spec.packing, spec.max_seq_len, val_rows)
+
+
+def _task_data(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, task: str, train_rows: list[dict[str, Any]],
+               val_rows: list[dict[str, Any]]) -> TokenizedData:
+    """A classifier's or a seq2seq model's examples (task_examples.py): every row trains, none is dropped."""
+    labels: tuple[str, ...] = ()
+    if task == "sequence_classification":
+        # A fraction held out of the same file: its labels are the file's (a rare class may land
+        # only in the held-out part), so no held-out row is refused for a label training lacks.
+        held_out_of_train = isinstance(spec.validation, float)
+        labels = task_examples.label_names(train_rows + (val_rows if held_out_of_train else []), spec)
+        val_file = spec.validation if isinstance(spec.validation, (str, Path)) else spec.train
+        train = task_examples.classification_examples(train_rows, spec, tokenizer, labels, spec.train)
+        validation = task_examples.classification_examples(val_rows, spec, tokenizer, labels, val_file)
+    else:
+        train = task_examples.seq2seq_examples(train_rows, spec, tokenizer)
+        validation = task_examples.seq2seq_examples(val_rows, spec, tokenizer)
+    return TokenizedData(train, validation, 0, False, spec.max_seq_len, val_rows, task, labels)
+
+
+def collate_for(task: str) -> Callable[[list[Example], int], dict[str, torch.Tensor]]:
+    """How a task's examples become a padded batch."""
+    return {"sequence_classification": task_examples.collate_classification,
+            "seq2seq": task_examples.collate_seq2seq}.get(task, collate)
 
 
 # --- tokenizing ---------------------------------------------------------------------------------
@@ -140,14 +158,15 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed: int | None = None,
-            group_by_length: bool = False, pack_len: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+            group_by_length: bool = False, pack_len: int | None = None,
+            task: str = "causal_lm") -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches; shuffled with `shuffle_seed` (a new order for each epoch's seed).
 
     `group_by_length` (needs a seed) sorts each run of 50 batches' worth of shuffled examples by
     length before cutting it into batches, then shuffles the batches: each batch holds examples
     of similar length, so little of it is padding, while the order of batches stays random.
     `pack_len` packs each batch's examples into fewer rows of at most that many tokens (see
-    `pack`): the same examples per batch, less padding.
+    `pack`): the same examples per batch, less padding. `task` says how a batch is laid out.
     """
     order = list(range(len(examples)))
     rng = random.Random(shuffle_seed)
@@ -163,11 +182,12 @@ def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed:
         rng.shuffle(chunks)
     for chunk in chunks:
         group = [examples[i] for i in chunk]
-        yield collate_packed(pack(group, pack_len), pad_id) if pack_len else collate(group, pad_id)
+        yield collate_packed(pack(group, pack_len), pad_id) if pack_len else collate_for(task)(group, pad_id)
 
 
 def epochs_of_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int, group_by_length: bool = False,
-                      pack_len: int | None = None, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                      pack_len: int | None = None, start: int = 0,
+                      task: str = "causal_lm") -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches (`batches`), a fresh order each epoch (seed + epoch), from the `start`-th on.
 
     An epoch's order depends only on its seed, so a resumed run skips whole epochs without
@@ -178,7 +198,7 @@ def epochs_of_batches(examples: list[Example], batch_size: int, pad_id: int, see
     epoch, skip = position["epoch"], position["epoch_micro_batch"]
     while True:
         epoch_batches = batches(examples, batch_size, pad_id, shuffle_seed=seed + epoch,
-                                group_by_length=group_by_length, pack_len=pack_len)
+                                group_by_length=group_by_length, pack_len=pack_len, task=task)
         yield from itertools.islice(epoch_batches, skip, None)
         epoch, skip = epoch + 1, 0
 
@@ -189,20 +209,8 @@ def stream_position(consumed: int, examples: int, batch_size: int) -> dict[str, 
     return {"micro_batches": consumed, "epoch": epoch, "epoch_micro_batch": micro_batch}
 
 
-# Batch widths are rounded up to a multiple of this. Every new batch shape makes the CPU's matmul
-# library (oneDNN) build and keep new kernels for each of the model's weight shapes: ~9 ms and
-# ~1 MiB of memory that is never returned, per shape and weight, which over a SmolLM2 run added
-# ~140 MiB to the peak RSS. Rounding to 16 leaves a few shapes for the whole run, for under 16
-# padding tokens a row (transformers' collators offer the same, pad_to_multiple_of, for GPUs).
-WIDTH_MULTIPLE = 16
-
-
-def _width(lengths, multiple: int) -> int:
-    return -(-max(lengths) // multiple) * multiple
-
-
 def collate(examples: list[Example], pad_id: int, multiple: int = WIDTH_MULTIPLE) -> dict[str, torch.Tensor]:
-    width = _width((len(e.input_ids) for e in examples), multiple)
+    width = padded_width((len(e.input_ids) for e in examples), multiple)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -255,7 +263,7 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
     example's last token, and unpacked it is never a target. `attention_mask` marks the real
     tokens, for counting; it is not given to the model.
     """
-    width = _width((sum(len(e.input_ids) for e in row) for row in rows), WIDTH_MULTIPLE)
+    width = padded_width((sum(len(e.input_ids) for e in row) for row in rows), WIDTH_MULTIPLE)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

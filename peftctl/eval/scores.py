@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from peftctl.arch.tasks import TaskHead
+from peftctl.core.errors import UserError
 from peftctl.data.tokenize import Example, batches, to_messages
+from peftctl.eval.task_scores import score_classifier, score_seq2seq
 from peftctl.model.loading import base_facts
 from peftctl.train.loss import CausalLMLoss
 
@@ -30,14 +33,26 @@ from peftctl.train.loss import CausalLMLoss
 @dataclass
 class Scores:
     loss: float
-    perplexity: float
-    token_accuracy: float
+    perplexity: float | None  # None for a classifier (one target per row: no sequence to be perplexed by)
+    token_accuracy: float | None
     exact_match: float | None = None
     token_f1: float | None = None
     generations: list[dict[str, str]] = field(default_factory=list)
+    # A classifier's (task_scores.py): accuracy and macro-F1, with per-class figures and the confusion
+    # matrix in `details`; a seq2seq model's ROUGE F-measures. None where the task has none.
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    rouge1: float | None = None
+    rouge2: float | None = None
+    rouge_l: float | None = None
+    details: dict[str, Any] | None = None
+
+    TASK_FIGURES = ("accuracy", "macro_f1", "rouge1", "rouge2", "rouge_l")
 
     def figures(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "generations"}
+        """The scalar figures; another task's figures are left out rather than shown as null."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("generations", "details")
+                and not (k in self.TASK_FIGURES and v is None)}
 
 
 @torch.no_grad()
@@ -108,9 +123,12 @@ class EvalReport:
     adapter: Scores
 
     def as_dict(self) -> dict[str, Any]:
-        return {"adapter_dir": str(self.adapter_dir), "data": str(self.data_file), "rows": self.rows,
-                "base": self.base.figures(), "adapter": self.adapter.figures(),
-                "generations": paired_generations(self.base.generations, self.adapter.generations)}
+        found = {"adapter_dir": str(self.adapter_dir), "data": str(self.data_file), "rows": self.rows,
+                 "base": self.base.figures(), "adapter": self.adapter.figures(),
+                 "generations": paired_generations(self.base.generations, self.adapter.generations)}
+        if self.adapter.details is not None:  # a classifier's per-class figures and confusion matrices
+            found["base"]["classes"], found["adapter"]["classes"] = self.base.details, self.adapter.details
+        return found
 
 
 @dataclass
@@ -159,13 +177,14 @@ def evaluate_adapters(adapter_dirs: list[Path], data_file: Path, fmt: str, sampl
     adapter_dirs = [Path(folder) for folder in adapter_dirs]
     check_same_base(adapter_dirs, "be evaluated on one base model", named=base is None)
     held = held_out_rows(adapter_dirs, data_file, fmt, max_seq_len, base, trust_remote_code)
-    model = load_model(held.spec)
+    torch.manual_seed(0)  # a classifier's untrained head: the same draw for base and adapter (then replaced)
+    model = load_model(held.spec, held.head)
     base_scores = held.score(model, samples)
     adapter_scores = []
     for i, folder in enumerate(adapter_dirs):
         if i:
             model = None  # the previous adapter's model is let go before the next base loads
-            model = load_model(held.spec)
+            model = load_model(held.spec, held.head)
         load_adapter(model, folder)
         adapter_scores.append(held.score(model, samples))
     return ComparisonReport(adapter_dirs, Path(data_file), len(held.examples), base_scores, adapter_scores)
@@ -180,8 +199,14 @@ class HeldOut:
     rows: list[dict[str, Any]]
     examples: list[Example]
     fmt: str
+    head: TaskHead = TaskHead()  # the task the adapters were trained for, a classifier's labels
 
     def score(self, model: nn.Module, samples: int) -> Scores:
+        if self.head.task == "sequence_classification":
+            found = score_classifier(model, self.tokenizer.pad_token_id, self.examples, self.head.labels)
+            return Scores(perplexity=None, token_accuracy=None, **found)
+        if self.head.task == "seq2seq":
+            return Scores(**score_seq2seq(model, self.tokenizer, self.examples, self.rows, samples))
         return score(model, self.tokenizer, self.examples, self.rows, self.fmt, samples)
 
 
@@ -191,16 +216,27 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     checking each adapter against a weightless copy of it: a foreign or mismatched adapter fails
     before any weights load."""
     from peftctl.data.rows import read_rows
+    from peftctl.data.task_examples import classification_examples, seq2seq_examples
     from peftctl.data.tokenize import tokenize_rows
     from peftctl.export.adapter_base import base_model_spec
-    from peftctl.export.adapter_files import load_adapter
+    from peftctl.export.adapter_files import adapter_head, load_adapter
     from peftctl.model.loading import load_skeleton, load_tokenizer
     from peftctl.recipe.schema import DataSpec
 
     spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
+    head = adapter_head(adapter_dirs[0])
     for folder in adapter_dirs:
-        load_adapter(load_skeleton(spec), folder, base_facts(spec))
-    tokenizer = load_tokenizer(spec)
+        if adapter_head(folder) != head:
+            raise UserError(f"its task or labels ({adapter_head(folder)}) differ from {adapter_dirs[0]}'s ({head})",
+                            file=folder, fix="evaluate adapters of one task and one set of labels together")
+        load_adapter(load_skeleton(spec, head), folder, base_facts(spec))
+    tokenizer = load_tokenizer(spec, head.task)
     rows = read_rows(data_file, fmt, key="--data")
-    examples, _ = tokenize_rows(rows, DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len), tokenizer)
-    return HeldOut(spec, tokenizer, rows, examples, fmt)
+    data_spec = DataSpec(train=data_file, format=fmt, max_seq_len=max_seq_len)
+    if head.task == "sequence_classification":
+        examples = classification_examples(rows, data_spec, tokenizer, head.labels, data_file)
+    elif head.task == "seq2seq":
+        examples = seq2seq_examples(rows, data_spec, tokenizer)
+    else:
+        examples, _ = tokenize_rows(rows, data_spec, tokenizer)
+    return HeldOut(spec, tokenizer, rows, examples, fmt, head)

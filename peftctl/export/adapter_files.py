@@ -8,6 +8,7 @@ read it; the resolved recipe is saved beside it for people and for `peftctl eval
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftctl import methods
+from peftctl.arch.tasks import PEFT_TASK_TYPES, TaskHead, task_of_peft_type
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import atomic_directory
 from peftctl.methods import Adapter, BaseFacts, Method, MethodConfig
@@ -31,11 +33,12 @@ def adapter_config(adapter: Adapter, base_model: str, revision: str | None = Non
     peft and `peftctl eval` find the base by name), with its revision."""
     return {
         "peft_type": adapter.method.peft_type,
-        "task_type": "CAUSAL_LM",
+        "task_type": PEFT_TASK_TYPES[adapter.task],
         "base_model_name_or_path": base_model,
         "revision": revision,
         "inference_mode": True,
         **adapter.method.peft_config(adapter),
+        **({"modules_to_save": adapter.head} if adapter.head else {}),
     }
 
 
@@ -82,6 +85,8 @@ def adapter_method(folder: Path) -> tuple[Method, MethodConfig]:
     config = read_adapter_config(folder)
     source = str(folder / CONFIG_FILE)
     method = methods.by_peft_type(config["peft_type"], source)
+    if config.get("task_type") == PEFT_TASK_TYPES["sequence_classification"]:
+        config.pop("modules_to_save", None)  # the classifier's head: the task's, not the method's (saved_head)
     try:
         return method, method.config_from_peft(config, source)
     except KeyError as err:
@@ -111,8 +116,9 @@ def prepare_adapter(model: nn.Module, folder: Path, base: BaseFacts = BaseFacts(
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"no {WEIGHTS_FILE} in the adapter folder", file=folder,
                         fix="peftctl reads safetensors only; re-save the adapter with safe_serialization=True")
+    base = replace(base, task=adapter_task(folder), head=saved_head(folder, model))
     try:
-        return method.apply(model, cfg, base)
+        return methods.apply(model, cfg, base)
     except UserError as err:
         # The options come from the adapter's config, not from a recipe: say so, and that the
         # likely cause is a base model other than the one the adapter was made for.
@@ -121,6 +127,45 @@ def prepare_adapter(model: nn.Module, folder: Path, base: BaseFacts = BaseFacts(
             err.fix = "use the base model the adapter was trained on (see its base_model_name_or_path)"
             err._changed()
         raise
+
+
+def adapter_task(folder: Path) -> str:
+    """The task the adapter in `folder` was trained for, from its task_type."""
+    return task_of_peft_type(read_adapter_config(folder).get("task_type"))
+
+
+def saved_head(folder: Path, model: nn.Module) -> tuple[str, ...] | None:
+    """The modules a classifier adapter saved whole (its modules_to_save), as `model` names them.
+
+    peft matches each listed name as a suffix of a module's name and lists names a model may lack
+    (its default is both 'classifier' and 'score'); a module inside another listed one is part of it.
+    """
+    config = read_adapter_config(folder)
+    if task_of_peft_type(config.get("task_type")) != "sequence_classification":
+        return None
+    listed = config.get("modules_to_save") or []
+    names = [name for name, _ in model.named_modules()
+             if name and any(name == item or name.endswith("." + item) for item in listed)]
+    return tuple(name for name in names if not any(name.startswith(other + ".") for other in names))
+
+
+def adapter_head(folder: Path) -> TaskHead:
+    """The task the adapter in `folder` was trained for and a classifier's label names: those its
+    saved recipe records, else (an adapter made by peft) LABEL_0... as many as its head has outputs."""
+    task = adapter_task(folder)
+    if task != "sequence_classification":
+        return TaskHead(task)
+    saved = (saved_recipe(folder).get("data") or {}).get("labels")
+    if isinstance(saved, list) and all(isinstance(name, str) for name in saved) and len(saved) > 1:
+        return TaskHead(task, tuple(saved))
+    from safetensors import safe_open
+
+    listed = read_adapter_config(folder).get("modules_to_save") or []
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as weights:  # the head's output layer: its narrowest
+        shapes = [weights.get_slice(key).get_shape() for key in weights.keys()
+                  if any(f".{name}." in f".{key}" for name in listed)]
+    outputs = min((shape[0] for shape in shapes if len(shape) == 2), default=2)
+    return TaskHead(task, tuple(f"LABEL_{i}" for i in range(outputs)))
 
 
 def read_weights(path: Path) -> dict:

@@ -34,7 +34,7 @@ import torch
 from peftctl.core.errors import UserError, did_you_mean
 from peftctl.core.files import check_path, check_replaceable, writing
 from peftctl.export.adapter_base import base_model_spec, check_same_base, saved_base
-from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, prepare_adapter, read_weights, save_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, adapter_task, prepare_adapter, read_weights, save_adapter
 from peftctl.methods import Adapter
 from peftctl.methods.base import PEFT_KEY_PREFIX
 from peftctl.methods.lora import METHOD as LORA, LoraConfig
@@ -135,6 +135,10 @@ def combine_adapters(folders: list[Path], out: Path, how: str = "cat", weights: 
         check_path(folder, "the adapter folder")
         if not folder.is_dir():
             raise UserError("no such adapter folder", file=folder)
+        if (task := adapter_task(folder)) != "causal_lm":
+            raise UserError(f"a {task} adapter cannot be combined: each has its own head, trained whole, and heads "
+                            "of different classifiers do not add up", file=folder,
+                            fix="combine causal LM adapters; evaluate classifiers side by side with peftctl eval")
     configs = [lora_options(folder) for folder in folders]
     check_same_base(folders, "be combined", named=base is None)
     if how in ONE_RANK:

@@ -22,6 +22,7 @@ from typing import Any
 from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFType, GGUFWriter, Keys, LlamaFileType
 
 from peftctl import methods
+from peftctl.arch.tasks import task_of_peft_type
 from peftctl.core.errors import UserError
 from peftctl.core.files import atomic_file, atomic_write_text, check_new_file, writing
 from peftctl.export import ollama
@@ -47,6 +48,11 @@ def export_gguf(folder: Path, out: Path | None = None, merged: bool = False, qua
 
     folder = Path(folder)
     adapter_config = read_adapter_config(folder)
+    task = task_of_peft_type(adapter_config.get("task_type"))
+    if task != "causal_lm":
+        raise UserError(f"a {task} adapter cannot be exported as GGUF: llama.cpp runs text generators (causal LMs)",
+                        file=folder / CONFIG_FILE,
+                        fix="peftctl merge writes a plain transformers folder of the model, which transformers and peft serve")
     why_merged = None if merged else is_plain_lora(adapter_config)
     merged = merged or why_merged is not None
     method = methods.by_peft_type(adapter_config["peft_type"], str(folder / CONFIG_FILE))

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from peftctl import methods
+from peftctl.arch.tasks import AUTO_CLASSES
 from peftctl.core.files import atomic_directory, check_replaceable, writing
 from peftctl.export.adapter_base import base_model_spec, base_precision
-from peftctl.export.adapter_files import CONFIG_FILE, load_adapter, read_adapter_config
+from peftctl.export.adapter_files import CONFIG_FILE, adapter_head, load_adapter, read_adapter_config
 from peftctl.model import quantize
 from peftctl.model.loading import base_facts, load_config, load_model, load_skeleton, load_tokenizer, model_files
 from peftctl.recipe.schema import ModelSpec
@@ -52,26 +53,29 @@ def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool
     method.check_mergeable()  # before any weights load
     spec = base_model_spec(folder, base, trust_remote_code)
     check_output(spec)
-    skeleton = load_skeleton(spec)
+    head = adapter_head(folder)
+    skeleton = load_skeleton(spec, head)
     load_adapter(skeleton, folder, base_facts(spec))  # options, targets and shapes, before the weights load
     base_dtype = base_precision(skeleton.config, spec)
     quantized = spec.quantization != "none"
     if not quantized:
         spec = spec.model_copy(update={"dtype": "float32"})
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec)  # a quantized base is quantized from `dtype`, as in training
+    tokenizer = load_tokenizer(spec, head.task)
+    model = load_model(spec, head)  # a quantized base is quantized from `dtype`, as in training
     if quantized:
         quantize.upcast(model)
     adapter = load_adapter(model, folder, base_facts(spec))
     probe = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+    # A seq2seq model's decoder reads the probe too; no padding, so a classifier pools the last token.
+    inputs = {"input_ids": probe, **({"decoder_input_ids": probe} if head.task == "seq2seq" else {})}
     with torch.no_grad():
-        expected = adapter.model(probe).logits
+        expected = adapter.model(**inputs).logits
         if quantized:
             quantize.dequantize(adapter.model)
         merged = method.merge(adapter).eval()
         if quantized:
             quantize.restore_source_types(merged)
-        actual = merged(probe).logits
+        actual = merged(**inputs).logits
     difference = (actual - expected).abs()
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
     figures = {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
@@ -95,7 +99,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     merged = merge_adapter(folder, base, trust_remote_code, check_output)
     dtype = dtype or merged.base_dtype
     save_model_folder(merged.model.to(getattr(torch, dtype)), merged.tokenizer, out, "the merged model")
-    return {**merged.figures, "dtype": dtype}
+    return {**merged.figures, "dtype": dtype, "auto_class": AUTO_CLASSES[adapter_head(folder).task]}
 
 
 def save_model_folder(model: nn.Module, tokenizer: Any, out: Path, what: str) -> None:

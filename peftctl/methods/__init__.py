@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from peftctl.arch.tasks import head_modules
 from peftctl.core.errors import UserError, did_you_mean
 from peftctl.methods.base import Adapter, BaseFacts, Method, MethodConfig, options_named
 
@@ -58,9 +59,14 @@ def by_peft_type(peft_type: str, source: str) -> Method:
 
 def apply(model, cfg: MethodConfig, base: BaseFacts = BaseFacts()) -> Adapter:
     """Apply the recipe's method to `model` in place; the rest of peftctl only sees the Adapter.
-    `base`: what the method may know of the model beyond its modules (model.loading.base_facts)."""
+    `base`: what the method may know of the model beyond its modules (model.loading.base_facts).
+    The task's head (a classifier's) trains whole beside the method, whichever it is."""
+    head = list(base.head) if base.head is not None else head_modules(model, base.task)  # before a method adds modules
     with options_named(cfg):
-        return get(cfg.name).apply(model, cfg, base)
+        adapter = get(cfg.name).apply(model, cfg, base)
+    adapter.task = base.task
+    adapter.train_whole(head)
+    return adapter
 
 
 __all__ = ["Adapter", "BaseFacts", "METHODS", "Method", "MethodConfig", "apply", "by_peft_type", "get"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -56,6 +56,8 @@ class BaseFacts:
 
     quantized: bool = False  # the frozen linear layers are, or will be, stored in 4 or 8 bits
     tokenizer: Callable[[], Any] | None = None  # loads the base's tokenizer; only called by a method that needs it
+    task: str = "causal_lm"  # what the model is trained for (arch/tasks.py): a classifier's head trains whole
+    head: tuple[str, ...] | None = None  # the modules that train whole, where an adapter's config names them
 
 
 @dataclass
@@ -82,6 +84,9 @@ class Method:
     merge_refusal: ClassVar[str | None] = None
     # Whether it feeds the model a prefilled KV cache, which gradient checkpointing drops.
     feeds_kv_cache: ClassVar[bool] = False
+    # Where peft saves the modules that train whole (a classifier's head) for this method: under the
+    # wrapper path of its model, which is one level shorter for the prompt-learning methods.
+    head_key_prefix: ClassVar[str] = PEFT_KEY_PREFIX
     # Small, valid option sets (without `name`), by a label: what the cross-method tests run.
     # Each should make a non-trivial adapter on a tiny model; the first is the method's plain form.
     examples: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -170,6 +175,10 @@ class Adapter:
     applied: Any = None
     # Linear layers 'all-linear' names that the method left out (within_rank), for `validate` to say.
     skipped: list[str] = field(default_factory=list)
+    # Modules that train whole beside the method (a classifier's new head: peft's modules_to_save);
+    # their parameters are in `params` too, and are saved under their own names.
+    head: list[str] = field(default_factory=list)
+    task: str = "causal_lm"  # the task the model was loaded for (BaseFacts.task): peft's task_type
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -194,10 +203,44 @@ class Adapter:
         self.method.restore_loop_state(self, state, source)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.method.export_state(self)
+        return {**self.method.export_state(self._method_part()), **self._head_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        self.method.import_state(self, state, source)
+        head = self._head_state()
+        method_part = self._method_part()
+        self.method.import_state(method_part, {k: v for k, v in state.items() if k not in head}, source)
+        load_strict(head, {k: v for k, v in state.items() if k in head}, source)
+        self.params = {**method_part.params, **self.head_params()}  # a method may rebuild its own on import
+
+    def train_whole(self, modules: list[str]) -> None:
+        """Train `modules` whole beside the method (peft's modules_to_save), e.g. a classifier's head:
+        in float32 like every trainable weight, its inputs cast to it (the base may compute in bf16)."""
+        self.head = list(modules)
+        for name in modules:
+            module = self.model.get_submodule(name)
+            if not getattr(module, "_peftctl_trained_whole", False):
+                module.float().requires_grad_(True)
+                module.register_forward_pre_hook(_to_float32)
+                module._peftctl_trained_whole = True
+        self.params.update(self.head_params())
+
+    def head_params(self) -> dict[str, nn.Parameter]:
+        return {f"{name}.{param_name}": p for name in self.head
+                for param_name, p in self.model.get_submodule(name).named_parameters()}
+
+    def _method_part(self) -> Adapter:
+        """This adapter without its head: what the method exports and imports, by its own rules."""
+        if not self.head:
+            return self
+        head = self.head_params()
+        return replace(self, params={k: p for k, p in self.params.items() if k not in head}, head=[])
+
+    def _head_state(self) -> dict[str, torch.Tensor]:
+        return {self.method.head_key_prefix + name: p for name, p in self.head_params().items()}
+
+
+def _to_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 @contextmanager

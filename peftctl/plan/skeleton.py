@@ -19,6 +19,7 @@ from torch import nn
 from peftctl import methods
 from peftctl.arch.architectures import TESTED
 from peftctl.arch.layers import expert_tensors, layer_kind, linear_shape
+from peftctl.arch.tasks import TaskHead
 from peftctl.core.errors import UserError, blame
 from peftctl.export.adapter_files import CONFIG_FILE, WEIGHTS_FILE, adapter_method, load_adapter
 from peftctl.methods import Adapter, Method, MethodConfig
@@ -47,13 +48,14 @@ def method_on_skeleton(recipe: Recipe, data: TokenizedData | None = None) -> OnS
     targets and shapes checked), or a new one applied and sized. With `data`, every row must also
     fit the model's positions (checked first: a prompt method's tokens are part of the fit)."""
     with blame(recipe.source, recipe.locate):
-        skeleton = load_skeleton(recipe.model)
+        skeleton = load_skeleton(recipe.model, recipe_head(recipe, data))
         method_cfg = method_config(recipe)
+        facts = base_facts(recipe.model, task=recipe.task)
         if data is not None:
             check_context(skeleton.config, data, getattr(method_cfg, "num_virtual_tokens", 0))
         if recipe.model.adapter is not None:
-            return OnSkeleton(method_cfg, load_adapter(skeleton, recipe.model.adapter, base_facts(recipe.model)))
-        adapter = methods.apply(skeleton, method_cfg, base_facts(recipe.model))
+            return OnSkeleton(method_cfg, load_adapter(skeleton, recipe.model.adapter, facts))
+        adapter = methods.apply(skeleton, method_cfg, facts)
         check_size(adapter)
         return OnSkeleton(method_cfg, adapter)
 
@@ -97,6 +99,15 @@ def _folded(names, details: dict[str, str] | None = None) -> str:
     kinds = Counter(layer_kind(name) for name in names)
     return ", ".join(kind + (f" ({details[kind]})" if details and kind in details else "")
                      + (f" ×{count}" if count > 1 else "") for kind, count in kinds.items())
+
+
+def recipe_head(recipe: Recipe, data: TokenizedData | None = None) -> TaskHead:
+    """The task the recipe's base is loaded for, with a classifier's labels: the data's, or where
+    no data is read (plan) the recipe's `data.labels`, else two (the head's size barely counts)."""
+    if recipe.task != "sequence_classification":
+        return TaskHead(recipe.task)
+    labels = data.labels if data is not None else tuple(recipe.data.labels or ("LABEL_0", "LABEL_1"))
+    return TaskHead(recipe.task, labels)
 
 
 def method_config(recipe: Recipe) -> MethodConfig:
@@ -179,8 +190,9 @@ def continued_method(recipe: Recipe) -> MethodConfig:
 def _exported(recipe: Recipe, method: Method, cfg: MethodConfig) -> dict:
     """The adapter_config.json fields `cfg` resolves to on the recipe's model (no weights load);
     a skeleton of its own for each, as applying a method changes the model it is applied to."""
-    skeleton: nn.Module = load_skeleton(recipe.model)
-    return {key: _canonical(value) for key, value in method.peft_config(methods.apply(skeleton, cfg, base_facts(recipe.model))).items()}
+    skeleton: nn.Module = load_skeleton(recipe.model, recipe_head(recipe))
+    applied = methods.apply(skeleton, cfg, base_facts(recipe.model, task=recipe.task))
+    return {key: _canonical(value) for key, value in method.peft_config(applied).items()}
 
 
 def _canonical(value):

@@ -17,19 +17,22 @@ from peftctl.recipe.schema import Recipe
 
 def markdown_reference() -> str:
     """The recipe reference as Markdown tables, one per section and one per method."""
-    parts = []
+    top_level = {key: field for key, field in Recipe.model_fields.items()
+                  if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+                  and key != "method"}
+    parts = [_markdown_table("top-level keys — beside the sections", top_level)]
     for section, field in Recipe.model_fields.items():
         if section == "method":
             for method in METHODS.values():
-                parts.append(_markdown_table(f"`method` — `name: {method.name}`", method.Config))
-        else:
-            parts.append(_markdown_table(f"`{section}` — {field.description}", field.annotation))
+                parts.append(_markdown_table(f"`method` — `name: {method.name}`", method.Config.model_fields))
+        elif section not in top_level:
+            parts.append(_markdown_table(f"`{section}` — {field.description}", field.annotation.model_fields))
     return "\n".join(parts)
 
 
-def _markdown_table(title: str, model: type[BaseModel]) -> str:
+def _markdown_table(title: str, fields: dict[str, Any]) -> str:
     lines = [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, field in model.model_fields.items():
+    for key, field in fields.items():
         if key == "name":
             continue
         default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"

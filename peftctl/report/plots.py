@@ -6,7 +6,8 @@ objects on an Agg canvas, never pyplot: no global backend is chosen and no windo
 charts draw on machines without a display and inside other programs alike.
 
 A curve is a pair of lists (steps, values); a chart without points says so in its plot area,
-so an interrupted run or one that logged no grad norm still gets every chart.
+so an interrupted run or one that logged no grad norm still gets every chart. A classifier's
+confusion matrix is a grid of counts (eval/task_metrics.py's `confusion`), not a curve.
 """
 
 from __future__ import annotations
@@ -98,6 +99,34 @@ def overlay_figure(curves: dict[str, Curve], title: str, ylabel: str, markers: b
             ax.plot(steps, values, color=COLOURS[i % len(COLOURS)], linewidth=1.6, label=label,
                     marker="o" if markers else None, markersize=4, gid=f"{_slug(title)}-{i}")
     ax.legend(loc="upper right", fontsize=9)
+    return figure
+
+
+def confusion_figure(confusion: list[list[int]], labels: list[str], title: str = "confusion matrix") -> Figure:
+    """A classifier's confusion matrix (`confusion[gold][predicted]`): gold labels down, predicted
+    across, each cell's count written in it. A cell's shade is its share of its gold row (the
+    class's recall along the diagonal), so a small class's mistakes show as clearly as a large one's."""
+    size = len(labels)
+    # Room for the names: the longer the longest, the wider the left and bottom margins.
+    name_inches = 0.3 + 0.075 * max((len(label) for label in labels), default=0)
+    below = 0.7 * name_inches  # the predicted labels run at 45 degrees
+    side = max(2.2, (0.55 if size <= 12 else 0.3) * size)
+    width, height = name_inches + 0.9 + side, below + 1.0 + side
+    figure = _figure(width, height, left=(name_inches + 0.6) / width, right=1 - 0.3 / width,
+                     bottom=(below + 0.6) / height, top=1 - 0.4 / height)
+    ax = figure.subplots()
+    shares = [[count / max(sum(row), 1) for count in row] for row in confusion]
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto", gid="confusion-cells")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_xticks(range(size), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticks(range(size), labels, fontsize=9)
+    if size <= 20:  # beyond that the numbers would not fit their cells
+        for gold, row in enumerate(confusion):
+            for predicted, count in enumerate(row):
+                ax.text(predicted, gold, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if shares[gold][predicted] > 0.5 else "#222222")
     return figure
 
 

@@ -208,7 +208,10 @@ def write_run_report(run_dir: Path) -> Path:
     curve = run.metrics.curve
     loss = plots.loss_figure(curve("loss"), curve("val_loss"))
     panels = plots.panels_figure(curve("lr"), curve("tokens_per_s"), curve("grad_norm"))
-    text = run_page(run, plots.svg(loss, "loss"), plots.svg(panels, "steps"))
+    classes = (run.summary or {}).get("classes")
+    confusion = plots.svg(plots.confusion_figure(classes["confusion"], classes["labels"]), "confusion") \
+        if _is_confusion(classes) else None
+    text = run_page(run, plots.svg(loss, "loss"), plots.svg(panels, "steps"), confusion)
     write_chart(plots, loss, run_dir / LOSS_PNG)
     return write_page(run_dir / RUN_REPORT, text)
 
@@ -224,18 +227,42 @@ def write_page(path: Path, text: str) -> Path:
     return path
 
 
-def run_page(run: RunFolder, loss_svg: str, panels_svg: str) -> str:
+def _is_confusion(classes: Any) -> bool:
+    """Whether a summary's `classes` holds a square confusion matrix with a name per row (a summary
+    is a file: the report draws only what it can read)."""
+    if not isinstance(classes, dict) or not isinstance(classes.get("labels"), list):
+        return False
+    labels, rows = classes["labels"], classes.get("confusion")
+    return isinstance(rows, list) and len(rows) == len(labels) and all(
+        isinstance(row, list) and len(row) == len(labels) and all(isinstance(n, int) for n in row) for row in rows)
+
+
+def classes_section(summary: dict[str, Any] | None, confusion_svg: str | None) -> str:
+    """A classifier's held-out confusion matrix and per-class figures after training; nothing for other tasks."""
+    if confusion_svg is None:
+        return ""
+    per_class = summary["classes"].get("per_class") or []
+    rows = ([text_cell(c.get("label")), cell("precision", c.get("precision")), cell("recall", c.get("recall")),
+             cell("f1", c.get("f1")), cell("support", c.get("support"))] for c in per_class if isinstance(c, dict))
+    return section("classes", "Held-out classes (base + adapter, after training)",
+                   f"<figure>{confusion_svg}</figure>",
+                   table("classes-table", ["label", "precision", "recall", "F1", "support"], rows))
+
+
+def run_page(run: RunFolder, loss_svg: str, panels_svg: str, confusion_svg: str | None = None) -> str:
     entries = run.metrics.entries
     return page(f"peftctl run report: {run.path.name}", [
         "<h1>peftctl run report</h1>",
         f"<p class=\"where\">{esc(run.path)} · {esc(run_status(run))}</p>",
         notes(run.missing),
         section("result", "Result" if run.summary else "Figures so far (from metrics.jsonl)",
-                figures_table("summary", run.summary if run.summary is not None else figures_so_far(entries))),
+                figures_table("summary", {k: v for k, v in run.summary.items() if k != "classes"}
+                              if run.summary is not None else figures_so_far(entries))),
         section("loss", "Loss", f"<figure class=\"wide\">{loss_svg}</figure>",
                 "<p>Training loss: the mean over each logging window's response tokens (train.log_every); "
                 "validation loss: before training (step 0), every train.eval_every steps and at the end.</p>"),
         section("steps", "Learning rate, tokens/s and gradient norm", f"<figure class=\"wide\">{panels_svg}</figure>"),
+        classes_section(run.summary, confusion_svg),
         generations_section(run.generations),
         recipe_section(run),
         section("metrics", "Metrics", f"<details><summary>{len(entries)} entries of {METRICS_FILE}</summary>\n"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +25,12 @@ from peftctl.core.errors import ErrorGroup, UserError, blame
 from peftctl.core.files import atomic_write_text, check_replaceable, output_lock, writing
 from peftctl.data.tokenize import TokenizedData, load_data
 from peftctl.eval.samples import replies, sample_rows, write_generations
+from peftctl.eval.task_scores import score_classifier
 from peftctl.export.adapter_files import load_adapter, save_adapter
 from peftctl.methods import Adapter, MethodConfig
 from peftctl.model.loading import base_facts, load_model, load_tokenizer, model_files, prefilled_cache_refusal
 from peftctl.model.quantize import parameter_count
-from peftctl.plan.skeleton import OnSkeleton, coverage_notes, method_on_skeleton
+from peftctl.plan.skeleton import OnSkeleton, coverage_notes, method_on_skeleton, recipe_head
 from peftctl.recipe.schema import Recipe
 from peftctl.report.run_report import GENERATIONS_FILE, SUMMARY_FILE, write_run_report
 from peftctl.train import checkpoint
@@ -60,8 +61,12 @@ class PreparedRun:
 
     @property
     def resolved_recipe(self) -> Recipe:
-        """The recipe with the method options the adapter has, also those taken from a continued one."""
-        return self.recipe.model_copy(update={"method": self.method_cfg})
+        """The recipe with the method options the adapter has, also those taken from a continued one,
+        and a classifier's label names (in its outputs' order) where the data gave them."""
+        update = {"method": self.method_cfg}
+        if self.data.labels:
+            update["data"] = self.recipe.data.model_copy(update={"labels": list(self.data.labels)})
+        return self.recipe.model_copy(update=update)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class RunSummary:
     result: TrainResult
     main_process: bool = True  # False in the other processes of `accelerate launch`: they print nothing
     report: Path | None = None  # <output>/report.html, when output.report wrote one
+    # A classifier's held-out accuracy, macro-F1 and per-class figures after training (`classes`).
+    task_scores: dict[str, Any] = field(default_factory=dict)
 
 
 def run(recipe: Recipe, reporter: Reporter | None = None, overwrite: bool = False,
@@ -120,13 +127,14 @@ def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
     with blame(recipe.source, recipe.locate), ExitStack() as held:
         if processes.is_main_process:  # one run at a time in an output folder; the others of a launch join it
             held.enter_context(output_lock(out, "output.dir"))
-        model = load_model(recipe.model)
+        torch.manual_seed(recipe.train.seed)  # a classifier's new head is drawn from it
+        model = load_model(recipe.model, recipe_head(recipe, plan.data))
         # The base's sample replies come first: with the method on, not every method gives the base back exactly.
         rows = _sample_rows(plan)
         base_replies = replies(model, plan.tokenizer, rows, recipe.data.format, processes.device)
         torch.manual_seed(recipe.train.seed)
         continued = recipe.model.adapter
-        facts = base_facts(recipe.model, plan.tokenizer)
+        facts = base_facts(recipe.model, plan.tokenizer, recipe.task)
         adapter = (load_adapter(model, continued, facts) if continued is not None
                    else methods.apply(model, plan.method_cfg, facts))
         if processes.is_main_process:
@@ -162,6 +170,7 @@ def execute(plan: PreparedRun, reporter: Reporter | None = None) -> RunSummary:
         )
         if processes.is_main_process:
             _export(plan, adapter, summary.adapter_dir)
+            summary.task_scores = _task_scores(plan, adapter)
             summary.report = _write_run_files(plan, summary, adapter, rows, base_replies)
         processes.wait_for_everyone()  # every process ends the run together
     return summary
@@ -190,9 +199,20 @@ def _sample_rows(plan: PreparedRun) -> list[dict[str, Any]]:
 
     processes = plan.processes
     fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP") or processes.distributed_type == DistributedType.FSDP
-    if not processes.is_main_process or fsdp:
-        return []  # FSDP shards the model over the processes: one of them alone cannot run it
+    if not processes.is_main_process or fsdp or plan.recipe.task != "causal_lm":
+        return []  # a classifier's and seq2seq model's held-out predictions are `peftctl eval`'s  # FSDP shards the model over the processes: one of them alone cannot run it
     return sample_rows(plan.data, plan.recipe.data.format, plan.recipe.output.samples)
+
+
+def _task_scores(plan: PreparedRun, adapter: Adapter) -> dict[str, Any]:
+    """A classifier's held-out figures after training, for the summary and the report's confusion
+    matrix (seq2seq's ROUGE needs generations: `peftctl eval` makes them)."""
+    data = plan.data
+    if data.task != "sequence_classification" or not data.validation:
+        return {}
+    scores = score_classifier(adapter.model, plan.tokenizer.pad_token_id, data.validation, data.labels,
+                              plan.recipe.train.batch_size)
+    return {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"], "classes": scores["details"]}
 
 
 def _write_run_files(plan: PreparedRun, summary: RunSummary, adapter: Adapter, rows: list[dict[str, Any]],
@@ -232,6 +252,7 @@ def train_figures(summary: RunSummary) -> dict[str, Any]:
         "val_loss_before": result.val_loss_before,
         "val_loss_after": result.val_loss_after,
         "peak_memory_bytes": result.peak_memory_bytes,
+        **summary.task_scores,
     }
 
 
@@ -241,7 +262,7 @@ def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) ->
     checks = ErrorGroup(recipe.source, recipe.locate)
     tokenizer = data = None
     with checks.check():
-        tokenizer = load_tokenizer(recipe.model)  # a Hub model: config and tokenizer files only
+        tokenizer = load_tokenizer(recipe.model, recipe.task)  # a Hub model: config and tokenizer files only
     with checks.check():
         if resume is None:
             check_output_dir(recipe, overwrite, tokenizer is not None)
@@ -250,7 +271,7 @@ def _first_checks(recipe: Recipe, overwrite: bool, resume: str | Path | None) ->
                             where="--resume", fix="drop --overwrite to resume, or drop --resume to start again")
     with checks.check():
         if tokenizer is not None:
-            data = load_data(recipe.data, tokenizer, recipe.train.seed)
+            data = load_data(recipe.data, tokenizer, recipe.train.seed, recipe.task)
     with checks.check():
         check_installed(recipe.train.report_to)
     checks.raise_if_any()
@@ -275,13 +296,14 @@ def run_fingerprint(recipe: Recipe, method_cfg: MethodConfig, train_rows: int, p
     loop's batch layout (train.loop_fingerprint). Optimisation settings (lr, schedule, max_steps)
     may change: they act from the checkpoint on."""
     m, d = recipe.model, recipe.data
-    found = {f"model.{key}": getattr(m, key) for key in ("name_or_path", "revision", "gguf_file", "dtype",
+    found = {"task": recipe.task} if recipe.task != "causal_lm" else {}  # older checkpoints have no task: causal LM
+    found |= {f"model.{key}": getattr(m, key) for key in ("name_or_path", "revision", "gguf_file", "dtype",
                                                          "quantization", "quant_type", "double_quant", "compute_dtype")}
     found.update({f"method.{key}": value for key, value in method_cfg.model_dump(mode="json").items()})
     found.update({f"data.{key}": str(value) if isinstance(value, Path) else value for key, value in
                   d.model_dump(include={"train", "validation", "subset", "split", "validation_split", "revision",
                                         "format", "columns", "roles", "max_seq_len", "train_on_inputs",
-                                        "packing"}).items()})
+                                        "packing", "labels"}).items()})
     found["data.train rows"] = train_rows
     return {**found, **loop_fingerprint(recipe.train, processes)}
 

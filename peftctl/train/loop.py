@@ -37,10 +37,11 @@ from peftctl.train import checkpoint
 from peftctl.train.allocator import peak_memory_bytes, release_freed_memory, return_free_heap
 from peftctl.train.checkpoint import restore_rng as _restore_rng  # a name of its own: tests resume without it
 from peftctl.train.interrupts import StopRequests
-from peftctl.train.loss import CausalLMLoss, labelled_tokens, validation_loss
+from peftctl.train.loss import validation_loss
 from peftctl.train.model_setup import prepare_model
 from peftctl.train.optim import setup_optimizer
 from peftctl.train.sharding import rebind_trainable, unshard_trainable
+from peftctl.train.task_losses import loss_module
 
 Batch = dict[str, torch.Tensor]
 
@@ -147,7 +148,9 @@ class _Run:
         self.total_steps = spec.max_steps or spec.epochs * steps_per_epoch
         self.last_step = self.total_steps  # earlier when train.max_minutes runs out
         optimizer, self.scheduler, self.schedule = setup_optimizer(adapter, spec, self.total_steps)
-        self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(adapter.model), optimizer)
+        loss = loss_module(data.task, adapter.model)
+        self.labelled = loss.labelled  # the targets a batch holds, counted before its forward
+        self.loss_model, self.optimizer = self.accelerator.prepare(loss, optimizer)
         rebind_trainable(adapter)
         self.params = list(adapter.params.values())
         self.device = self.accelerator.device
@@ -180,7 +183,7 @@ class _Run:
         self.reporter.start(self.total_steps)
         spec = self.spec
         return epochs_of_batches(self.data.train, spec.batch_size, self.pad_id, spec.seed, spec.group_by_length,
-                                 self.prepared.pack_len, start=self.state.step * self.per_step)
+                                 self.prepared.pack_len, start=self.state.step * self.per_step, task=self.data.task)
 
     def steps(self, micro_batches: Iterator[Batch]) -> None:
         """Every step still to take, each logged, validated and checkpointed as the recipe says;
@@ -216,7 +219,7 @@ class _Run:
         """One optimizer step over the next micro-batches; returns them and the gradient norm."""
         began = time.perf_counter()
         group = [next(micro_batches) for _ in range(self.per_step)]
-        step_tokens = sum(labelled_tokens(batch) for batch in group)
+        step_tokens = sum(self.labelled(batch) for batch in group)
         local_loss, local_real = _backward(self.accelerator, self.loss_model, group, step_tokens, self.device,
                                            self.adapter)
         step_loss, step_real = _over_processes(self.accelerator, local_loss, local_real)
@@ -289,7 +292,8 @@ class _Run:
                            distributed=self.accelerator.distributed_type.value, peak_memory_bytes=peak_memory_bytes())
 
     def validate(self, step: int) -> float | None:
-        val = validation_loss(self.loss_model, self.data.validation, self.spec.batch_size, self.pad_id, self.device)
+        val = validation_loss(self.loss_model, self.data.validation, self.spec.batch_size, self.pad_id, self.device,
+                              self.data.task)
         if val is not None and not math.isfinite(val):
             raise self.diverged(step, "validation loss", val)
         return val

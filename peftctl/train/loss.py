@@ -37,6 +37,11 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
+    @staticmethod
+    def labelled(batch: dict[str, torch.Tensor]) -> int:
+        """How many targets `batch` holds (the loop's step average divides by them)."""
+        return labelled_tokens(batch)
+
     @property
     def _no_split_modules(self) -> list[str] | None:
         # accelerate's FSDP auto-wrap shards one unit per transformer block, the classes the
@@ -167,8 +172,8 @@ class HeadCrossEntropy(torch.autograd.Function):
 
 @torch.no_grad()
 def validation_loss(loss_model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                    device: torch.device) -> float | None:
-    """Mean cross-entropy per response token over `examples`; None when there are none."""
+                    device: torch.device, task: str = "causal_lm") -> float | None:
+    """Mean cross-entropy per target (response token, class, target token) over `examples`; None when there are none."""
     if not examples:
         return None
     was_training = loss_model.training
@@ -176,7 +181,7 @@ def validation_loss(loss_model: nn.Module, examples: list[Example], batch_size: 
     # Sorted by length: batches of similar rows waste little on padding.
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
     total, count = 0.0, 0
-    for batch in batches(ordered, batch_size, pad_id):
+    for batch in batches(ordered, batch_size, pad_id, task=task):
         loss_sum, n = loss_model(**{k: v.to(device) for k, v in batch.items()})
         total, count = total + float(loss_sum), count + int(n)
     loss_model.train(was_training)
