@@ -6,6 +6,7 @@ gives on a fresh base with the adapter loaded as `peftctl eval` loads it.
 
 from __future__ import annotations
 
+import json
 import queue
 
 import pytest
@@ -118,6 +119,14 @@ def test_refusals(served, tmp_path):
         engine.pool.add("lora", folders["lora"])
     with pytest.raises(UserError, match="no adapter_config.json"):
         engine.pool.add("empty", tmp_path)
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    for item in folders["lora"].iterdir():
+        (classifier / item.name).write_bytes(item.read_bytes())
+    config = json.loads((classifier / "adapter_config.json").read_text())
+    (classifier / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    with pytest.raises(UserError, match="task 'sequence_classification'"):
+        engine.pool.add("classifier", classifier)
     full = Engine(engine.pool, max_batch=1, max_queue=1)
     full.running = True  # accepting, with no thread taking requests: the queue fills
     full.submit(BASE, [1], Sampling(), print)

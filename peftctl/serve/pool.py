@@ -27,7 +27,7 @@ from torch import nn
 
 from peftctl.core.errors import UserError
 from peftctl.export.adapter_base import base_identity, base_model_spec, saved_base
-from peftctl.export.adapter_files import CONFIG_FILE, adapter_method, load_adapter
+from peftctl.export.adapter_files import CONFIG_FILE, adapter_method, adapter_task, load_adapter
 from peftctl.methods.lora_init import BASE_CHANGING
 from peftctl.model.loading import base_facts, load_model, load_tokenizer, resolve_source
 from peftctl.recipe.schema import ModelSpec
@@ -103,6 +103,11 @@ class ModelPool:
         if not folder.is_dir():
             raise UserError("no such adapter folder", file=folder)
         self.check_base(folder)
+        task = adapter_task(folder)
+        if task != "causal_lm":
+            raise UserError(f"this adapter was trained for task '{task}'; chat and serve generate text with a "
+                            "causal language model and its adapters", file=folder / CONFIG_FILE, where="task_type",
+                            fix="score it with peftctl eval, or serve it merged (peftctl merge) with a server for its task")
         method, cfg = adapter_method(folder)
         if getattr(cfg, "init", None) in BASE_CHANGING:
             raise UserError(f"this adapter redoes its {cfg.init} initialisation on the base, which would change the "
