@@ -3,6 +3,8 @@ weights moved by seeded noise so that every adapter answers differently from the
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,3 +26,11 @@ def noisy_adapter(folder: Path, label: str, seed: int, scale: float = 0.5) -> Pa
         for param in adapter.params.values():
             param.add_(scale * torch.randn(param.shape, generator=generator))
     return save_adapter(adapter, folder, TINY_GPT2.name_or_path)
+
+
+def with_config(folder: Path, copy: Path, **changes) -> Path:
+    """A copy of the adapter in `folder` whose adapter_config.json has `changes` (another base, task, ...)."""
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return copy

@@ -6,7 +6,6 @@ gives on a fresh base with the adapter loaded as `peftctl eval` loads it.
 
 from __future__ import annotations
 
-import json
 import queue
 
 import pytest
@@ -19,7 +18,7 @@ from peftctl.model.loading import load_model
 from peftctl.serve.engine import Busy, Engine, Finished, Refused
 from peftctl.serve.pool import ModelPool
 from peftctl.serve.replies import Sampling, chat_prompt
-from serve_helpers import TINY_GPT2, noisy_adapter
+from serve_helpers import TINY_GPT2, noisy_adapter, with_config
 
 # One example per method: its plain form.
 LABELS = list({options["name"]: label for label, options in reversed(EXAMPLES.items())}.values())
@@ -119,12 +118,7 @@ def test_refusals(served, tmp_path):
         engine.pool.add("lora", folders["lora"])
     with pytest.raises(UserError, match="no adapter_config.json"):
         engine.pool.add("empty", tmp_path)
-    classifier = tmp_path / "classifier"
-    classifier.mkdir()
-    for item in folders["lora"].iterdir():
-        (classifier / item.name).write_bytes(item.read_bytes())
-    config = json.loads((classifier / "adapter_config.json").read_text())
-    (classifier / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    classifier = with_config(folders["lora"], tmp_path / "classifier", task_type="SEQ_CLS")
     with pytest.raises(UserError, match="task 'sequence_classification'"):
         engine.pool.add("classifier", classifier)
     full = Engine(engine.pool, max_batch=1, max_queue=1)

@@ -27,7 +27,7 @@ from cli_checks import assert_refused, invoke
 from peftctl.cli.commands import app
 from peftctl.serve.http_app import Limits, create_app
 from peftctl.serve.server import start_engine
-from serve_helpers import noisy_adapter
+from serve_helpers import noisy_adapter, with_config
 
 KEY = "test-key"
 BASE = "builtin:tiny-gpt2"
@@ -150,12 +150,7 @@ def test_adapters_load_and_unload_at_runtime(client, server, folders, tmp_path):
     loaded = httpx.post(url + "/v1/adapters", json={"name": "prefix", "path": str(folders["prefix_tuning"])}, headers=auth)
     assert loaded.status_code == 201 and loaded.json()["batched"] is False
     assert chat(client, "prefix", "hi") == chat(client, "prefix", "hi")
-    other = tmp_path / "other-base"
-    other.mkdir()
-    for item in folders["lora"].iterdir():
-        (other / item.name).write_bytes(item.read_bytes())
-    config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "openai-community/gpt2"}))
+    other = with_config(folders["lora"], tmp_path / "other-base", base_model_name_or_path="openai-community/gpt2")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{")
