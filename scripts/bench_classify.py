@@ -163,13 +163,16 @@ def run_peftctl(args: argparse.Namespace, work: Path) -> dict:
     save_adapter(adapter, args.adapter_out, recipe.model.name_or_path)
     return {"clock": clock.after_step, "counts": counts, "expected": counts,
             "step_losses": [e["loss"] for e in result.history if "loss" in e], "attention": result.attention,
-            "padding": f"to a multiple of {_width_multiple()}"}
+            "padding": _peftctl_padding()}
 
 
-def _width_multiple() -> int:
-    from peftctl.data.examples import WIDTH_MULTIPLE
+def _peftctl_padding() -> str:
+    """How peftctl pads a classifier's batch: a 17-token row's width says it."""
+    from peftctl.data.examples import Example
+    from peftctl.data.task_examples import collate_classification
 
-    return WIDTH_MULTIPLE
+    width = collate_classification([Example([0] * 17, [0])], 0)["input_ids"].shape[1]
+    return "to the longest row" if width == 17 else f"to a multiple of {width}"
 
 
 def run_trainer(args: argparse.Namespace, work: Path) -> dict:
