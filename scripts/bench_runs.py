@@ -182,9 +182,15 @@ def trainer_settings(args: argparse.Namespace, work: Path, which: str) -> dict:
         bf16=args.peer_precision == "autocast" or (torch.cuda.is_available() and args.dtype == "bfloat16"))
 
 
-def counted(trainer_class, micro_batches: list[list[int]], clock: StepClock):
+def labelled_tokens(labels) -> int:
+    """A causal LM batch's labelled tokens: the positions after the first whose label is not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def counted(trainer_class, micro_batches: list[list[int]], clock: StepClock, labelled=labelled_tokens):
     """`trainer_class` reading exactly peftctl's micro-batches, counting the tokens of every one it
-    trains on (from the collated inputs the model gets) and ticking `clock` after each step."""
+    trains on (from the collated inputs the model gets: real tokens, and `labelled(labels)`) and
+    ticking `clock` after each step."""
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
 
@@ -205,7 +211,7 @@ def counted(trainer_class, micro_batches: list[list[int]], clock: StepClock):
         def training_step(self, model, inputs, num_items_in_batch=None):
             ids, labels = inputs["input_ids"], inputs["labels"]
             real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
-            self.seen.append([real, int((labels[:, 1:] != -100).sum())])
+            self.seen.append([real, labelled(labels)])
             return super().training_step(model, inputs, num_items_in_batch)
 
     return Counted
@@ -271,7 +277,9 @@ def quiet() -> None:
     warnings.simplefilter("ignore", FutureWarning)
 
 
-def run_only(args: argparse.Namespace) -> None:
+def run_only(args: argparse.Namespace, runner=None) -> None:
+    """One contender's run (`runner(args, work)`, by default bench_train's peftctl or peer) and its
+    peak RSS, threads and load, printed as one MARKER line."""
     import torch
 
     quiet()
@@ -280,7 +288,8 @@ def run_only(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        result = (run_peftctl if args.only == "peftctl" else run_peer)(args, Path(tmp))
+        runner = runner or (run_peftctl if args.only == "peftctl" else run_peer)
+        result = runner(args, Path(tmp))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result |= {"peak_rss_mib": usage.ru_maxrss / 1024, "threads": torch.get_num_threads(),
                "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],

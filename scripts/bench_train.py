@@ -116,10 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- the parent: repeats, the one scorer, the FLOPs and the report ------------------------------
 
 
-def spawn(which: str, argv: list[str], adapter_out: Path) -> dict:
-    """One contender's run in a fresh process, with the allocator settings every contender gets."""
+def spawn(which: str, argv: list[str], adapter_out: Path, script: str = __file__) -> dict:
+    """One contender's run in a fresh process (`script --only which`), with the allocator settings
+    every contender gets."""
     print(f"running {which} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, *argv, "--only", which, "--adapter-out", str(adapter_out)],
+    proc = subprocess.run([sys.executable, script, *argv, "--only", which, "--adapter-out", str(adapter_out)],
                           capture_output=True, text=True, cwd=ROOT, env=os.environ | MALLOC_ENV)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(bench_runs.MARKER)]
     if proc.returncode != 0 or not lines:
@@ -236,14 +237,15 @@ def ratios(rows: dict[str, dict], over: str) -> dict | None:
     return out
 
 
-def run_all(args: argparse.Namespace, argv: list[str], work: Path, after_round) -> dict[str, list[dict]]:
+def run_all(args: argparse.Namespace, argv: list[str], work: Path, after_round,
+            script: str = __file__) -> dict[str, list[dict]]:
     """Every contender `--repeats` times, each repeat's order rotated one place from the last;
-    `after_round(runs)` after each repeat of them all."""
+    `after_round(runs)` after each repeat of them all; each run is `script --only NAME`."""
     runs: dict[str, list[dict]] = {which: [] for which in args.contenders}
     for repeat in range(args.repeats):
         shift = repeat % len(args.contenders)
         for which in args.contenders[shift:] + args.contenders[:shift]:
-            runs[which].append(spawn(which, argv, work / f"{which}-{repeat}"))
+            runs[which].append(spawn(which, argv, work / f"{which}-{repeat}", script))
         after_round(runs)
     return runs
 

@@ -50,3 +50,27 @@ def test_every_contender_finishes_on_the_same_tokens(tmp_path):
         assert 0 < row["mfu"]["median"] < 1
     assert rows["stock"]["attention"] == "sdpa" and not rows["stock"]["no_padding"]
     assert report["ratio_peftctl_over_stock"]["over"] == "stock"
+
+
+def test_the_classifier_bench_parses_its_options():
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "scripts/bench_classify.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--quick" in proc.stdout and "DataCollatorWithPadding" in proc.stdout
+
+
+def test_the_classifier_bench_states_ratios_over_the_faster_trainer():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_classify", ROOT / "scripts" / "bench_classify.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--quick"]).steps == bench.QUICK_STEPS
+
+    def row(tokens, rss, accuracy):
+        return {"tokens_per_s": {"median": tokens}, "peak_rss_mib": {"median": rss}, "accuracy": {"median": accuracy}}
+
+    rows = {"peftctl": row(300.0, 600.0, 0.90), "sdpa": row(150.0, 1000.0, 0.905)}
+    assert bench.ratios(rows, "sdpa") == {"over": "sdpa", "tokens_per_s": 2.0, "peak_rss_mib": 0.6,
+                                          "accuracy_points": -0.5}
+    assert bench.ratios(rows, None) is None
