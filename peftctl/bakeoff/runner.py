@@ -258,10 +258,10 @@ def _figures(plan: BakeoffPlan, run: Run, entry: dict[str, Any], scores) -> dict
         "val_loss_before": trained["val_loss_before"],
         "val_loss_after": trained["val_loss_after"],
         "token_accuracy": scores.token_accuracy if scores else None,
+        "exact_match": scores.exact_match if scores else None,
         # The task's own held-out metric, by which the table ranks classifiers and seq2seq models.
         "accuracy": scores.accuracy if scores else None,
         "rouge_l": scores.rouge_l if scores else None,
-        "exact_match": scores.exact_match if scores else None,
         "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
         "mergeable": METHODS[run.recipe.method.name].merge_refusal is None,
     }
