@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftctl.arch.tasks import head_modules, model_task
+from peftctl.arch.tasks import in_own_head
 
 # The layer types an adapter may target: GPT-2 stores its linear layers as Conv1D ([in, out]).
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
@@ -39,11 +39,11 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer an adapter may target, without the output head (as peft's all-linear) and
     without a classifier's head, which trains whole (arch/tasks.py)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    whole = tuple(f"{name}." for name in head_modules(model, model_task(model)))
+    trained_whole = in_own_head(model)
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, LINEAR_TYPES) and module is not head and not f"{name}.".startswith(whole)
+        if isinstance(module, LINEAR_TYPES) and module is not head and not trained_whole(name)
     }
 
 

@@ -8,6 +8,7 @@ loop and eval; they key on the same names.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -70,6 +71,18 @@ def head_modules(model: nn.Module, task: str) -> list[str]:
     if isinstance(pooler, nn.Module) and _has_params(pooler):
         head.append(f"{body_name}.pooler")
     return head
+
+
+def inside(name: str, modules: Iterable[str]) -> bool:
+    """Whether the module or parameter `name` is one of `modules` or lies inside one."""
+    return any(name == module or name.startswith(module + ".") for module in modules)
+
+
+def in_own_head(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a name of `model` lies in the head its own class gives it (a classifier's), which
+    trains whole: no method's layer selection may take it too."""
+    head = head_modules(model, model_task(model))
+    return lambda name: inside(name, head)
 
 
 def _has_params(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftctl.arch.architectures import BIAS_FLAGS
 from peftctl.arch.layers import LINEAR_TYPES, linear_layers, linear_shape
-from peftctl.arch.tasks import head_modules, model_task
+from peftctl.arch.tasks import in_own_head
 from peftctl.core.errors import UserError
 from peftctl.methods.base import (
     Adapter,
@@ -196,9 +196,9 @@ def bias_layers(model: nn.Module, cfg: BitFitConfig) -> dict[str, nn.Module]:
 
 def every_bias_layer(model: nn.Module, create_missing: bool) -> dict[str, nn.Module]:
     # A classifier's head trains whole (weights and biases) beside the method: not BitFit's.
-    whole = tuple(f"{name}." for name in head_modules(model, model_task(model)))
+    trained_whole = in_own_head(model)
     layers = {name: module for name, module in model.named_modules()
-              if module._parameters.get("bias") is not None and not f"{name}.".startswith(whole)}
+              if module._parameters.get("bias") is not None and not trained_whole(name)}
     unsupported = {name: m for name, m in layers.items() if not isinstance(m, BIAS_LAYER_TYPES)}
     if unsupported:
         name, module = next(iter(unsupported.items()))

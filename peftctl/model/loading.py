@@ -37,7 +37,7 @@ from transformers import (
 
 from peftctl.arch.kv_cache import decoder_stack, passed_cache
 from peftctl.arch.layers import layer_kind, resolve_dtype
-from peftctl.arch.tasks import AUTO_CLASSES, TaskHead, head_modules
+from peftctl.arch.tasks import AUTO_CLASSES, TaskHead, head_modules, inside
 from peftctl.core import hub
 from peftctl.core.errors import UserError, one_line
 from peftctl.core.files import check_path
@@ -235,9 +235,9 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     return config
 
 
-def auto_class(head: TaskHead, spec: ModelSpec) -> type:
-    """transformers' auto class for `head`'s task; a model that has none for it is refused, named."""
-    return getattr(transformers, AUTO_CLASSES[head.task])
+def auto_class(task: str) -> type:
+    """transformers' auto class for `task` (a model that has none for it: `_task_class` names it)."""
+    return getattr(transformers, AUTO_CLASSES[task])
 
 
 def load_skeleton(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
@@ -252,7 +252,7 @@ def load_skeleton(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
     for key, value in head.from_pretrained_args().items():
         setattr(config, key, value)
     with torch.device("meta"), _task_class(spec, head), building(config_file(resolve_source(spec))):
-        skeleton = auto_class(head, spec).from_config(config, trust_remote_code=spec.trust_remote_code)
+        skeleton = auto_class(head.task).from_config(config, trust_remote_code=spec.trust_remote_code)
     return skeleton
 
 
@@ -306,7 +306,7 @@ def load_model(spec: ModelSpec, head: TaskHead = TaskHead()) -> nn.Module:
             skeleton = load_skeleton(spec, head)
             check_weights_fit(skeleton, source.folder, config_file(source), head_modules(skeleton, head.task))
         with _task_class(spec, head), reading_config(config_file(source)):
-            model, loaded = auto_class(head, spec).from_pretrained(
+            model, loaded = auto_class(head.task).from_pretrained(
                 source.folder,
                 dtype=dtype,
                 trust_remote_code=spec.trust_remote_code,
@@ -334,7 +334,7 @@ def _check_loaded(model: nn.Module, loaded: dict, file: Path, head: list[str]) -
                         (loaded.get("missing_keys"), "are not in the weights files (they would be random)"),
                         (unplaced, "are in the weights files, but the config has no layer for them")):
         names = sorted(str(item[0] if isinstance(item, tuple) else item) for item in names or ())
-        names = [name for name in names if not any(name.startswith(module + ".") for module in head)]
+        names = [name for name in names if not inside(name, head)]
         if names:
             raise UserError(f"{file} disagrees with the weights: {len(names)} tensors {what}: "
                             + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),

@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from peftctl.arch.tasks import inside
 from peftctl.core.errors import UserError, one_line
 
 WEIGHTS = "model.safetensors"
@@ -87,7 +88,7 @@ def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path, head
         # Checkpoints saved from the bare model lack the prefix (GPT-2's own: h.0.attn...); renamed
         # layouts (fused experts) match no name here and are left to transformers' conversions.
         own = name if name in wanted else prefix + name if prefix + name in wanted else None
-        if own is not None and any(own.startswith(module + ".") for module in head):
+        if own is not None and inside(own, head):
             continue
         if own is not None and tuple(wanted[own].shape) != shape:
             differ.append(f"'{name}' in {file.name} is {list(shape)}, the config makes it {list(wanted[own].shape)}")
@@ -101,7 +102,7 @@ def check_weights_fit(skeleton: nn.Module, folder: Path, config_file: Path, head
     if any(dtype not in _FLOATS for _, dtype, _ in stored.values()):
         return  # packed storage: the values are not countable from shapes
     params = sum(p.numel() for name, p in skeleton.named_parameters()
-                 if not any(name.startswith(module + ".") for module in head))
+                 if not inside(name, head))
     held = sum(math.prod(shape) for shape, _, _ in stored.values())
     if params > held:
         raise UserError(
