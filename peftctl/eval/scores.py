@@ -226,8 +226,8 @@ def held_out_rows(adapter_dirs: list[Path], data_file: Path, fmt: str, max_seq_l
     spec = base_model_spec(adapter_dirs[0], base, trust_remote_code)
     head = adapter_head(adapter_dirs[0])
     for folder in adapter_dirs:
-        if adapter_head(folder) != head:
-            raise UserError(f"its task or labels ({adapter_head(folder)}) differ from {adapter_dirs[0]}'s ({head})",
+        if (own := adapter_head(folder)) != head:
+            raise UserError(f"its task or labels ({own}) differ from {adapter_dirs[0]}'s ({head})",
                             file=folder, fix="evaluate adapters of one task and one set of labels together")
         load_adapter(load_skeleton(spec, head), folder, base_facts(spec))
     tokenizer = load_tokenizer(spec, head.task)

@@ -81,9 +81,13 @@ def adapter_method(folder: Path) -> tuple[Method, MethodConfig]:
     A config from elsewhere (peft, another peft version, a hand edit) may lack a key or hold a
     value peftctl does not accept: both are the adapter's problem, named by its key.
     """
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    source = str(folder / CONFIG_FILE)
+    return _method_of(folder, read_adapter_config(folder))
+
+
+def _method_of(folder: Path, config: dict[str, Any]) -> tuple[Method, MethodConfig]:
+    """adapter_method for the adapter_config.json `config` of `folder`, already read."""
+    config = dict(config)
+    source = str(Path(folder) / CONFIG_FILE)
     method = methods.by_peft_type(config["peft_type"], source)
     if config.get("task_type") == PEFT_TASK_TYPES["sequence_classification"]:
         config.pop("modules_to_save", None)  # the classifier's head: the task's, not the method's (saved_head)
@@ -112,11 +116,13 @@ def prepare_adapter(model: nn.Module, folder: Path, base: BaseFacts = BaseFacts(
     """Apply the adapter saved in `folder` to `model` with its options, not yet its weights: what
     it adapts and the shapes, checked against the model before any weights are read."""
     folder = Path(folder)
-    method, cfg = adapter_method(folder)
+    config = read_adapter_config(folder)
+    method, cfg = _method_of(folder, config)
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"no {WEIGHTS_FILE} in the adapter folder", file=folder,
                         fix="peftctl reads safetensors only; re-save the adapter with safe_serialization=True")
-    base = replace(base, task=adapter_task(folder), head=saved_head(folder, model))
+    task = task_of_peft_type(config.get("task_type"))
+    base = replace(base, task=task, head=saved_head(config, model) if task == "sequence_classification" else None)
     try:
         return methods.apply(model, cfg, base)
     except UserError as err:
@@ -134,15 +140,12 @@ def adapter_task(folder: Path) -> str:
     return task_of_peft_type(read_adapter_config(folder).get("task_type"))
 
 
-def saved_head(folder: Path, model: nn.Module) -> tuple[str, ...] | None:
-    """The modules a classifier adapter saved whole (its modules_to_save), as `model` names them.
+def saved_head(config: dict[str, Any], model: nn.Module) -> tuple[str, ...]:
+    """The modules a classifier adapter saved whole (its config's modules_to_save), as `model` names them.
 
     peft matches each listed name as a suffix of a module's name and lists names a model may lack
     (its default is both 'classifier' and 'score'); a module inside another listed one is part of it.
     """
-    config = read_adapter_config(folder)
-    if task_of_peft_type(config.get("task_type")) != "sequence_classification":
-        return None
     listed = config.get("modules_to_save") or []
     names = [name for name, _ in model.named_modules()
              if name and any(name == item or name.endswith("." + item) for item in listed)]

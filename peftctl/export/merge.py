@@ -34,6 +34,7 @@ class Merged:
     figures: dict[str, Any]  # the merged model vs base + adapter on a probe batch
     probe: Any  # that batch of token ids [2, 32]
     expected: Any  # base + adapter's logits for it (what a written model is measured against)
+    task: str = "causal_lm"  # what the model does (arch/tasks.py): the class that loads it
 
 
 def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool = False,
@@ -80,7 +81,7 @@ def merge_adapter(folder: Path, base: str | None = None, trust_remote_code: bool
     reference = f"{quantize.describe(spec)} base + adapter" if quantized else "base + adapter"
     figures = {"max_abs_logit_diff": float(difference.max()), "mean_abs_logit_diff": float(difference.mean()),
                "compared_with": reference}
-    return Merged(merged, tokenizer, spec, base_dtype, figures, probe, expected)
+    return Merged(merged, tokenizer, spec, base_dtype, figures, probe, expected, head.task)
 
 
 def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str | None = None,
@@ -99,7 +100,7 @@ def merge_to_folder(folder: Path, out: Path, base: str | None = None, dtype: str
     merged = merge_adapter(folder, base, trust_remote_code, check_output)
     dtype = dtype or merged.base_dtype
     save_model_folder(merged.model.to(getattr(torch, dtype)), merged.tokenizer, out, "the merged model")
-    return {**merged.figures, "dtype": dtype, "auto_class": AUTO_CLASSES[adapter_head(folder).task]}
+    return {**merged.figures, "dtype": dtype, "auto_class": AUTO_CLASSES[merged.task]}
 
 
 def save_model_folder(model: nn.Module, tokenizer: Any, out: Path, what: str) -> None:
