@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftctl.data.examples import IGNORE, Example
+from peftctl.data.examples import Example
 from peftctl.data.task_examples import seq2seq_pair
 from peftctl.data.tokenize import batches
 from peftctl.eval.task_metrics import classification_scores, seq2seq_scores
+from peftctl.train.task_losses import ClassificationLoss, Seq2SeqLoss
 
 # Generations are as long as the longest target plus this, at most MAX_NEW_TOKENS.
 SLACK_TOKENS, MAX_NEW_TOKENS = 16, 256
@@ -33,10 +34,11 @@ def score_classifier(model: nn.Module, pad_id: int, examples: list[Example], lab
                      batch_size: int = 16) -> dict[str, Any]:
     """The classifier's loss and scores on `examples` (their labels are class indices into `labels`)."""
     model.eval()
+    classifier = ClassificationLoss(model)
     gold, predicted, total = [], [], 0.0
     for batch in batches(examples, batch_size, pad_id, task="sequence_classification"):
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = classifier.logits(batch["input_ids"], batch["attention_mask"]).float()
         total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
         gold += batch["labels"].tolist()
         predicted += logits.argmax(-1).tolist()
@@ -50,16 +52,13 @@ def score_seq2seq(model: nn.Module, tokenizer: Any, examples: list[Example], row
                   samples: int, batch_size: int = 8) -> dict[str, Any]:
     """The seq2seq model's target-token loss and accuracy, and its greedy generations' ROUGE and exact match."""
     model.eval()
+    decoder = Seq2SeqLoss(model)
     total, correct, count = 0.0, 0, 0
     for batch in batches(examples, batch_size, tokenizer.pad_token_id, task="seq2seq"):
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
-        keep = labels != IGNORE
-        total += float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"))
-        correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
-        count += int(keep.sum())
+        logits, targets = decoder.labelled_logits(**{k: v.to(model.device) for k, v in batch.items()})
+        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
     generated = _generate(model, tokenizer, examples, batch_size)
     targets = [seq2seq_pair(row)[1] for row in rows]
     scores = seq2seq_scores(targets, [text for text, _ in generated])

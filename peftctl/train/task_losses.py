@@ -49,15 +49,20 @@ class Seq2SeqLoss(_TaskLoss):
     def labelled(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                per_token: bool = False):
+    def labelled_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """The decoder's logits at the target tokens (fed the target shifted right), and those tokens."""
         # The model's own shift (decoder_start_token_id first, IGNORE read as padding).
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                             use_cache=False).logits
         keep = labels != IGNORE
-        losses = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
-        return losses if per_token else (losses.sum(), int(keep.sum()))
+        return logits[keep], labels[keep]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                per_token: bool = False):
+        logits, targets = self.labelled_logits(input_ids, attention_mask, labels)
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        return losses if per_token else (losses.sum(), targets.numel())
 
 
 LOSSES = {"causal_lm": CausalLMLoss, "sequence_classification": ClassificationLoss, "seq2seq": Seq2SeqLoss}
