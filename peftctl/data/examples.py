@@ -30,9 +30,5 @@ class Example:
 WIDTH_MULTIPLE = 16
 
 
-def _width(lengths, multiple: int) -> int:
-    return -(-max(lengths) // multiple) * multiple
-
-
 def padded_width(lengths: Iterable[int], multiple: int) -> int:
     return -(-max(lengths) // multiple) * multiple

@@ -242,6 +242,12 @@ def _role(name: Any, roles: dict[str, str]) -> Any:
     return roles.get(name, name) if isinstance(name, str) else name
 
 
+def alpaca_prompt(row: dict[str, Any]) -> str:
+    """An alpaca row's prompt: its instruction, then its input (if any) after a blank line; what a
+    causal LM's user turn and a seq2seq model's source both are."""
+    return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+
+
 def check_row(row: Any, fmt: str, path: Path | str, place: str, columns: list[str] | None = None) -> None:
     def fail(problem: str, expected: str = _LAYOUTS[fmt], fix: str | None = None) -> None:
         raise UserError(problem, file=path, where=place, expected=expected,

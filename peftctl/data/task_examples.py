@@ -17,6 +17,7 @@ import torch
 
 from peftctl.core.errors import UserError
 from peftctl.data.examples import IGNORE, WIDTH_MULTIPLE, Example, padded_width
+from peftctl.data.rows import alpaca_prompt
 from peftctl.recipe.schema import DataSpec
 
 
@@ -77,7 +78,7 @@ def seq2seq_pair(row: dict[str, Any]) -> tuple[str, str]:
     """A row's source and target; an alpaca row's source is its instruction and input."""
     if "source" in row:
         return row["source"], row["target"]
-    return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else ""), row["output"]
+    return alpaca_prompt(row), row["output"]
 
 
 def _padded(rows: list[list[int]], fill: int, multiple: int = WIDTH_MULTIPLE) -> torch.Tensor:

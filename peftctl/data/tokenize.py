@@ -4,7 +4,8 @@ Every row becomes a conversation (alpaca rows are one user turn and one assistan
 with the tokenizer's chat template, or plain text for the completion format. Labels are -100 on
 prompt tokens unless `train_on_inputs`, so only responses are learned; every response ends with
 EOS so the model learns to stop. Each assistant turn of a multi-turn chat is learned, not only
-the last.
+the last. A classifier's and a seq2seq model's rows go through task_examples.py instead, and are
+batched by its collate functions (`collate_for`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from peftctl.core.errors import UserError
 from peftctl.data import task_examples
 from peftctl.data.examples import IGNORE, WIDTH_MULTIPLE, Example, padded_width
-from peftctl.data.rows import read_source
+from peftctl.data.rows import alpaca_prompt, read_source
 from peftctl.recipe.schema import DataSpec
 
 
@@ -114,8 +115,7 @@ def tokenize_row(row: dict[str, Any], spec: DataSpec, tokenizer: PreTrainedToken
 def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     if fmt == "chat":
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return [{"role": "user", "content": alpaca_prompt(row)}, {"role": "assistant", "content": row["output"]}]
 
 
 def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> Example:
