@@ -69,16 +69,22 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("model_type", [*ENCODERS, *DECODERS])
-def test_classifier_trains_and_peft_loads_it_with_equal_logits(tmp_path, model_type):
-    recipe, folder = task_recipe(tmp_path, model_type, "sequence_classification")
+def trained_as_peft_loads_it(tmp_path, model_type: str, task: str):
+    """LoRA on `model_type` for `task` trained from a recipe (its validation loss falls), loaded by
+    peftctl and by peft with the same logits (1e-5): the run, the base folder, a batch, our logits."""
+    recipe, folder = task_recipe(tmp_path, model_type, task)
     summary = pipeline.run(recipe)
     assert summary.result.val_loss_after < summary.result.val_loss_before
-    batch = batch_for(folder, "sequence_classification")
-    mine = logits(ours(folder, summary.adapter_dir, "sequence_classification"), batch)
+    batch = batch_for(folder, task)
+    mine = logits(ours(folder, summary.adapter_dir, task), batch)
+    torch.testing.assert_close(logits(peft_model(folder, summary.adapter_dir, task), batch), mine, atol=1e-5, rtol=0)
+    return summary, folder, batch, mine
+
+
+@pytest.mark.parametrize("model_type", [*ENCODERS, *DECODERS])
+def test_classifier_trains_and_peft_loads_it_with_equal_logits(tmp_path, model_type):
+    summary, _, _, mine = trained_as_peft_loads_it(tmp_path, model_type, "sequence_classification")
     assert mine.shape == (2, 3)
-    torch.testing.assert_close(logits(peft_model(folder, summary.adapter_dir, "sequence_classification"), batch),
-                               mine, atol=1e-5, rtol=0)
     import json
 
     config = json.loads((summary.adapter_dir / "adapter_config.json").read_text())
@@ -87,12 +93,6 @@ def test_classifier_trains_and_peft_loads_it_with_equal_logits(tmp_path, model_t
 
 @pytest.mark.parametrize("model_type", list(SEQ2SEQ))
 def test_seq2seq_trains_and_peft_loads_it_with_equal_logits(tmp_path, model_type):
-    recipe, folder = task_recipe(tmp_path, model_type, "seq2seq")
-    summary = pipeline.run(recipe)
-    assert summary.result.val_loss_after < summary.result.val_loss_before
-    batch = batch_for(folder, "seq2seq")
-    mine = logits(ours(folder, summary.adapter_dir, "seq2seq"), batch)
+    _, folder, batch, mine = trained_as_peft_loads_it(tmp_path, model_type, "seq2seq")
     base = logits(load_model(ModelSpec(name_or_path=str(folder), dtype="float32"), TaskHead("seq2seq")), batch)
     assert (mine - base).abs().max() > 1e-3  # the adapter changed something
-    torch.testing.assert_close(logits(peft_model(folder, summary.adapter_dir, "seq2seq"), batch), mine,
-                               atol=1e-5, rtol=0)
