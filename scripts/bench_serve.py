@@ -63,7 +63,7 @@ def make_adapters(base: str, folder: Path, targets: list[str]) -> dict[str, Path
 
 
 def requests(args: argparse.Namespace, tokenizer) -> list[tuple[str, list[int]]]:
-    from peftctl.serve.replies import chat_prompt
+    from peftctl.data.tokenize import chat_prompt
 
     names = [args.base, *ADAPTERS]
     return [(names[i % len(names)], chat_prompt(tokenizer, [{"role": "user", "content": f"Question {i}: which Python "

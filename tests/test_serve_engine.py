@@ -13,11 +13,12 @@ import torch
 
 from method_checks import EXAMPLES
 from peftctl.core.errors import UserError
+from peftctl.data.tokenize import chat_prompt
 from peftctl.export.adapter_files import load_adapter
 from peftctl.model.loading import load_model
 from peftctl.serve.engine import Busy, Engine, Finished, Refused
 from peftctl.serve.pool import ModelPool
-from peftctl.serve.replies import Sampling, chat_prompt
+from peftctl.serve.replies import Sampling
 from serve_helpers import TINY_GPT2, noisy_adapter, with_config
 
 # One example per method: its plain form.

@@ -146,6 +146,12 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
     return Example(ids, labels)
 
 
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of a conversation up to the assistant's next turn, in the model's chat template,
+    as training renders the text before each reply: what generation (eval, chat, serve) feeds."""
+    return _encode(tokenizer, _render(tokenizer, messages, generation_prompt=True))
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peftctl.arch.tasks import TaskHead
 from peftctl.core.errors import UserError
-from peftctl.data.tokenize import Example, batches, to_messages
+from peftctl.data.tokenize import Example, batches, chat_prompt, to_messages
 from peftctl.eval.task_scores import score_classifier, score_seq2seq
 from peftctl.model.loading import base_facts
 from peftctl.train.loss import CausalLMLoss
@@ -80,8 +80,7 @@ def generate_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: di
     """Greedy reply to the row's prompt (everything before its last assistant turn)."""
     messages = to_messages(row, fmt)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=model.device)
+    input_ids = torch.tensor([chat_prompt(tokenizer, messages[:last])], device=model.device)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)

@@ -12,8 +12,9 @@ import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from peftctl.data.tokenize import chat_prompt
 from peftctl.serve.engine import Engine, Finished
-from peftctl.serve.replies import Sampling, chat_prompt
+from peftctl.serve.replies import Sampling
 
 HELP = ("/adapter NAME  answer with that adapter      /base    answer with the base model\n"
         "/compare       the last prompt, answered by the base and every adapter\n"

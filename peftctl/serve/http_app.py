@@ -25,10 +25,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from peftctl.core.errors import UserError
+from peftctl.data.tokenize import chat_prompt
 from peftctl.serve.engine import Busy, Engine, Finished, Refused
 from peftctl.serve.openai_api import (AdapterRequest, ChatRequest, CompletionRequest, chat_response, chunk,
                                       completion_response, error_body, model_entry)
-from peftctl.serve.replies import chat_prompt, text_prompt
+from peftctl.serve.replies import text_prompt
 
 log = logging.getLogger("peftctl.serve")
 

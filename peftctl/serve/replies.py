@@ -79,13 +79,6 @@ class ReplyText:
         return piece
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of a conversation up to the assistant's next turn, in the model's chat
-    template (the builtin one where the tokenizer has none), as training and `peftctl eval` write it."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def text_prompt(tokenizer, text: str) -> list[int]:
     """The token ids of a raw completion prompt (the tokenizer's own special tokens, such as BOS, added)."""
     return tokenizer(text)["input_ids"]
